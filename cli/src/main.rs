@@ -1,1 +1,250 @@
-fn main() {}
+//! `cs`: the laptop side of cs. Commands either act on local state (`cs sandbox`) or go
+//! through the laptop daemon, which holds one QUIC connection per workspace (`cs ssh`).
+//!
+//! Exit codes: `cs ssh` exits with the remote command's code (128+N for a death by signal N)
+//! and 255 when cs itself fails, as ssh does; other commands exit 0 on success, 1 on failure
+//! and 2 on a usage error.
+
+mod client;
+mod connect;
+mod daemon;
+mod home;
+mod sandbox;
+mod ssh;
+mod wire;
+
+use std::path::PathBuf;
+
+use anyhow::bail;
+use clap::{Parser, Subcommand};
+
+use crate::home::CsHome;
+
+/// Edit on your laptop, build and run in a cloud workspace.
+#[derive(Debug, Parser)]
+#[command(name = "cs", version, about)]
+struct Args {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Create, pair, list and remove sandboxes.
+    Sandbox {
+        #[command(subcommand)]
+        cmd: SandboxCmd,
+    },
+    /// Run a command in a workspace, or an interactive shell without one.
+    Ssh {
+        /// The workspace, as SANDBOX/WORKSPACE (or SANDBOX when it has one workspace).
+        #[arg(short = 'W', long = "workspace")]
+        workspace: Option<String>,
+        /// Allocate a PTY even for a command.
+        #[arg(short = 't', conflicts_with = "no_pty")]
+        pty: bool,
+        /// Never allocate a PTY.
+        #[arg(short = 'T')]
+        no_pty: bool,
+        /// The command; its words are joined with spaces and run by the workspace's shell.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<String>,
+    },
+    /// Create (once) the local sandbox `demo` and run a command in it.
+    Demo,
+    /// The laptop daemon that holds the connections.
+    Daemon {
+        #[command(subcommand)]
+        cmd: DaemonCmd,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum SandboxCmd {
+    /// Create a sandbox. With --local, its workspaces run on this machine.
+    Create {
+        name: String,
+        /// Run the workspaces as local agents on this machine (the embedded default).
+        #[arg(long)]
+        local: bool,
+        /// Sandbox definition (YAML, `workspaces:` form); default: one workspace `dev`.
+        #[arg(short = 'f', long = "file")]
+        file: Option<PathBuf>,
+    },
+    /// Record a remote agent from the pairing line `cs-agent serve` printed.
+    Add {
+        /// SANDBOX/WORKSPACE to record it as.
+        target: String,
+        pairing: String,
+    },
+    /// List all workspaces.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one sandbox's workspaces.
+    Show {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop a sandbox's local agents and forget it.
+    Delete { name: String },
+    /// Make SANDBOX/WORKSPACE the default for -W.
+    Use { target: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum DaemonCmd {
+    /// Show the daemon's connections.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop the daemon (it starts again when needed).
+    Stop,
+    /// Run the daemon in the foreground (cs starts it by itself).
+    #[command(hide = true)]
+    Run,
+}
+
+fn init_tracing(daemon: bool) {
+    let default = if daemon { "info" } else { "warn" };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("building the tokio runtime only fails when the OS refuses threads")
+}
+
+fn main() {
+    let args = Args::parse();
+    let is_daemon = matches!(args.cmd, Cmd::Daemon { cmd: DaemonCmd::Run });
+    let is_ssh = matches!(args.cmd, Cmd::Ssh { .. });
+    init_tracing(is_daemon);
+    std::panic::set_hook(Box::new(|info| {
+        ssh::restore_terminal();
+        eprintln!("cs: internal error: {info}");
+    }));
+    let code = match run(args) {
+        Ok(code) => code,
+        Err(e) => {
+            ssh::restore_terminal();
+            eprintln!("cs: {e:#}");
+            if is_ssh {
+                ssh::EXIT_CS_ERROR
+            } else {
+                1
+            }
+        }
+    };
+    // Exit without waiting for the blocking stdin reader of `cs ssh`.
+    std::process::exit(code);
+}
+
+fn run(args: Args) -> anyhow::Result<i32> {
+    let home = CsHome::locate()?;
+    match args.cmd {
+        Cmd::Daemon { cmd: DaemonCmd::Run } => {
+            daemon::run(home)?;
+            Ok(0)
+        }
+        cmd => runtime().block_on(run_async(home, cmd)),
+    }
+}
+
+async fn run_async(home: CsHome, cmd: Cmd) -> anyhow::Result<i32> {
+    match cmd {
+        Cmd::Sandbox { cmd } => {
+            match cmd {
+                SandboxCmd::Create { name, local, file } => {
+                    if !local {
+                        bail!("only local sandboxes can be created here: pass --local, or pair a remote agent with `cs sandbox add`");
+                    }
+                    sandbox::create(&home, &name, file.as_deref()).await?
+                }
+                SandboxCmd::Add { target, pairing } => sandbox::add(&home, &target, &pairing).await?,
+                SandboxCmd::List { json } => sandbox::list(&home, None, json).await?,
+                SandboxCmd::Show { name, json } => sandbox::list(&home, Some(&name), json).await?,
+                SandboxCmd::Delete { name } => sandbox::delete(&home, &name).await?,
+                SandboxCmd::Use { target } => sandbox::use_default(&home, &target)?,
+            }
+            Ok(0)
+        }
+        Cmd::Ssh { workspace, pty, no_pty, command } => {
+            let reg = home.registry()?;
+            let (r, _) = reg.resolve(workspace.as_deref())?;
+            let command = (!command.is_empty()).then(|| command.join(" "));
+            let mode = if pty {
+                ssh::PtyMode::Force
+            } else if no_pty {
+                ssh::PtyMode::Never
+            } else {
+                ssh::PtyMode::Auto
+            };
+            ssh::run(&home, &r.to_string(), command, mode, true).await
+        }
+        Cmd::Demo => demo(&home).await,
+        Cmd::Daemon { cmd: DaemonCmd::Stop } => {
+            if client::stop(&home).await? {
+                println!("daemon stopped");
+            } else {
+                println!("daemon was not running");
+            }
+            Ok(0)
+        }
+        Cmd::Daemon { cmd: DaemonCmd::Status { json } } => {
+            let (_, reply) = client::request(&home, &wire::Request::Status { build: wire::build_id() }).await?;
+            let wire::Reply::Status(st) = reply else { bail!("unexpected reply from the cs daemon: {reply:?}") };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&st)?);
+            } else {
+                println!("daemon pid {} ({}), socket {}", st.pid, st.build, home.socket().display());
+                if st.links.is_empty() {
+                    println!("no connections yet");
+                }
+                for l in &st.links {
+                    let err = l.last_error.as_deref().map(|e| format!(" (last error: {e})")).unwrap_or_default();
+                    println!(
+                        "{:<24} {:<22} {:<11} connects {} streams {}{err}",
+                        l.workspace, l.addr, l.state, l.connects, l.streams_opened
+                    );
+                }
+            }
+            Ok(0)
+        }
+        Cmd::Daemon { cmd: DaemonCmd::Run } => unreachable!("handled before the runtime starts"),
+    }
+}
+
+/// `cs demo`: the first thing a newcomer runs.
+async fn demo(home: &CsHome) -> anyhow::Result<i32> {
+    if home.registry()?.sandboxes.contains_key("demo") {
+        println!("using the existing local sandbox 'demo' (state in {})", home.dir.display());
+    } else {
+        println!("creating the local sandbox 'demo' (state in {})", home.dir.display());
+        sandbox::create(home, "demo", None).await?;
+    }
+    let script = "echo \"hello from workspace $CS_WORKSPACE as $USER\"; echo \"home: $PWD\"; uname -sr";
+    println!("$ cs ssh -W demo/dev -- '{script}'");
+    let code = ssh::run(home, "demo/dev", Some(script.into()), ssh::PtyMode::Never, false).await?;
+    if code != 0 {
+        return Ok(code);
+    }
+    let runs = 20;
+    let start = std::time::Instant::now();
+    for _ in 0..runs {
+        let code = ssh::run(home, "demo/dev", Some("true".into()), ssh::PtyMode::Never, false).await?;
+        anyhow::ensure!(code == 0, "`true` failed in the workspace with exit code {code}");
+    }
+    let per = start.elapsed() / runs;
+    println!("{runs} more commands on the warm connection: {:.2} ms each", per.as_secs_f64() * 1e3);
+    println!("next: `cs ssh -W demo/dev` for a shell, `cs sandbox show demo`, `cs sandbox delete demo`");
+    Ok(0)
+}

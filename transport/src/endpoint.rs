@@ -135,7 +135,7 @@ mod tests {
     #[derive(Debug)]
     struct Only(Fingerprint);
     impl TrustPolicy for Only {
-        fn admits(&self, c: &Fingerprint) -> bool {
+        fn admits(&self, c: &Fingerprint, _now_unix: u64) -> bool {
             c.ct_eq(&self.0)
         }
     }

@@ -18,7 +18,8 @@ use crate::identity::Fingerprint;
 pub trait TrustPolicy: Send + Sync + std::fmt::Debug {
     /// Whether a client presenting this key may connect. An untrusted key may still be let in
     /// while an enrollment token is open; it must then enroll in its hello or be dropped.
-    fn admits(&self, client: &Fingerprint) -> bool;
+    /// `now_unix` is the handshake time in seconds since the Unix epoch, from rustls.
+    fn admits(&self, client: &Fingerprint, now_unix: u64) -> bool;
 }
 
 fn bad_cert(reason: &str) -> Error {
@@ -112,10 +113,10 @@ impl ClientCertVerifier for PinnedClients {
         &self,
         end_entity: &CertificateDer<'_>,
         _intermediates: &[CertificateDer<'_>],
-        _now: UnixTime,
+        now: UnixTime,
     ) -> Result<ClientCertVerified, Error> {
         let got = Fingerprint::of_certificate(end_entity).map_err(|e| bad_cert(&e))?;
-        if self.policy.admits(&got) {
+        if self.policy.admits(&got, now.as_secs()) {
             Ok(ClientCertVerified::assertion())
         } else {
             tracing::warn!(client = %got, "refused a client whose key is not trusted");

@@ -96,14 +96,15 @@ impl ExecSession {
 
     fn push_data(&mut self, data: Vec<u8>, stdout: bool) {
         for chunk in data.chunks(DATA_CHUNK_BYTES_MAX) {
-            let (counter, make): (&mut u64, fn(u64, Vec<u8>) -> ExecOutput) = if stdout {
-                (&mut self.stdout_bytes, |offset, data| ExecOutput::Stdout { offset, data })
-            } else {
-                (&mut self.stderr_bytes, |offset, data| ExecOutput::Stderr { offset, data })
-            };
+            let counter = if stdout { &mut self.stdout_bytes } else { &mut self.stderr_bytes };
             let offset = *counter;
             *counter += chunk.len() as u64;
-            self.out.push_back(make(offset, chunk.to_vec()));
+            let data = chunk.to_vec();
+            self.out.push_back(if stdout {
+                ExecOutput::Stdout { offset, data }
+            } else {
+                ExecOutput::Stderr { offset, data }
+            });
         }
     }
 

@@ -1,0 +1,189 @@
+//! The agent's QUIC server: admits connections, runs the hello (and enrollment), and hands
+//! each new stream to the actor it names.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::Addr;
+use cs_exec::{ExecActor, OpenSession};
+use cs_protocol::hello::{ClientHello, HelloReply};
+use cs_protocol::{StreamOpen, PROTOCOL_VERSION, SOFTWARE_VERSION};
+use cs_transport::endpoint::{enroll_exporter, peer_fingerprint};
+use cs_transport::{read_frame, write_frame, FrameError};
+
+use crate::state::TrustStore;
+
+/// Connections served at once; more are refused until one ends.
+pub const CONNECTIONS_MAX: usize = 256;
+/// Time a client has to send its hello, or the first frame of a stream.
+pub const FIRST_FRAME_TIMEOUT_MS: u64 = 10_000;
+
+/// QUIC application close codes the agent uses.
+pub mod close {
+    /// The hello was refused (version, trust); the reason was sent in the hello reply.
+    pub const REFUSED: u32 = 1;
+    /// The peer broke the protocol (oversized or malformed frame).
+    pub const PROTOCOL: u32 = 2;
+    /// The agent is shutting down.
+    pub const SHUTDOWN: u32 = 3;
+}
+
+/// What the server needs from the rest of the agent.
+#[derive(Clone)]
+pub struct Served {
+    pub workspace: String,
+    pub trust: Arc<TrustStore>,
+    pub exec: Addr<ExecActor>,
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Accepts connections until the endpoint is closed.
+pub async fn accept_loop(endpoint: quinn::Endpoint, served: Served) {
+    let permits = Arc::new(tokio::sync::Semaphore::new(CONNECTIONS_MAX));
+    while let Some(incoming) = endpoint.accept().await {
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            tracing::warn!(remote = %incoming.remote_address(), "refusing connection: {CONNECTIONS_MAX} already open");
+            incoming.refuse();
+            continue;
+        };
+        let served = served.clone();
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            match incoming.await {
+                Ok(conn) => serve_connection(conn, served).await,
+                Err(e) => tracing::warn!(%remote, error = %e, "handshake failed"),
+            }
+            drop(permit);
+        });
+    }
+}
+
+async fn serve_connection(conn: quinn::Connection, served: Served) {
+    let remote = conn.remote_address();
+    let Some(fp) = peer_fingerprint(&conn) else {
+        conn.close(close::REFUSED.into(), b"no client certificate");
+        return;
+    };
+    match hello(&conn, &served, fp).await {
+        Ok(()) => tracing::info!(%remote, client = %fp, "client connected"),
+        Err(reason) => {
+            tracing::warn!(%remote, client = %fp, %reason, "client refused");
+            return;
+        }
+    }
+    loop {
+        let (send, mut recv) = match conn.accept_bi().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::info!(%remote, reason = %e, "connection closed");
+                return;
+            }
+        };
+        if !served.trust.is_trusted(&fp) {
+            tracing::warn!(%remote, client = %fp, "key was revoked; closing its connection");
+            conn.close(close::REFUSED.into(), b"client key revoked");
+            return;
+        }
+        let first = tokio::time::timeout(
+            Duration::from_millis(FIRST_FRAME_TIMEOUT_MS),
+            read_frame::<_, StreamOpen>(&mut recv),
+        )
+        .await;
+        match first {
+            Ok(Ok(Some(StreamOpen::Exec(start)))) => {
+                served.exec.do_send(OpenSession { start, send: Box::new(send), recv: Box::new(recv) });
+            }
+            Ok(Ok(None)) => {}
+            Ok(Err(e)) => {
+                protocol_violation(&conn, remote, &e);
+                return;
+            }
+            Err(_) => tracing::info!(%remote, "stream sent nothing in time; dropped"),
+        }
+    }
+}
+
+/// Closes a connection whose peer broke the protocol. Other connections are unaffected.
+pub fn protocol_violation(conn: &quinn::Connection, remote: SocketAddr, e: &FrameError) {
+    tracing::warn!(%remote, error = %e, "protocol violation; closing the connection");
+    let reason = e.to_string();
+    conn.close(close::PROTOCOL.into(), &reason.as_bytes()[..reason.len().min(200)]);
+}
+
+async fn hello(conn: &quinn::Connection, served: &Served, fp: cs_transport::Fingerprint) -> Result<(), String> {
+    let accepted = tokio::time::timeout(Duration::from_millis(FIRST_FRAME_TIMEOUT_MS), conn.accept_bi()).await;
+    let (mut send, mut recv) = match accepted {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return Err(format!("connection lost before hello: {e}")),
+        Err(_) => {
+            conn.close(close::REFUSED.into(), b"no hello");
+            return Err("no hello in time".into());
+        }
+    };
+    let hello = match tokio::time::timeout(
+        Duration::from_millis(FIRST_FRAME_TIMEOUT_MS),
+        read_frame::<_, ClientHello>(&mut recv),
+    )
+    .await
+    {
+        Ok(Ok(Some(h))) => h,
+        Ok(Ok(None)) => return Err("stream closed before hello".into()),
+        Ok(Err(e)) => {
+            protocol_violation(conn, conn.remote_address(), &e);
+            return Err(e.to_string());
+        }
+        Err(_) => {
+            conn.close(close::REFUSED.into(), b"no hello");
+            return Err("no hello in time".into());
+        }
+    };
+    let verdict = judge(&hello, conn, served, fp);
+    let reply = match &verdict {
+        Ok(()) => HelloReply::Accepted {
+            protocol_version: PROTOCOL_VERSION,
+            software_version: SOFTWARE_VERSION.to_string(),
+            workspace: served.workspace.clone(),
+        },
+        Err(reason) => HelloReply::Refused { reason: reason.clone() },
+    };
+    let _ = write_frame(&mut send, &reply).await;
+    let _ = send.finish();
+    if verdict.is_err() {
+        // Give the reply a moment to leave before the close discards it.
+        let _ = tokio::time::timeout(Duration::from_millis(500), send.stopped()).await;
+        conn.close(close::REFUSED.into(), b"refused");
+    }
+    verdict
+}
+
+fn judge(hello: &ClientHello, conn: &quinn::Connection, served: &Served, fp: cs_transport::Fingerprint) -> Result<(), String> {
+    if hello.protocol_version != PROTOCOL_VERSION {
+        return Err(format!(
+            "protocol version mismatch: the laptop speaks version {} (cs {}), this agent speaks version {} (cs-agent {}); install matching versions",
+            hello.protocol_version, hello.software_version, PROTOCOL_VERSION, SOFTWARE_VERSION
+        ));
+    }
+    if let Some(proof) = &hello.enroll {
+        let exporter = enroll_exporter(conn).map_err(|e| e.to_string())?;
+        return match served.trust.enroll(fp, &proof.token_id, &proof.mac, &exporter, unix_now()) {
+            Ok(Ok(())) => {
+                tracing::info!(client = %fp, token = %proof.token_id, "enrolled a new laptop key");
+                Ok(())
+            }
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(e) => Err(format!("enrollment failed: {e:#}")),
+        };
+    }
+    if served.trust.is_trusted(&fp) {
+        Ok(())
+    } else {
+        Err(format!("key {fp} is not trusted by this agent; pair with a fresh token"))
+    }
+}

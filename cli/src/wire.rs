@@ -1,0 +1,65 @@
+//! Messages between `cs` and the laptop daemon over the Unix socket. After `Opened`, the
+//! socket carries the opened QUIC stream's bytes unchanged, end to end.
+
+use cs_protocol::StreamOpen;
+use serde::{Deserialize, Serialize};
+
+/// `cs` to the daemon.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Request {
+    /// Open a stream to a workspace and splice it to this socket.
+    Open { build: String, workspace: String, open: StreamOpen },
+    /// Report the daemon's links.
+    Status { build: String },
+    /// Close the links of a sandbox that is being deleted.
+    Forget { sandbox: String },
+    /// Exit.
+    Stop,
+}
+
+/// The daemon to `cs`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Reply {
+    /// The stream is open; from now on the socket carries its bytes.
+    Opened,
+    Status(DaemonStatus),
+    Done,
+    /// The daemon runs another build of cs and must be restarted.
+    WrongBuild { daemon_build: String },
+    Error { message: String },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DaemonStatus {
+    pub pid: u32,
+    pub build: String,
+    pub links: Vec<LinkStatus>,
+}
+
+/// The state of the connection to one workspace.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LinkStatus {
+    pub workspace: String,
+    pub addr: String,
+    /// idle, connecting, connected, retrying.
+    pub state: String,
+    pub last_error: Option<String>,
+    /// Streams opened on this link since the daemon started.
+    pub streams_opened: u64,
+    /// Connections established since the daemon started.
+    pub connects: u64,
+}
+
+/// Identifies this build of cs, so that a daemon left over from another build is replaced.
+pub fn build_id() -> String {
+    let exe = std::env::current_exe().ok();
+    let meta = exe.as_ref().and_then(|p| std::fs::metadata(p).ok());
+    let stamp = meta
+        .and_then(|m| m.modified().ok().map(|t| (t, m.len())))
+        .map(|(t, len)| {
+            let nanos = t.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+            format!("{nanos:x}-{len:x}")
+        })
+        .unwrap_or_default();
+    format!("{}+{}", cs_protocol::SOFTWARE_VERSION, stamp)
+}
