@@ -19,7 +19,6 @@ pub const TRUSTED_KEYS_MAX: usize = 1024;
 /// Directories of one agent, all under its (relocatable) system root.
 #[derive(Debug, Clone)]
 pub struct AgentPaths {
-    pub root: PathBuf,
     /// `ROOT/var/lib/cs-agent`: identity, trusted keys, tokens.
     pub state: PathBuf,
     /// `ROOT/etc/sandbox.d`: system-level automation scripts (the seed's path).
@@ -31,7 +30,7 @@ pub struct AgentPaths {
 impl AgentPaths {
     pub fn new(root: &Path) -> Self {
         Self {
-            root: root.to_path_buf(),
+
             state: root.join("var/lib/cs-agent"),
             etc: root.join("etc/sandbox.d"),
             log: root.join("var/log/sandbox"),
@@ -131,6 +130,7 @@ impl TrustStore {
             p.tokens.drain(..excess);
             Ok(true)
         })
+        .map(|_saved| ())
     }
 
     /// Whether `fp` is trusted now.
