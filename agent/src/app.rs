@@ -212,7 +212,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
     });
     system.block_on(async move {
         let server_cfg = cs_transport::server_config(&identity, trust.clone(), &TransportLimits::default())?;
-        let endpoint = quinn::Endpoint::server(server_cfg, a.listen)
+        let endpoint = cs_transport::endpoint::agent_endpoint(&identity, server_cfg, a.listen)
             .with_context(|| format!("cannot listen on {}", a.listen))?;
         let local = endpoint.local_addr()?;
         let advertise = a.advertise.unwrap_or(if local.ip().is_unspecified() {

@@ -78,9 +78,18 @@ pub async fn connect(
             }),
         }
     };
-    match tokio::time::timeout(Duration::from_millis(HANDSHAKE_TIMEOUT_MS), fut).await {
+    let result = match tokio::time::timeout(Duration::from_millis(HANDSHAKE_TIMEOUT_MS), fut).await {
         Ok(r) => r,
         Err(_) => Err(ConnectError::Timeout { addr }),
+    };
+    match (result, enroll) {
+        // With no enrollment open, the agent admits no new key at all: say why in terms of
+        // the token the user holds.
+        (Err(ConnectError::Untrusted { addr, .. }), Some(token)) => Err(ConnectError::Refused {
+            addr,
+            reason: format!("enrollment token {} is unknown, already used, or expired", token.id),
+        }),
+        (r, _) => r,
     }
 }
 

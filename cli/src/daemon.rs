@@ -363,9 +363,10 @@ async fn serve_client(
             write_frame(&mut stream, &Reply::WrongBuild { daemon_build: build }).await?;
         }
         Request::Open { workspace, open, .. } => match open_stream(&hub, &home, &workspace, &open).await {
-            Ok((send, recv)) => {
+            Ok(o) => {
                 write_frame(&mut stream, &Reply::Opened).await?;
-                splice(stream, send, recv).await;
+                stream.write_all(&o.first_frame).await?;
+                splice(stream, o.send, o.recv).await;
             }
             Err(message) => write_frame(&mut stream, &Reply::Error { message }).await?,
         },
@@ -373,33 +374,87 @@ async fn serve_client(
     Ok(())
 }
 
+/// An opened stream, with the agent's first frame (its acknowledgement) already read.
+struct Opened {
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    first_frame: Vec<u8>,
+}
+
+/// Opening a stream failed; `retry` when the connection was lost before the agent answered, so
+/// the request certainly did not run on it.
+struct OpenFailed {
+    message: String,
+    retry: bool,
+}
+
 async fn open_stream(
     hub: &Addr<Hub>,
     home: &CsHome,
     workspace: &str,
     open: &cs_protocol::StreamOpen,
-) -> Result<(quinn::SendStream, quinn::RecvStream), String> {
+) -> Result<Opened, String> {
     let reg = home.registry().map_err(|e| format!("{e:#}"))?;
     let (key, target) = reg.resolve(Some(workspace)).map_err(|e| format!("{e:#}"))?;
     let addr = target.addr;
     let link = hub.send(Route(key.clone(), target)).await.map_err(|e| e.to_string())??;
-    let (tx, rx) = oneshot::channel();
-    link.do_send(GetConn(tx));
-    let conn = match tokio::time::timeout(Duration::from_millis(CONNECT_WAIT_MS), rx).await {
-        Ok(Ok(Ok(conn))) => conn,
-        Ok(Ok(Err(e))) => return Err(e),
-        Ok(Err(_)) => return Err(format!("the link to {key} stopped")),
-        Err(_) => {
-            let status = link.send(GetStatus).await.ok();
-            let why = status.and_then(|s| s.last_error).unwrap_or_else(|| "no answer".into());
-            return Err(format!(
-                "cannot reach workspace {key} at {addr}: {why}; the daemon keeps retrying in the background"
-            ));
+    // One retry: a connection that turns out dead (the agent restarted and answered with a
+    // stateless reset) is replaced by a fresh one.
+    let mut last = String::new();
+    for _attempt in 0..2 {
+        let (tx, rx) = oneshot::channel();
+        link.do_send(GetConn(tx));
+        let conn = match tokio::time::timeout(Duration::from_millis(CONNECT_WAIT_MS), rx).await {
+            Ok(Ok(Ok(conn))) => conn,
+            Ok(Ok(Err(e))) => return Err(e),
+            Ok(Err(_)) => return Err(format!("the link to {key} stopped")),
+            Err(_) => {
+                let status = link.send(GetStatus).await.ok();
+                let why = status.and_then(|s| s.last_error).unwrap_or_else(|| "no answer".into());
+                return Err(format!(
+                    "cannot reach workspace {key} at {addr}: {why}; the daemon keeps retrying in the background"
+                ));
+            }
+        };
+        match try_open(&conn, open).await {
+            Ok(o) => return Ok(o),
+            Err(OpenFailed { message, retry: true }) => {
+                tracing::info!(workspace = %key, error = %message, "connection was dead; retrying on a new one");
+                last = message;
+            }
+            Err(OpenFailed { message, .. }) => return Err(format!("cannot open a stream to {key}: {message}")),
         }
+    }
+    Err(format!("cannot open a stream to {key}: {last}"))
+}
+
+async fn try_open(conn: &quinn::Connection, open: &cs_protocol::StreamOpen) -> Result<Opened, OpenFailed> {
+    let lost = |e: &quinn::ConnectionError| OpenFailed {
+        message: e.to_string(),
+        retry: matches!(e, quinn::ConnectionError::Reset | quinn::ConnectionError::TimedOut),
     };
-    let (mut send, recv) = conn.open_bi().await.map_err(|e| format!("cannot open a stream to {key}: {e}"))?;
-    write_frame(&mut send, open).await.map_err(|e| format!("cannot open a stream to {key}: {e}"))?;
-    Ok((send, recv))
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| lost(&e))?;
+    if let Err(e) = write_frame(&mut send, open).await {
+        return Err(match conn.close_reason() {
+            Some(c) => lost(&c),
+            None => OpenFailed { message: e.to_string(), retry: false },
+        });
+    }
+    // The agent acknowledges every stream with a first frame before anything else happens.
+    let mut header = [0u8; cs_protocol::codec::FRAME_HEADER_BYTES];
+    let read = async {
+        recv.read_exact(&mut header).await?;
+        let len = cs_protocol::codec::frame_len(header).map_err(|_| quinn::ReadExactError::FinishedEarly(0))?;
+        let mut frame = vec![0u8; header.len() + len];
+        frame[..header.len()].copy_from_slice(&header);
+        recv.read_exact(&mut frame[header.len()..]).await?;
+        Ok::<_, quinn::ReadExactError>(frame)
+    };
+    match read.await {
+        Ok(first_frame) => Ok(Opened { send, recv, first_frame }),
+        Err(quinn::ReadExactError::ReadError(quinn::ReadError::ConnectionLost(e))) => Err(lost(&e)),
+        Err(e) => Err(OpenFailed { message: e.to_string(), retry: false }),
+    }
 }
 
 /// Copies bytes both ways until both directions are done.

@@ -144,7 +144,6 @@ fn main() {
             }
         }
     };
-    // Exit without waiting for the blocking stdin reader of `cs ssh`.
     std::process::exit(code);
 }
 
@@ -155,7 +154,14 @@ fn run(args: Args) -> anyhow::Result<i32> {
             daemon::run(home)?;
             Ok(0)
         }
-        cmd => runtime().block_on(run_async(home, cmd)),
+        cmd => {
+            let rt = runtime();
+            let result = rt.block_on(run_async(home, cmd));
+            // Do not wait for the blocking stdin reader of `cs ssh`: it may sit in read(2) on a
+            // terminal until the user types.
+            rt.shutdown_background();
+            result
+        }
     }
 }
 

@@ -20,7 +20,16 @@ pub fn bin_dir() -> &'static Path {
         let release = dir.ends_with("release");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
-        cmd.args(["build", "--quiet", "-p", "cs-cli", "-p", "cs-agent"]);
+        cmd.args(["build", "--quiet", "--workspace", "--bins"]);
+        // `cargo test` gives test processes the package's CARGO_PKG_* variables; build scripts
+        // that track them (ring's does) would see a change and rebuild half the tree.
+        for (k, _) in std::env::vars_os() {
+            let k = k.to_string_lossy().into_owned();
+            let keep = ["CARGO_HOME", "CARGO_TARGET_DIR", "CARGO_BUILD_JOBS"].contains(&k.as_str());
+            if k.starts_with("CARGO_") && !keep {
+                cmd.env_remove(&k);
+            }
+        }
         if release {
             cmd.arg("--release");
         }

@@ -238,7 +238,7 @@ fn pairing_is_single_use_and_untrusted_keys_are_refused() {
     let mallory = Laptop::new();
     let out = mallory.run(&["sandbox", "add", "remote/dev", &agent.pairing]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(text(&out.stderr).contains("unknown, already used, or expired"), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("is unknown, already used, or expired"), "{}", text(&out.stderr));
 
     // A laptop that copies the registry but not the key is refused before anything runs.
     std::fs::create_dir_all(mallory.home()).unwrap();

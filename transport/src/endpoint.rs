@@ -102,6 +102,30 @@ pub fn server_config(
     Ok(cfg)
 }
 
+/// The agent's endpoint configuration. Its stateless-reset key is derived from the agent's
+/// identity, so an agent that restarted answers packets of connections it lost with a reset the
+/// laptop accepts, and the laptop learns at once that its connection is gone instead of after
+/// the idle timeout.
+pub fn agent_endpoint_config(me: &Identity) -> quinn::EndpointConfig {
+    let secret = me.derive_secret("cs stateless reset key v1");
+    quinn::EndpointConfig::new(Arc::new(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret)))
+}
+
+/// The agent's endpoint on a real UDP socket.
+pub fn agent_endpoint(
+    me: &Identity,
+    server: quinn::ServerConfig,
+    listen: std::net::SocketAddr,
+) -> Result<quinn::Endpoint, EndpointError> {
+    let socket = std::net::UdpSocket::bind(listen)?;
+    Ok(quinn::Endpoint::new(
+        agent_endpoint_config(me),
+        Some(server),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )?)
+}
+
 /// The TLS exporter value that binds an enrollment proof to this connection.
 pub fn enroll_exporter(conn: &quinn::Connection) -> Result<[u8; 32], EndpointError> {
     let mut out = [0u8; 32];

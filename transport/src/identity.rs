@@ -92,6 +92,16 @@ impl Identity {
     pub fn fingerprint(&self) -> Fingerprint {
         self.fingerprint
     }
+
+    /// A secret derived from the private key for one purpose (`label`): stable across restarts,
+    /// unrelated to the key for anyone without it.
+    pub fn derive_secret(&self, label: &str) -> [u8; 32] {
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &self.key_pkcs8);
+        let tag = ring::hmac::sign(&key, label.as_bytes());
+        let mut out = [0u8; 32];
+        out.copy_from_slice(tag.as_ref());
+        out
+    }
 }
 
 /// Writes `bytes` to `path` with mode 0600 through a temporary file and a rename.
