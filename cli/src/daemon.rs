@@ -23,7 +23,7 @@ use crate::wire::{build_id, DaemonStatus, LinkStatus, Reply, Request};
 
 /// Longest a request waits for its workspace's connection before it fails (the link keeps
 /// retrying in the background).
-pub const CONNECT_WAIT_MS: u64 = 12_000;
+pub const CONNECT_WAIT_MS: u64 = 8_000;
 /// Reconnect delays double from the first to the cap.
 pub const RETRY_DELAY_MS_MIN: u64 = 100;
 pub const RETRY_DELAY_MS_MAX: u64 = 5_000;

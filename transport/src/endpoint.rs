@@ -41,8 +41,8 @@ pub struct TransportLimits {
 impl Default for TransportLimits {
     fn default() -> Self {
         Self {
-            idle_timeout_ms: 30_000,
-            keep_alive_ms: 5_000,
+            idle_timeout_ms: 10_000,
+            keep_alive_ms: 2_000,
             streams_bidi_max: 256,
             stream_window_bytes: 8 * 1024 * 1024,
             connection_window_bytes: 32 * 1024 * 1024,
