@@ -11,8 +11,8 @@ use clap::{Parser, Subcommand};
 use cs_exec::ExecActor;
 use cs_transport::{Fingerprint, Identity, Pairing, Token, TransportLimits};
 
-use crate::serve::{accept_loop, close, Served};
 use crate::os::{default_shell, OsSpawner};
+use crate::serve::{accept_loop, close, Served};
 use crate::state::{AgentPaths, TrustStore};
 
 /// The cs workspace agent: serves a laptop's `cs` over QUIC.
@@ -101,18 +101,28 @@ fn unix_now() -> u64 {
 pub fn run(args: Args) -> anyhow::Result<()> {
     match args.cmd {
         Cmd::Serve(a) => serve(a),
-        Cmd::Pair { address, root, token_ttl } => {
+        Cmd::Pair {
+            address,
+            root,
+            token_ttl,
+        } => {
             let paths = AgentPaths::new(&root);
             let id_dir = paths.state.join("identity");
             if !id_dir.join("cert.der").exists() {
-                bail!("no agent identity under {}: run `cs-agent serve --root {}` first", id_dir.display(), root.display());
+                bail!(
+                    "no agent identity under {}: run `cs-agent serve --root {}` first",
+                    id_dir.display(),
+                    root.display()
+                );
             }
             let identity = Identity::load_or_create(&id_dir, "cs-agent")?;
             let trust = TrustStore::open(&paths.state)?;
             println!("{}", new_pairing(&trust, &identity, address, token_ttl)?);
             Ok(())
         }
-        Cmd::Trust { cmd: TrustCmd::List { root, json } } => {
+        Cmd::Trust {
+            cmd: TrustCmd::List { root, json },
+        } => {
             let trust = TrustStore::open(&AgentPaths::new(&root).state)?;
             let keys = trust.trusted()?;
             if json {
@@ -126,11 +136,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Cmd::Trust { cmd: TrustCmd::Revoke { fingerprint, root } } => {
+        Cmd::Trust {
+            cmd: TrustCmd::Revoke { fingerprint, root },
+        } => {
             let fp: Fingerprint = fingerprint.parse().map_err(anyhow::Error::msg)?;
             let trust = TrustStore::open(&AgentPaths::new(&root).state)?;
             if !trust.revoke(&fp)? {
-                bail!("key {fp} is not trusted by the agent under {}", root.display());
+                bail!(
+                    "key {fp} is not trusted by the agent under {}",
+                    root.display()
+                );
             }
             println!("revoked {fp}");
             Ok(())
@@ -138,11 +153,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
 }
 
-fn new_pairing(trust: &TrustStore, identity: &Identity, addr: SocketAddr, ttl: u64) -> anyhow::Result<Pairing> {
+fn new_pairing(
+    trust: &TrustStore,
+    identity: &Identity,
+    addr: SocketAddr,
+    ttl: u64,
+) -> anyhow::Result<Pairing> {
     let token = Token::generate(&mut rand::thread_rng());
     let now = unix_now();
     trust.add_token(&token, now + ttl, now)?;
-    Ok(Pairing { addr, fingerprint: identity.fingerprint(), token })
+    Ok(Pairing {
+        addr,
+        fingerprint: identity.fingerprint(),
+        token,
+    })
 }
 
 /// The workspace names of a definition; other keys belong to the supervisor.
@@ -155,20 +179,30 @@ fn definition_workspaces(path: &Path) -> anyhow::Result<Vec<String>> {
     struct Ws {
         name: String,
     }
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read definition {}", path.display()))?;
-    let def: Def = serde_yaml_ng::from_str(&text).with_context(|| format!("invalid definition {}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read definition {}", path.display()))?;
+    let def: Def = serde_yaml_ng::from_str(&text)
+        .with_context(|| format!("invalid definition {}", path.display()))?;
     Ok(def.workspaces.into_iter().map(|w| w.name).collect())
 }
 
 fn command_env(home: &Path, shell: &Path, workspace: &str) -> Vec<(String, String)> {
-    let user = nix::unistd::User::from_uid(nix::unistd::getuid()).ok().flatten().map(|u| u.name);
-    let user = user.or_else(|| std::env::var("USER").ok()).unwrap_or_else(|| "owner".into());
+    let user = nix::unistd::User::from_uid(nix::unistd::getuid())
+        .ok()
+        .flatten()
+        .map(|u| u.name);
+    let user = user
+        .or_else(|| std::env::var("USER").ok())
+        .unwrap_or_else(|| "owner".into());
     let mut env = vec![
         ("HOME".to_string(), home.display().to_string()),
         ("USER".to_string(), user.clone()),
         ("LOGNAME".to_string(), user),
         ("SHELL".to_string(), shell.display().to_string()),
-        ("PATH".to_string(), std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into())),
+        (
+            "PATH".to_string(),
+            std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into()),
+        ),
         ("CS_WORKSPACE".to_string(), workspace.to_string()),
     ];
     for var in ["LANG", "LC_ALL", "LC_CTYPE", "TZ"] {
@@ -183,33 +217,43 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
     if !a.home.is_dir() {
         bail!("home directory {} does not exist", a.home.display());
     }
-    let home = a.home.canonicalize().with_context(|| format!("cannot resolve {}", a.home.display()))?;
+    let home = a
+        .home
+        .canonicalize()
+        .with_context(|| format!("cannot resolve {}", a.home.display()))?;
     let workspace = match (&a.definition, &a.workspace) {
         (Some(def), ws) => {
             let names = definition_workspaces(def)?;
             match ws {
                 Some(w) if names.contains(w) => w.clone(),
-                Some(w) => bail!("workspace '{w}' is not in {} (it has: {})", def.display(), names.join(", ")),
+                Some(w) => bail!(
+                    "workspace '{w}' is not in {} (it has: {})",
+                    def.display(),
+                    names.join(", ")
+                ),
                 None if names.len() == 1 => names[0].clone(),
-                None => bail!("{} has {} workspaces; choose one with --workspace", def.display(), names.len()),
+                None => bail!(
+                    "{} has {} workspaces; choose one with --workspace",
+                    def.display(),
+                    names.len()
+                ),
             }
         }
         (None, ws) => ws.clone().unwrap_or_else(|| "dev".into()),
     };
     let paths = AgentPaths::new(&a.root);
     paths.create()?;
-    let identity = Identity::load_or_create(&paths.state.join("identity"), &format!("cs-agent {workspace}"))?;
+    let identity = Identity::load_or_create(
+        &paths.state.join("identity"),
+        &format!("cs-agent {workspace}"),
+    )?;
     let trust = Arc::new(TrustStore::open(&paths.state)?);
     let shell = a.shell.clone().unwrap_or_else(default_shell);
     let env = command_env(&home, &shell, &workspace);
 
-    let system = actix_rt::System::with_tokio_rt(|| {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("building the tokio runtime only fails when the OS refuses threads")
-    });
+    // One thread: the actors, quinn and the pumps share it. On this workload a multi-thread
+    // runtime spent more CPU handing buffers between threads than it gained (see ARCHITECTURE.md).
+    let system = actix_rt::System::new();
     system.block_on(async move {
         let server_cfg = cs_transport::server_config(&identity, trust.clone(), &TransportLimits::default())?;
         let endpoint = cs_transport::endpoint::agent_endpoint(&identity, server_cfg, a.listen)

@@ -4,8 +4,8 @@
 //! with its causes), 2 on a usage error.
 
 mod app;
-mod serve;
 mod os;
+mod serve;
 mod state;
 
 use clap::Parser;
@@ -14,7 +14,10 @@ fn main() {
     let args = app::Args::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("CS_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
     if let Err(e) = app::run(args) {
         eprintln!("cs-agent: {e:#}");
         std::process::exit(1);

@@ -55,14 +55,24 @@ impl Spawner for OsSpawner {
             }
             None => {
                 // A login shell, as sshd starts it: argv[0] is "-" and the shell's name.
-                let name = self.shell.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                let name = self
+                    .shell
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
                 cmd.arg0(format!("-{name}"));
             }
         }
-        cmd.current_dir(&self.home).env_clear().envs(self.env.iter().map(|(k, v)| (k, v)));
+        cmd.current_dir(&self.home)
+            .env_clear()
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
         let fail = |e: io::Error| format!("cannot run {}: {e}", self.shell.display());
         if !self.home.is_dir() {
-            return Err(format!("cannot run {}: home {} does not exist", self.shell.display(), self.home.display()));
+            return Err(format!(
+                "cannot run {}: home {} does not exist",
+                self.shell.display(),
+                self.home.display()
+            ));
         }
         match &req.pty {
             None => spawn_piped(cmd).map_err(fail),
@@ -93,18 +103,37 @@ fn killpg(pid: u32, sig: i32) {
 
 fn spawn_piped(cmd: std::process::Command) -> io::Result<ChildHandle> {
     let mut cmd = tokio::process::Command::from(cmd);
-    cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0);
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
     let mut child = cmd.spawn()?;
     let pid = child.id().unwrap_or(0);
     let (ev_tx, events) = mpsc::channel(CHILD_CHANNEL_CHUNKS_MAX);
     let (stdin_tx, mut stdin_rx) = mpsc::channel::<StdinMsg>(CHILD_CHANNEL_CHUNKS_MAX);
     let (control, mut control_rx) = mpsc::channel::<Control>(CONTROL_CHANNEL_MAX);
 
-    let stdout = child.stdout.take().expect("stdout was configured as a pipe");
-    let stderr = child.stderr.take().expect("stderr was configured as a pipe");
+    let stdout = child
+        .stdout
+        .take()
+        .expect("stdout was configured as a pipe");
+    let stderr = child
+        .stderr
+        .take()
+        .expect("stderr was configured as a pipe");
     let mut stdin = child.stdin.take();
-    tokio::spawn(pump_output(stdout, ev_tx.clone(), ChildEvent::Stdout, ChildEvent::StdoutEof));
-    tokio::spawn(pump_output(stderr, ev_tx.clone(), ChildEvent::Stderr, ChildEvent::StderrEof));
+    tokio::spawn(pump_output(
+        stdout,
+        ev_tx.clone(),
+        ChildEvent::Stdout,
+        ChildEvent::StdoutEof,
+    ));
+    tokio::spawn(pump_output(
+        stderr,
+        ev_tx.clone(),
+        ChildEvent::Stderr,
+        ChildEvent::StderrEof,
+    ));
     tokio::spawn(async move {
         while let Some(msg) = stdin_rx.recv().await {
             match msg {
@@ -134,7 +163,12 @@ fn spawn_piped(cmd: std::process::Command) -> io::Result<ChildHandle> {
         };
         let _ = ev_tx.send(ChildEvent::Exited(st)).await;
     });
-    Ok(ChildHandle { pid, stdin: stdin_tx, control, events })
+    Ok(ChildHandle {
+        pid,
+        stdin: stdin_tx,
+        control,
+        events,
+    })
 }
 
 async fn pump_output<R: AsyncRead + Unpin>(
@@ -158,7 +192,12 @@ async fn pump_output<R: AsyncRead + Unpin>(
 }
 
 fn winsize(size: WindowSize) -> libc::winsize {
-    libc::winsize { ws_row: size.rows, ws_col: size.cols, ws_xpixel: 0, ws_ypixel: 0 }
+    libc::winsize {
+        ws_row: size.rows,
+        ws_col: size.cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    }
 }
 
 fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
@@ -207,11 +246,19 @@ fn spawn_pty(mut cmd: std::process::Command, size: WindowSize) -> io::Result<Chi
         let _ = tx.send(ChildEvent::StderrEof).await;
         let mut buf = vec![0u8; DATA_CHUNK_BYTES_MAX];
         loop {
-            let Ok(mut guard) = reader.readable().await else { break };
-            match guard.try_io(|fd| nix::unistd::read(fd.as_raw_fd(), &mut buf).map_err(io::Error::from)) {
+            let Ok(mut guard) = reader.readable().await else {
+                break;
+            };
+            match guard
+                .try_io(|fd| nix::unistd::read(fd.as_raw_fd(), &mut buf).map_err(io::Error::from))
+            {
                 Ok(Ok(0)) => break,
                 Ok(Ok(n)) => {
-                    if tx.send(ChildEvent::Stdout(buf[..n].to_vec())).await.is_err() {
+                    if tx
+                        .send(ChildEvent::Stdout(buf[..n].to_vec()))
+                        .await
+                        .is_err()
+                    {
                         return;
                     }
                 }
@@ -253,7 +300,12 @@ fn spawn_pty(mut cmd: std::process::Command, size: WindowSize) -> io::Result<Chi
         };
         let _ = ev_tx.send(ChildEvent::Exited(st)).await;
     });
-    Ok(ChildHandle { pid, stdin: stdin_tx, control, events })
+    Ok(ChildHandle {
+        pid,
+        stdin: stdin_tx,
+        control,
+        events,
+    })
 }
 
 async fn write_all_fd(fd: &AsyncFd<OwnedFd>, mut data: &[u8]) -> io::Result<()> {

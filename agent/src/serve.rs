@@ -98,7 +98,11 @@ async fn serve_connection(conn: quinn::Connection, served: Served) {
         .await;
         match first {
             Ok(Ok(Some(StreamOpen::Exec(start)))) => {
-                served.exec.do_send(OpenSession { start, send: Box::new(send), recv: Box::new(recv) });
+                served.exec.do_send(OpenSession {
+                    start,
+                    send: Box::new(send),
+                    recv: Box::new(recv),
+                });
             }
             Ok(Ok(None)) => {}
             Ok(Err(e)) => {
@@ -114,11 +118,22 @@ async fn serve_connection(conn: quinn::Connection, served: Served) {
 pub fn protocol_violation(conn: &quinn::Connection, remote: SocketAddr, e: &FrameError) {
     tracing::warn!(%remote, error = %e, "protocol violation; closing the connection");
     let reason = e.to_string();
-    conn.close(close::PROTOCOL.into(), &reason.as_bytes()[..reason.len().min(200)]);
+    conn.close(
+        close::PROTOCOL.into(),
+        &reason.as_bytes()[..reason.len().min(200)],
+    );
 }
 
-async fn hello(conn: &quinn::Connection, served: &Served, fp: cs_transport::Fingerprint) -> Result<(), String> {
-    let accepted = tokio::time::timeout(Duration::from_millis(FIRST_FRAME_TIMEOUT_MS), conn.accept_bi()).await;
+async fn hello(
+    conn: &quinn::Connection,
+    served: &Served,
+    fp: cs_transport::Fingerprint,
+) -> Result<(), String> {
+    let accepted = tokio::time::timeout(
+        Duration::from_millis(FIRST_FRAME_TIMEOUT_MS),
+        conn.accept_bi(),
+    )
+    .await;
     let (mut send, mut recv) = match accepted {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return Err(format!("connection lost before hello: {e}")),
@@ -151,7 +166,9 @@ async fn hello(conn: &quinn::Connection, served: &Served, fp: cs_transport::Fing
             software_version: SOFTWARE_VERSION.to_string(),
             workspace: served.workspace.clone(),
         },
-        Err(reason) => HelloReply::Refused { reason: reason.clone() },
+        Err(reason) => HelloReply::Refused {
+            reason: reason.clone(),
+        },
     };
     let _ = write_frame(&mut send, &reply).await;
     let _ = send.finish();
@@ -163,7 +180,12 @@ async fn hello(conn: &quinn::Connection, served: &Served, fp: cs_transport::Fing
     verdict
 }
 
-fn judge(hello: &ClientHello, conn: &quinn::Connection, served: &Served, fp: cs_transport::Fingerprint) -> Result<(), String> {
+fn judge(
+    hello: &ClientHello,
+    conn: &quinn::Connection,
+    served: &Served,
+    fp: cs_transport::Fingerprint,
+) -> Result<(), String> {
     if hello.protocol_version != PROTOCOL_VERSION {
         return Err(format!(
             "protocol version mismatch: the laptop speaks version {} (cs {}), this agent speaks version {} (cs-agent {}); install matching versions",
@@ -172,7 +194,10 @@ fn judge(hello: &ClientHello, conn: &quinn::Connection, served: &Served, fp: cs_
     }
     if let Some(proof) = &hello.enroll {
         let exporter = enroll_exporter(conn).map_err(|e| e.to_string())?;
-        return match served.trust.enroll(fp, &proof.token_id, &proof.mac, &exporter, unix_now()) {
+        return match served
+            .trust
+            .enroll(fp, &proof.token_id, &proof.mac, &exporter, unix_now())
+        {
             Ok(Ok(())) => {
                 tracing::info!(client = %fp, token = %proof.token_id, "enrolled a new laptop key");
                 Ok(())
@@ -184,6 +209,8 @@ fn judge(hello: &ClientHello, conn: &quinn::Connection, served: &Served, fp: cs_
     if served.trust.is_trusted(&fp) {
         Ok(())
     } else {
-        Err(format!("key {fp} is not trusted by this agent; pair with a fresh token"))
+        Err(format!(
+            "key {fp} is not trusted by this agent; pair with a fresh token"
+        ))
     }
 }

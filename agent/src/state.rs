@@ -30,7 +30,6 @@ pub struct AgentPaths {
 impl AgentPaths {
     pub fn new(root: &Path) -> Self {
         Self {
-
             state: root.join("var/lib/cs-agent"),
             etc: root.join("etc/sandbox.d"),
             log: root.join("var/log/sandbox"),
@@ -41,7 +40,8 @@ impl AgentPaths {
     pub fn create(&self) -> anyhow::Result<()> {
         use std::os::unix::fs::PermissionsExt;
         for dir in [&self.state, &self.etc, &self.log] {
-            std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
         }
         std::fs::set_permissions(&self.state, std::fs::Permissions::from_mode(0o700))
             .with_context(|| format!("cannot restrict {}", self.state.display()))?;
@@ -89,7 +89,10 @@ pub struct TrustStore {
 
 impl TrustStore {
     pub fn open(state_dir: &Path) -> anyhow::Result<Self> {
-        let store = Self { path: state_dir.join("trust.json"), inner: Mutex::new((None, Persisted::default())) };
+        let store = Self {
+            path: state_dir.join("trust.json"),
+            inner: Mutex::new((None, Persisted::default())),
+        };
         store.with(|_| Ok(false))?;
         Ok(store)
     }
@@ -101,13 +104,17 @@ impl TrustStore {
     {
         // A poisoned lock means a panic while holding it; the data is plain and still valid.
         let mut guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let mtime = std::fs::metadata(&self.path).and_then(|m| m.modified()).ok();
+        let mtime = std::fs::metadata(&self.path)
+            .and_then(|m| m.modified())
+            .ok();
         if mtime.is_none() || mtime != guard.0 {
             guard.1 = match std::fs::read(&self.path) {
                 Ok(bytes) => serde_json::from_slice(&bytes)
                     .with_context(|| format!("{}: invalid trust store", self.path.display()))?,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Persisted::default(),
-                Err(e) => return Err(e).with_context(|| format!("cannot read {}", self.path.display())),
+                Err(e) => {
+                    return Err(e).with_context(|| format!("cannot read {}", self.path.display()))
+                }
             };
             guard.0 = mtime;
         }
@@ -116,7 +123,9 @@ impl TrustStore {
             let bytes = serde_json::to_vec_pretty(&guard.1)?;
             cs_transport::identity::write_private(&self.path, &bytes)
                 .with_context(|| format!("cannot write {}", self.path.display()))?;
-            guard.0 = std::fs::metadata(&self.path).and_then(|m| m.modified()).ok();
+            guard.0 = std::fs::metadata(&self.path)
+                .and_then(|m| m.modified())
+                .ok();
         }
         Ok(out)
     }
@@ -125,7 +134,11 @@ impl TrustStore {
     pub fn add_token(&self, token: &Token, expires_unix: u64, now_unix: u64) -> anyhow::Result<()> {
         self.with(|p| {
             p.tokens.retain(|t| t.expires_unix > now_unix);
-            p.tokens.push(PendingToken { id: token.id.clone(), secret: token.secret.clone(), expires_unix });
+            p.tokens.push(PendingToken {
+                id: token.id.clone(),
+                secret: token.secret.clone(),
+                expires_unix,
+            });
             let excess = p.tokens.len().saturating_sub(TOKENS_MAX);
             p.tokens.drain(..excess);
             Ok(true)
@@ -135,12 +148,14 @@ impl TrustStore {
 
     /// Whether `fp` is trusted now.
     pub fn is_trusted(&self, fp: &Fingerprint) -> bool {
-        self.with(|p| Ok(p.trusted.contains_key(&fp.to_string()))).unwrap_or(false)
+        self.with(|p| Ok(p.trusted.contains_key(&fp.to_string())))
+            .unwrap_or(false)
     }
 
     /// Whether an unexpired token is outstanding.
     pub fn enrollment_open(&self, now_unix: u64) -> bool {
-        self.with(|p| Ok(p.tokens.iter().any(|t| t.expires_unix > now_unix))).unwrap_or(false)
+        self.with(|p| Ok(p.tokens.iter().any(|t| t.expires_unix > now_unix)))
+            .unwrap_or(false)
     }
 
     /// Consumes the token `id` if `mac` proves it for `exporter`, and trusts `fp` from now on.
@@ -153,18 +168,33 @@ impl TrustStore {
         now_unix: u64,
     ) -> anyhow::Result<Result<(), EnrollError>> {
         self.with(|p| {
-            let Some(i) = p.tokens.iter().position(|t| t.id == id && t.expires_unix > now_unix) else {
+            let Some(i) = p
+                .tokens
+                .iter()
+                .position(|t| t.id == id && t.expires_unix > now_unix)
+            else {
                 return Ok(Err(EnrollError::UnknownToken(id.to_string())));
             };
-            let token = Token { id: p.tokens[i].id.clone(), secret: p.tokens[i].secret.clone() };
+            let token = Token {
+                id: p.tokens[i].id.clone(),
+                secret: p.tokens[i].secret.clone(),
+            };
             if !token.verify(exporter, mac) {
                 return Ok(Err(EnrollError::BadProof(id.to_string())));
             }
             p.tokens.remove(i);
             if p.trusted.len() >= TRUSTED_KEYS_MAX {
-                anyhow::bail!("the agent already trusts {TRUSTED_KEYS_MAX} keys; revoke some first");
+                anyhow::bail!(
+                    "the agent already trusts {TRUSTED_KEYS_MAX} keys; revoke some first"
+                );
             }
-            p.trusted.insert(fp.to_string(), TrustedKey { fingerprint: fp, added_unix: now_unix });
+            p.trusted.insert(
+                fp.to_string(),
+                TrustedKey {
+                    fingerprint: fp,
+                    added_unix: now_unix,
+                },
+            );
             Ok(Ok(()))
         })
     }
@@ -225,10 +255,22 @@ mod tests {
         assert!(store.admits(&fp, 50));
         assert!(!store.admits(&fp, 100), "expired token still admits");
         let mac = token.proof(b"ex");
-        assert_eq!(store.enroll(fp, &token.id, &mac, b"other", 50).unwrap(), Err(EnrollError::BadProof(token.id.clone())));
-        assert_eq!(store.enroll(fp, &token.id, &mac, b"ex", 100).unwrap(), Err(EnrollError::UnknownToken(token.id.clone())));
-        assert_eq!(store.enroll(fp, &token.id, &mac, b"ex", 50).unwrap(), Ok(()));
-        assert_eq!(store.enroll(fp, &token.id, &mac, b"ex", 50).unwrap(), Err(EnrollError::UnknownToken(token.id.clone())));
+        assert_eq!(
+            store.enroll(fp, &token.id, &mac, b"other", 50).unwrap(),
+            Err(EnrollError::BadProof(token.id.clone()))
+        );
+        assert_eq!(
+            store.enroll(fp, &token.id, &mac, b"ex", 100).unwrap(),
+            Err(EnrollError::UnknownToken(token.id.clone()))
+        );
+        assert_eq!(
+            store.enroll(fp, &token.id, &mac, b"ex", 50).unwrap(),
+            Ok(())
+        );
+        assert_eq!(
+            store.enroll(fp, &token.id, &mac, b"ex", 50).unwrap(),
+            Err(EnrollError::UnknownToken(token.id.clone()))
+        );
         assert!(store.is_trusted(&fp));
         assert!(!store.enrollment_open(50));
     }
@@ -240,7 +282,9 @@ mod tests {
         let token = Token::generate(&mut rand::thread_rng());
         let fp = Fingerprint::of_spki(b"laptop");
         a.add_token(&token, 100, 0).unwrap();
-        a.enroll(fp, &token.id, &token.proof(b"x"), b"x", 1).unwrap().unwrap();
+        a.enroll(fp, &token.id, &token.proof(b"x"), b"x", 1)
+            .unwrap()
+            .unwrap();
         let b = TrustStore::open(dir.path()).unwrap();
         assert_eq!(b.trusted().unwrap().len(), 1);
         // Make sure the modification time differs on coarse-grained filesystems.

@@ -73,7 +73,9 @@ fn start_daemon(home: &CsHome) -> anyhow::Result<()> {
 pub async fn request(home: &CsHome, req: &Request) -> anyhow::Result<(UnixStream, Reply)> {
     for attempt in 0..2 {
         let mut s = connect_or_start(home).await?;
-        write_frame(&mut s, req).await.context("cannot talk to the cs daemon")?;
+        write_frame(&mut s, req)
+            .await
+            .context("cannot talk to the cs daemon")?;
         let reply = read_frame::<_, Reply>(&mut s)
             .await
             .context("cannot talk to the cs daemon")?
@@ -91,7 +93,9 @@ pub async fn request(home: &CsHome, req: &Request) -> anyhow::Result<(UnixStream
 
 /// Stops a running daemon and waits until its socket is gone. Returns whether one ran.
 pub async fn stop(home: &CsHome) -> anyhow::Result<bool> {
-    let Some(mut s) = connect_existing(home).await else { return Ok(false) };
+    let Some(mut s) = connect_existing(home).await else {
+        return Ok(false);
+    };
     write_frame(&mut s, &Request::Stop).await?;
     let _ = read_frame::<_, Reply>(&mut s).await;
     for _ in 0..100 {
@@ -100,5 +104,8 @@ pub async fn stop(home: &CsHome) -> anyhow::Result<bool> {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    bail!("the cs daemon did not stop; see {}", home.daemon_log().display())
+    bail!(
+        "the cs daemon did not stop; see {}",
+        home.daemon_log().display()
+    )
 }

@@ -20,9 +20,14 @@ pub enum ConnectError {
     Timeout { addr: SocketAddr },
     /// The agent presented another key than the one recorded at pairing.
     #[error("agent at {addr} presented a different key than the pinned {pinned}; if it was reinstalled, pair again")]
-    WrongKey { addr: SocketAddr, pinned: Fingerprint },
+    WrongKey {
+        addr: SocketAddr,
+        pinned: Fingerprint,
+    },
     /// The agent refused this laptop's key at the TLS level.
-    #[error("agent at {addr} does not trust this laptop's key {me}; pair again with `cs sandbox add`")]
+    #[error(
+        "agent at {addr} does not trust this laptop's key {me}; pair again with `cs sandbox add`"
+    )]
     Untrusted { addr: SocketAddr, me: Fingerprint },
     /// The agent refused the hello, with its reason.
     #[error("agent at {addr} refused the connection: {reason}")]
@@ -51,26 +56,45 @@ pub async fn connect(
     let other = |detail: String| ConnectError::Other { addr, detail };
     let fut = async {
         let endpoint = client_endpoint(addr).map_err(|e| other(e.to_string()))?;
-        let cfg = cs_transport::client_config(me, pinned, &TransportLimits::default()).map_err(|e| other(e.to_string()))?;
+        let cfg = cs_transport::client_config(me, pinned, &TransportLimits::default())
+            .map_err(|e| other(e.to_string()))?;
         let conn = endpoint
             .connect_with(cfg, addr, SERVER_NAME)
             .map_err(|e| other(e.to_string()))?
             .await
             .map_err(|e| classify(e, addr, pinned, me))?;
-        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| classify(e, addr, pinned, me))?;
+        let (mut send, mut recv) = conn
+            .open_bi()
+            .await
+            .map_err(|e| classify(e, addr, pinned, me))?;
         let enroll = match enroll {
             Some(token) => {
                 let exporter = enroll_exporter(&conn).map_err(|e| other(e.to_string()))?;
-                Some(EnrollProof { token_id: token.id.clone(), mac: token.proof(&exporter) })
+                Some(EnrollProof {
+                    token_id: token.id.clone(),
+                    mac: token.proof(&exporter),
+                })
             }
             None => None,
         };
-        let hello = ClientHello { protocol_version: PROTOCOL_VERSION, software_version: SOFTWARE_VERSION.into(), enroll };
-        write_frame(&mut send, &hello).await.map_err(|e| io_err(e, &conn, addr, pinned, me))?;
+        let hello = ClientHello {
+            protocol_version: PROTOCOL_VERSION,
+            software_version: SOFTWARE_VERSION.into(),
+            enroll,
+        };
+        write_frame(&mut send, &hello)
+            .await
+            .map_err(|e| io_err(e, &conn, addr, pinned, me))?;
         let _ = send.finish();
-        let reply = read_frame::<_, HelloReply>(&mut recv).await.map_err(|e| io_err(e, &conn, addr, pinned, me))?;
+        let reply = read_frame::<_, HelloReply>(&mut recv)
+            .await
+            .map_err(|e| io_err(e, &conn, addr, pinned, me))?;
         match reply {
-            Some(HelloReply::Accepted { workspace, .. }) => Ok(Connected { conn, endpoint, workspace }),
+            Some(HelloReply::Accepted { workspace, .. }) => Ok(Connected {
+                conn,
+                endpoint,
+                workspace,
+            }),
             Some(HelloReply::Refused { reason }) => Err(ConnectError::Refused { addr, reason }),
             None => Err(match conn.close_reason() {
                 Some(e) => classify(e, addr, pinned, me),
@@ -78,7 +102,8 @@ pub async fn connect(
             }),
         }
     };
-    let result = match tokio::time::timeout(Duration::from_millis(HANDSHAKE_TIMEOUT_MS), fut).await {
+    let result = match tokio::time::timeout(Duration::from_millis(HANDSHAKE_TIMEOUT_MS), fut).await
+    {
         Ok(r) => r,
         Err(_) => Err(ConnectError::Timeout { addr }),
     };
@@ -87,7 +112,10 @@ pub async fn connect(
         // the token the user holds.
         (Err(ConnectError::Untrusted { addr, .. }), Some(token)) => Err(ConnectError::Refused {
             addr,
-            reason: format!("enrollment token {} is unknown, already used, or expired", token.id),
+            reason: format!(
+                "enrollment token {} is unknown, already used, or expired",
+                token.id
+            ),
         }),
         (r, _) => r,
     }
@@ -102,11 +130,19 @@ fn io_err(
 ) -> ConnectError {
     match conn.close_reason() {
         Some(reason) => classify(reason, addr, pinned, me),
-        None => ConnectError::Other { addr, detail: e.to_string() },
+        None => ConnectError::Other {
+            addr,
+            detail: e.to_string(),
+        },
     }
 }
 
-fn classify(e: impl Into<quinn::ConnectionError>, addr: SocketAddr, pinned: Fingerprint, me: &Identity) -> ConnectError {
+fn classify(
+    e: impl Into<quinn::ConnectionError>,
+    addr: SocketAddr,
+    pinned: Fingerprint,
+    me: &Identity,
+) -> ConnectError {
     let e: quinn::ConnectionError = e.into();
     let text = e.to_string();
     if text.contains("does not match the pinned") {
@@ -115,8 +151,13 @@ fn classify(e: impl Into<quinn::ConnectionError>, addr: SocketAddr, pinned: Fing
     match &e {
         quinn::ConnectionError::TimedOut => ConnectError::Timeout { addr },
         // A TLS alert from the agent during our certificate check: our key was refused.
-        quinn::ConnectionError::ConnectionClosed(c) if c.error_code.to_string().contains("crypto") => {
-            ConnectError::Untrusted { addr, me: me.fingerprint() }
+        quinn::ConnectionError::ConnectionClosed(c)
+            if c.error_code.to_string().contains("crypto") =>
+        {
+            ConnectError::Untrusted {
+                addr,
+                me: me.fingerprint(),
+            }
         }
         quinn::ConnectionError::ApplicationClosed(c) => ConnectError::Refused {
             addr,

@@ -18,7 +18,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::oneshot;
 
 use crate::connect::{connect, ConnectError};
-use crate::home::{CsHome, WsRef, Workspace};
+use crate::home::{CsHome, Workspace, WsRef};
 use crate::wire::{build_id, DaemonStatus, LinkStatus, Reply, Request};
 
 /// Longest a request waits for its workspace's connection before it fails (the link keeps
@@ -41,7 +41,10 @@ const SPLICE_BUFFER_BYTES: usize = 256 * 1024;
 enum LinkState {
     Idle,
     Connecting,
-    Connected { conn: quinn::Connection, _endpoint: quinn::Endpoint },
+    Connected {
+        conn: quinn::Connection,
+        _endpoint: quinn::Endpoint,
+    },
     Retrying(SpawnHandle),
 }
 
@@ -81,17 +84,25 @@ impl Link {
             ctx.cancel_future(h);
         }
         if let Some(local) = &self.target.local {
-            if let Err(e) = crate::sandbox::ensure_local_agent(&self.key, &self.target.addr, local) {
+            if let Err(e) = crate::sandbox::ensure_local_agent(&self.key, &self.target.addr, local)
+            {
                 self.last_error = Some(format!("{e:#}"));
             }
         }
         let identity = self.identity.clone();
         let (addr, fp) = (self.target.addr, self.target.fingerprint);
         let fut = async move { connect(&identity, addr, fp, None).await };
-        ctx.spawn(fut.into_actor(self).map(|res, act, ctx| act.on_connect(res, ctx)));
+        ctx.spawn(
+            fut.into_actor(self)
+                .map(|res, act, ctx| act.on_connect(res, ctx)),
+        );
     }
 
-    fn on_connect(&mut self, res: Result<crate::connect::Connected, ConnectError>, ctx: &mut Context<Self>) {
+    fn on_connect(
+        &mut self,
+        res: Result<crate::connect::Connected, ConnectError>,
+        ctx: &mut Context<Self>,
+    ) {
         match res {
             Ok(c) => {
                 tracing::info!(workspace = %self.key, addr = %self.target.addr, "connected");
@@ -111,13 +122,21 @@ impl Link {
                     .into_actor(self)
                     .map(move |(), _, ctx| ctx.notify(Lost(id))),
                 );
-                self.state = LinkState::Connected { conn: c.conn, _endpoint: c.endpoint };
+                self.state = LinkState::Connected {
+                    conn: c.conn,
+                    _endpoint: c.endpoint,
+                };
             }
             Err(e) => {
                 tracing::warn!(workspace = %self.key, error = %e, "connect failed");
                 self.last_error = Some(e.to_string());
                 self.failures += 1;
-                if matches!(e, ConnectError::Untrusted { .. } | ConnectError::WrongKey { .. } | ConnectError::Refused { .. }) {
+                if matches!(
+                    e,
+                    ConnectError::Untrusted { .. }
+                        | ConnectError::WrongKey { .. }
+                        | ConnectError::Refused { .. }
+                ) {
                     // Retrying cannot fix these: tell the waiters now.
                     for w in self.waiters.drain(..) {
                         let _ = w.send(Err(e.to_string()));
@@ -156,13 +175,19 @@ impl Handler<GetConn> for Link {
         }
         self.waiters.retain(|w| !w.is_closed());
         if self.waiters.len() >= WAITERS_MAX {
-            let _ = msg.0.send(Err(format!("{} requests are already waiting for {}", WAITERS_MAX, self.key)));
+            let _ = msg.0.send(Err(format!(
+                "{} requests are already waiting for {}",
+                WAITERS_MAX, self.key
+            )));
             return;
         }
         self.waiters.push(msg.0);
         self.streams_opened += 1;
         // Someone is waiting: try now rather than at the end of a backoff delay.
-        if matches!(self.state, LinkState::Idle | LinkState::Retrying(_) | LinkState::Connected { .. }) {
+        if matches!(
+            self.state,
+            LinkState::Idle | LinkState::Retrying(_) | LinkState::Connected { .. }
+        ) {
             self.start_connect(ctx);
         }
     }
@@ -276,19 +301,16 @@ pub fn run(home: CsHome) -> anyhow::Result<()> {
         .write(true)
         .open(home.daemon_lock())
         .with_context(|| format!("cannot open {}", home.daemon_lock().display()))?;
-    let _lock = match nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
-        Ok(l) => l,
-        // Another daemon holds the lock: it serves; this one has nothing to do.
-        Err(_) => return Ok(()),
-    };
+    let _lock =
+        match nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            Ok(l) => l,
+            // Another daemon holds the lock: it serves; this one has nothing to do.
+            Err(_) => return Ok(()),
+        };
     let identity = home.identity()?;
-    let system = actix_rt::System::with_tokio_rt(|| {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("building the tokio runtime only fails when the OS refuses threads")
-    });
+    // One thread: the actors, quinn and the pumps share it. On this workload a multi-thread
+    // runtime spent more CPU handing buffers between threads than it gained (see ARCHITECTURE.md).
+    let system = actix_rt::System::new();
     system.block_on(async move {
         let sock = home.socket();
         let _ = std::fs::remove_file(&sock);
@@ -335,14 +357,22 @@ async fn serve_client(
     build: String,
     stop: tokio::sync::mpsc::Sender<()>,
 ) -> anyhow::Result<()> {
-    let Some(req) = read_frame::<_, Request>(&mut stream).await? else { return Ok(()) };
+    let Some(req) = read_frame::<_, Request>(&mut stream).await? else {
+        return Ok(());
+    };
     match req {
         Request::Stop => {
             write_frame(&mut stream, &Reply::Done).await?;
             let _ = stop.send(()).await;
         }
         Request::Status { build: client } if client != build => {
-            write_frame(&mut stream, &Reply::WrongBuild { daemon_build: build }).await?;
+            write_frame(
+                &mut stream,
+                &Reply::WrongBuild {
+                    daemon_build: build,
+                },
+            )
+            .await?;
         }
         Request::Status { .. } => {
             let links = hub.send(AllLinks).await?;
@@ -352,7 +382,11 @@ async fn serve_client(
                     out.push(s);
                 }
             }
-            let status = DaemonStatus { pid: std::process::id(), build, links: out };
+            let status = DaemonStatus {
+                pid: std::process::id(),
+                build,
+                links: out,
+            };
             write_frame(&mut stream, &Reply::Status(status)).await?;
         }
         Request::Forget { sandbox } => {
@@ -360,9 +394,17 @@ async fn serve_client(
             write_frame(&mut stream, &Reply::Done).await?;
         }
         Request::Open { build: client, .. } if client != build => {
-            write_frame(&mut stream, &Reply::WrongBuild { daemon_build: build }).await?;
+            write_frame(
+                &mut stream,
+                &Reply::WrongBuild {
+                    daemon_build: build,
+                },
+            )
+            .await?;
         }
-        Request::Open { workspace, open, .. } => match open_stream(&hub, &home, &workspace, &open).await {
+        Request::Open {
+            workspace, open, ..
+        } => match open_stream(&hub, &home, &workspace, &open).await {
             Ok(o) => {
                 write_frame(&mut stream, &Reply::Opened).await?;
                 stream.write_all(&o.first_frame).await?;
@@ -397,7 +439,10 @@ async fn open_stream(
     let reg = home.registry().map_err(|e| format!("{e:#}"))?;
     let (key, target) = reg.resolve(Some(workspace)).map_err(|e| format!("{e:#}"))?;
     let addr = target.addr;
-    let link = hub.send(Route(key.clone(), target)).await.map_err(|e| e.to_string())??;
+    let link = hub
+        .send(Route(key.clone(), target))
+        .await
+        .map_err(|e| e.to_string())??;
     // One retry: a connection that turns out dead (the agent restarted and answered with a
     // stateless reset) is replaced by a fresh one.
     let mut last = String::new();
@@ -410,7 +455,9 @@ async fn open_stream(
             Ok(Err(_)) => return Err(format!("the link to {key} stopped")),
             Err(_) => {
                 let status = link.send(GetStatus).await.ok();
-                let why = status.and_then(|s| s.last_error).unwrap_or_else(|| "no answer".into());
+                let why = status
+                    .and_then(|s| s.last_error)
+                    .unwrap_or_else(|| "no answer".into());
                 return Err(format!(
                     "cannot reach workspace {key} at {addr}: {why}; the daemon keeps retrying in the background"
                 ));
@@ -418,42 +465,64 @@ async fn open_stream(
         };
         match try_open(&conn, open).await {
             Ok(o) => return Ok(o),
-            Err(OpenFailed { message, retry: true }) => {
+            Err(OpenFailed {
+                message,
+                retry: true,
+            }) => {
                 tracing::info!(workspace = %key, error = %message, "connection was dead; retrying on a new one");
                 last = message;
             }
-            Err(OpenFailed { message, .. }) => return Err(format!("cannot open a stream to {key}: {message}")),
+            Err(OpenFailed { message, .. }) => {
+                return Err(format!("cannot open a stream to {key}: {message}"))
+            }
         }
     }
     Err(format!("cannot open a stream to {key}: {last}"))
 }
 
-async fn try_open(conn: &quinn::Connection, open: &cs_protocol::StreamOpen) -> Result<Opened, OpenFailed> {
+async fn try_open(
+    conn: &quinn::Connection,
+    open: &cs_protocol::StreamOpen,
+) -> Result<Opened, OpenFailed> {
     let lost = |e: &quinn::ConnectionError| OpenFailed {
         message: e.to_string(),
-        retry: matches!(e, quinn::ConnectionError::Reset | quinn::ConnectionError::TimedOut),
+        retry: matches!(
+            e,
+            quinn::ConnectionError::Reset | quinn::ConnectionError::TimedOut
+        ),
     };
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| lost(&e))?;
     if let Err(e) = write_frame(&mut send, open).await {
         return Err(match conn.close_reason() {
             Some(c) => lost(&c),
-            None => OpenFailed { message: e.to_string(), retry: false },
+            None => OpenFailed {
+                message: e.to_string(),
+                retry: false,
+            },
         });
     }
     // The agent acknowledges every stream with a first frame before anything else happens.
     let mut header = [0u8; cs_protocol::codec::FRAME_HEADER_BYTES];
     let read = async {
         recv.read_exact(&mut header).await?;
-        let len = cs_protocol::codec::frame_len(header).map_err(|_| quinn::ReadExactError::FinishedEarly(0))?;
+        let len = cs_protocol::codec::frame_len(header)
+            .map_err(|_| quinn::ReadExactError::FinishedEarly(0))?;
         let mut frame = vec![0u8; header.len() + len];
         frame[..header.len()].copy_from_slice(&header);
         recv.read_exact(&mut frame[header.len()..]).await?;
         Ok::<_, quinn::ReadExactError>(frame)
     };
     match read.await {
-        Ok(first_frame) => Ok(Opened { send, recv, first_frame }),
+        Ok(first_frame) => Ok(Opened {
+            send,
+            recv,
+            first_frame,
+        }),
         Err(quinn::ReadExactError::ReadError(quinn::ReadError::ConnectionLost(e))) => Err(lost(&e)),
-        Err(e) => Err(OpenFailed { message: e.to_string(), retry: false }),
+        Err(e) => Err(OpenFailed {
+            message: e.to_string(),
+            retry: false,
+        }),
     }
 }
 

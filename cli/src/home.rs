@@ -24,17 +24,25 @@ impl CsHome {
     pub fn locate() -> anyhow::Result<Self> {
         let dir = match std::env::var_os("CS_HOME") {
             Some(d) if !d.is_empty() => PathBuf::from(d),
-            _ => dirs::data_dir().context("cannot find a data directory; set CS_HOME")?.join("cs"),
+            _ => dirs::data_dir()
+                .context("cannot find a data directory; set CS_HOME")?
+                .join("cs"),
         };
-        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
             .with_context(|| format!("cannot restrict {}", dir.display()))?;
-        let dir = dir.canonicalize().with_context(|| format!("cannot resolve {}", dir.display()))?;
+        let dir = dir
+            .canonicalize()
+            .with_context(|| format!("cannot resolve {}", dir.display()))?;
         Ok(Self { dir })
     }
 
     pub fn identity(&self) -> anyhow::Result<Identity> {
-        Ok(Identity::load_or_create(&self.dir.join("identity"), "cs laptop")?)
+        Ok(Identity::load_or_create(
+            &self.dir.join("identity"),
+            "cs laptop",
+        )?)
     }
 
     pub fn socket(&self) -> PathBuf {
@@ -66,14 +74,18 @@ impl CsHome {
     pub fn registry(&self) -> anyhow::Result<Registry> {
         let path = self.registry_path();
         match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).with_context(|| format!("{}: invalid registry", path.display())),
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .with_context(|| format!("{}: invalid registry", path.display())),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Registry::default()),
             Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
         }
     }
 
     /// Changes the registry under an exclusive lock. `f` may fail, and then nothing changes.
-    pub fn update<T>(&self, f: impl FnOnce(&mut Registry) -> anyhow::Result<T>) -> anyhow::Result<T> {
+    pub fn update<T>(
+        &self,
+        f: impl FnOnce(&mut Registry) -> anyhow::Result<T>,
+    ) -> anyhow::Result<T> {
         let lock_path = self.dir.join("sandboxes.lock");
         let lock = std::fs::OpenOptions::new()
             .create(true)
@@ -148,7 +160,9 @@ impl std::fmt::Display for WsRef {
 pub fn check_name(kind: &str, name: &str) -> anyhow::Result<()> {
     let ok = !name.is_empty()
         && name.len() <= 63
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !name.starts_with('-')
         && !name.ends_with('-');
     if !ok {
@@ -164,7 +178,10 @@ impl WsRef {
         };
         check_name("sandbox", sb)?;
         check_name("workspace", ws)?;
-        Ok(Self { sandbox: sb.into(), workspace: ws.into() })
+        Ok(Self {
+            sandbox: sb.into(),
+            workspace: ws.into(),
+        })
     }
 }
 
@@ -173,7 +190,12 @@ impl Registry {
     pub fn all(&self) -> Vec<WsRef> {
         self.sandboxes
             .iter()
-            .flat_map(|(sb, s)| s.workspaces.keys().map(|ws| WsRef { sandbox: sb.clone(), workspace: ws.clone() }))
+            .flat_map(|(sb, s)| {
+                s.workspaces.keys().map(|ws| WsRef {
+                    sandbox: sb.clone(),
+                    workspace: ws.clone(),
+                })
+            })
             .collect()
     }
 
@@ -184,7 +206,12 @@ impl Registry {
     /// Resolves `-W`: `SB/WS`, `SB` with one workspace, or nothing with a default or a single
     /// workspace. Errors list the choices.
     pub fn resolve(&self, w: Option<&str>) -> anyhow::Result<(WsRef, Workspace)> {
-        let list = |refs: &[WsRef]| refs.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(", ");
+        let list = |refs: &[WsRef]| {
+            refs.iter()
+                .map(|r| r.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
         let all = self.all();
         let r = match w {
             Some(text) if text.contains('/') => {
@@ -220,7 +247,9 @@ impl Registry {
                 ),
             },
         };
-        let ws = self.get(&r).cloned().with_context(|| format!("default workspace '{r}' no longer exists; run `cs sandbox use`"))?;
+        let ws = self.get(&r).cloned().with_context(|| {
+            format!("default workspace '{r}' no longer exists; run `cs sandbox use`")
+        })?;
         Ok((r, ws))
     }
 }
@@ -240,14 +269,24 @@ mod tests {
     use super::*;
 
     fn ws() -> Workspace {
-        Workspace { addr: "127.0.0.1:1".parse().unwrap(), fingerprint: Fingerprint::of_spki(b"x"), local: None }
+        Workspace {
+            addr: "127.0.0.1:1".parse().unwrap(),
+            fingerprint: Fingerprint::of_spki(b"x"),
+            local: None,
+        }
     }
 
     fn reg(names: &[(&str, &[&str])]) -> Registry {
         let mut r = Registry::default();
         for (sb, wss) in names {
             let workspaces = wss.iter().map(|w| (w.to_string(), ws())).collect();
-            r.sandboxes.insert(sb.to_string(), Sandbox { local: true, workspaces });
+            r.sandboxes.insert(
+                sb.to_string(),
+                Sandbox {
+                    local: true,
+                    workspaces,
+                },
+            );
         }
         r
     }
@@ -267,7 +306,11 @@ mod tests {
         let mut d = two.clone();
         d.default = Some("b/web".into());
         assert_eq!(d.resolve(None).unwrap().0.to_string(), "b/web");
-        assert!(Registry::default().resolve(None).unwrap_err().to_string().contains("no sandboxes"));
+        assert!(Registry::default()
+            .resolve(None)
+            .unwrap_err()
+            .to_string()
+            .contains("no sandboxes"));
     }
 
     #[test]

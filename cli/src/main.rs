@@ -112,12 +112,14 @@ fn init_tracing(daemon: bool) {
     let default = if daemon { "info" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_env("CS_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("building the tokio runtime only fails when the OS refuses threads")
@@ -125,7 +127,12 @@ fn runtime() -> tokio::runtime::Runtime {
 
 fn main() {
     let args = Args::parse();
-    let is_daemon = matches!(args.cmd, Cmd::Daemon { cmd: DaemonCmd::Run });
+    let is_daemon = matches!(
+        args.cmd,
+        Cmd::Daemon {
+            cmd: DaemonCmd::Run
+        }
+    );
     let is_ssh = matches!(args.cmd, Cmd::Ssh { .. });
     init_tracing(is_daemon);
     std::panic::set_hook(Box::new(|info| {
@@ -150,7 +157,9 @@ fn main() {
 fn run(args: Args) -> anyhow::Result<i32> {
     let home = CsHome::locate()?;
     match args.cmd {
-        Cmd::Daemon { cmd: DaemonCmd::Run } => {
+        Cmd::Daemon {
+            cmd: DaemonCmd::Run,
+        } => {
             daemon::run(home)?;
             Ok(0)
         }
@@ -175,7 +184,9 @@ async fn run_async(home: CsHome, cmd: Cmd) -> anyhow::Result<i32> {
                     }
                     sandbox::create(&home, &name, file.as_deref()).await?
                 }
-                SandboxCmd::Add { target, pairing } => sandbox::add(&home, &target, &pairing).await?,
+                SandboxCmd::Add { target, pairing } => {
+                    sandbox::add(&home, &target, &pairing).await?
+                }
                 SandboxCmd::List { json } => sandbox::list(&home, None, json).await?,
                 SandboxCmd::Show { name, json } => sandbox::list(&home, Some(&name), json).await?,
                 SandboxCmd::Delete { name } => sandbox::delete(&home, &name).await?,
@@ -183,7 +194,12 @@ async fn run_async(home: CsHome, cmd: Cmd) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
-        Cmd::Ssh { workspace, pty, no_pty, command } => {
+        Cmd::Ssh {
+            workspace,
+            pty,
+            no_pty,
+            command,
+        } => {
             let reg = home.registry()?;
             let (r, _) = reg.resolve(workspace.as_deref())?;
             let command = (!command.is_empty()).then(|| command.join(" "));
@@ -197,7 +213,9 @@ async fn run_async(home: CsHome, cmd: Cmd) -> anyhow::Result<i32> {
             ssh::run(&home, &r.to_string(), command, mode, true).await
         }
         Cmd::Demo => demo(&home).await,
-        Cmd::Daemon { cmd: DaemonCmd::Stop } => {
+        Cmd::Daemon {
+            cmd: DaemonCmd::Stop,
+        } => {
             if client::stop(&home).await? {
                 println!("daemon stopped");
             } else {
@@ -205,18 +223,37 @@ async fn run_async(home: CsHome, cmd: Cmd) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
-        Cmd::Daemon { cmd: DaemonCmd::Status { json } } => {
-            let (_, reply) = client::request(&home, &wire::Request::Status { build: wire::build_id() }).await?;
-            let wire::Reply::Status(st) = reply else { bail!("unexpected reply from the cs daemon: {reply:?}") };
+        Cmd::Daemon {
+            cmd: DaemonCmd::Status { json },
+        } => {
+            let (_, reply) = client::request(
+                &home,
+                &wire::Request::Status {
+                    build: wire::build_id(),
+                },
+            )
+            .await?;
+            let wire::Reply::Status(st) = reply else {
+                bail!("unexpected reply from the cs daemon: {reply:?}")
+            };
             if json {
                 println!("{}", serde_json::to_string_pretty(&st)?);
             } else {
-                println!("daemon pid {} ({}), socket {}", st.pid, st.build, home.socket().display());
+                println!(
+                    "daemon pid {} ({}), socket {}",
+                    st.pid,
+                    st.build,
+                    home.socket().display()
+                );
                 if st.links.is_empty() {
                     println!("no connections yet");
                 }
                 for l in &st.links {
-                    let err = l.last_error.as_deref().map(|e| format!(" (last error: {e})")).unwrap_or_default();
+                    let err = l
+                        .last_error
+                        .as_deref()
+                        .map(|e| format!(" (last error: {e})"))
+                        .unwrap_or_default();
                     println!(
                         "{:<24} {:<22} {:<11} connects {} streams {}{err}",
                         l.workspace, l.addr, l.state, l.connects, l.streams_opened
@@ -225,32 +262,63 @@ async fn run_async(home: CsHome, cmd: Cmd) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
-        Cmd::Daemon { cmd: DaemonCmd::Run } => unreachable!("handled before the runtime starts"),
+        Cmd::Daemon {
+            cmd: DaemonCmd::Run,
+        } => unreachable!("handled before the runtime starts"),
     }
 }
 
 /// `cs demo`: the first thing a newcomer runs.
 async fn demo(home: &CsHome) -> anyhow::Result<i32> {
     if home.registry()?.sandboxes.contains_key("demo") {
-        println!("using the existing local sandbox 'demo' (state in {})", home.dir.display());
+        println!(
+            "using the existing local sandbox 'demo' (state in {})",
+            home.dir.display()
+        );
     } else {
-        println!("creating the local sandbox 'demo' (state in {})", home.dir.display());
+        println!(
+            "creating the local sandbox 'demo' (state in {})",
+            home.dir.display()
+        );
         sandbox::create(home, "demo", None).await?;
     }
-    let script = "echo \"hello from workspace $CS_WORKSPACE as $USER\"; echo \"home: $PWD\"; uname -sr";
+    let script =
+        "echo \"hello from workspace $CS_WORKSPACE as $USER\"; echo \"home: $PWD\"; uname -sr";
     println!("$ cs ssh -W demo/dev -- '{script}'");
-    let code = ssh::run(home, "demo/dev", Some(script.into()), ssh::PtyMode::Never, false).await?;
+    let code = ssh::run(
+        home,
+        "demo/dev",
+        Some(script.into()),
+        ssh::PtyMode::Never,
+        false,
+    )
+    .await?;
     if code != 0 {
         return Ok(code);
     }
     let runs = 20;
     let start = std::time::Instant::now();
     for _ in 0..runs {
-        let code = ssh::run(home, "demo/dev", Some("true".into()), ssh::PtyMode::Never, false).await?;
-        anyhow::ensure!(code == 0, "`true` failed in the workspace with exit code {code}");
+        let code = ssh::run(
+            home,
+            "demo/dev",
+            Some("true".into()),
+            ssh::PtyMode::Never,
+            false,
+        )
+        .await?;
+        anyhow::ensure!(
+            code == 0,
+            "`true` failed in the workspace with exit code {code}"
+        );
     }
     let per = start.elapsed() / runs;
-    println!("{runs} more commands on the warm connection: {:.2} ms each", per.as_secs_f64() * 1e3);
-    println!("next: `cs ssh -W demo/dev` for a shell, `cs sandbox show demo`, `cs sandbox delete demo`");
+    println!(
+        "{runs} more commands on the warm connection: {:.2} ms each",
+        per.as_secs_f64() * 1e3
+    );
+    println!(
+        "next: `cs ssh -W demo/dev` for a shell, `cs sandbox show demo`, `cs sandbox delete demo`"
+    );
     Ok(0)
 }

@@ -14,7 +14,7 @@ use cs_transport::Pairing;
 use serde::Serialize;
 
 use crate::connect::connect;
-use crate::home::{check_name, pid_alive, read_pid, CsHome, LocalAgent, Sandbox, WsRef, Workspace};
+use crate::home::{check_name, pid_alive, read_pid, CsHome, LocalAgent, Sandbox, Workspace, WsRef};
 use crate::wire::{LinkStatus, Reply, Request};
 
 /// How long a starting agent has to print its pairing line.
@@ -27,7 +27,10 @@ pub fn agent_binary() -> PathBuf {
     if let Some(p) = std::env::var_os("CS_AGENT_BIN") {
         return PathBuf::from(p);
     }
-    if let Some(dir) = std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf)) {
+    if let Some(dir) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(Path::to_path_buf))
+    {
         let p = dir.join("cs-agent");
         if p.is_file() {
             return p;
@@ -37,7 +40,11 @@ pub fn agent_binary() -> PathBuf {
 }
 
 /// Starts a local agent and returns its pairing line.
-fn start_local_agent(ws: &WsRef, listen: SocketAddr, local: &LocalAgent) -> anyhow::Result<Pairing> {
+fn start_local_agent(
+    ws: &WsRef,
+    listen: SocketAddr,
+    local: &LocalAgent,
+) -> anyhow::Result<Pairing> {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -66,7 +73,9 @@ fn start_local_agent(ws: &WsRef, listen: SocketAddr, local: &LocalAgent) -> anyh
             Ok(())
         });
     }
-    let mut child = cmd.spawn().with_context(|| format!("cannot start {}", bin.display()))?;
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("cannot start {}", bin.display()))?;
     let stdout = child.stdout.take().context("agent stdout")?;
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -79,7 +88,10 @@ fn start_local_agent(ws: &WsRef, listen: SocketAddr, local: &LocalAgent) -> anyh
         _ => {
             let _ = child.kill();
             let _ = child.wait();
-            bail!("agent for {ws} did not start: {}", last_lines(&local.log, 3));
+            bail!(
+                "agent for {ws} did not start: {}",
+                last_lines(&local.log, 3)
+            );
         }
     };
     // Reap the agent when it exits, so it does not linger as a zombie while cs runs.
@@ -109,7 +121,9 @@ pub fn ensure_local_agent(ws: &WsRef, addr: &SocketAddr, local: &LocalAgent) -> 
 }
 
 fn stop_local_agent(local: &LocalAgent) {
-    let Some(pid) = read_pid(&local.pid_file()) else { return };
+    let Some(pid) = read_pid(&local.pid_file()) else {
+        return;
+    };
     let pid = nix::unistd::Pid::from_raw(pid);
     if nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).is_err() {
         return;
@@ -134,8 +148,10 @@ fn definition_workspaces(path: &Path) -> anyhow::Result<Vec<String>> {
     struct Ws {
         name: String,
     }
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let def: Def = serde_yaml_ng::from_str(&text).with_context(|| format!("invalid sandbox definition {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let def: Def = serde_yaml_ng::from_str(&text)
+        .with_context(|| format!("invalid sandbox definition {}", path.display()))?;
     if def.workspaces.is_empty() {
         bail!("sandbox definition {} has no workspaces", path.display());
     }
@@ -143,7 +159,11 @@ fn definition_workspaces(path: &Path) -> anyhow::Result<Vec<String>> {
     for w in &def.workspaces {
         check_name("workspace", &w.name)?;
         if !seen.insert(w.name.clone()) {
-            bail!("sandbox definition {} names workspace '{}' twice", path.display(), w.name);
+            bail!(
+                "sandbox definition {} names workspace '{}' twice",
+                path.display(),
+                w.name
+            );
         }
     }
     Ok(def.workspaces.into_iter().map(|w| w.name).collect())
@@ -153,7 +173,10 @@ fn definition_workspaces(path: &Path) -> anyhow::Result<Vec<String>> {
 pub async fn create(home: &CsHome, name: &str, definition: Option<&Path>) -> anyhow::Result<()> {
     check_name("sandbox", name)?;
     let definition = match definition {
-        Some(p) => Some(p.canonicalize().with_context(|| format!("cannot read sandbox definition {}", p.display()))?),
+        Some(p) => Some(
+            p.canonicalize()
+                .with_context(|| format!("cannot read sandbox definition {}", p.display()))?,
+        ),
         None => None,
     };
     let names = match &definition {
@@ -163,21 +186,39 @@ pub async fn create(home: &CsHome, name: &str, definition: Option<&Path>) -> any
     // Reserve the name first, so two concurrent creates cannot both proceed.
     home.update(|reg| {
         if reg.sandboxes.contains_key(name) {
-            bail!("sandbox '{name}' already exists; delete it first with `cs sandbox delete {name}`");
+            bail!(
+                "sandbox '{name}' already exists; delete it first with `cs sandbox delete {name}`"
+            );
         }
-        reg.sandboxes.insert(name.into(), Sandbox { local: true, workspaces: BTreeMap::new() });
+        reg.sandboxes.insert(
+            name.into(),
+            Sandbox {
+                local: true,
+                workspaces: BTreeMap::new(),
+            },
+        );
         Ok(())
     })?;
     match create_agents(home, name, &names, definition.as_deref()).await {
         Ok(created) => {
             home.update(|reg| {
-                let sb = reg.sandboxes.get_mut(name).context("sandbox vanished while being created")?;
+                let sb = reg
+                    .sandboxes
+                    .get_mut(name)
+                    .context("sandbox vanished while being created")?;
                 sb.workspaces = created.clone();
                 Ok(())
             })?;
             for (ws, w) in &created {
-                let local = w.local.as_ref().map(|l| l.home.display().to_string()).unwrap_or_default();
-                println!("created {name}/{ws}: agent at {} key {} home {local}", w.addr, w.fingerprint);
+                let local = w
+                    .local
+                    .as_ref()
+                    .map(|l| l.home.display().to_string())
+                    .unwrap_or_default();
+                println!(
+                    "created {name}/{ws}: agent at {} key {} home {local}",
+                    w.addr, w.fingerprint
+                );
             }
             Ok(())
         }
@@ -210,18 +251,32 @@ async fn create_agents(
                 log: dir.join("agent.log"),
                 definition: definition.map(Path::to_path_buf),
             };
-            std::fs::create_dir_all(&local.home).with_context(|| format!("cannot create {}", local.home.display()))?;
-            std::fs::create_dir_all(&local.root).with_context(|| format!("cannot create {}", local.root.display()))?;
-            let r = WsRef { sandbox: name.into(), workspace: ws.clone() };
+            std::fs::create_dir_all(&local.home)
+                .with_context(|| format!("cannot create {}", local.home.display()))?;
+            std::fs::create_dir_all(&local.root)
+                .with_context(|| format!("cannot create {}", local.root.display()))?;
+            let r = WsRef {
+                sandbox: name.into(),
+                workspace: ws.clone(),
+            };
             let pairing = start_local_agent(&r, "127.0.0.1:0".parse().expect("literal"), &local)?;
             // Record before enrolling so a failure below still stops this agent.
             created.insert(
                 ws.clone(),
-                Workspace { addr: pairing.addr, fingerprint: pairing.fingerprint, local: Some(local) },
+                Workspace {
+                    addr: pairing.addr,
+                    fingerprint: pairing.fingerprint,
+                    local: Some(local),
+                },
             );
-            connect(&identity, pairing.addr, pairing.fingerprint, Some(&pairing.token))
-                .await
-                .with_context(|| format!("cannot pair with the agent of {r}"))?;
+            connect(
+                &identity,
+                pairing.addr,
+                pairing.fingerprint,
+                Some(&pairing.token),
+            )
+            .await
+            .with_context(|| format!("cannot pair with the agent of {r}"))?;
         }
         Ok::<(), anyhow::Error>(())
     }
@@ -248,25 +303,43 @@ pub async fn add(home: &CsHome, target: &str, pairing: &str) -> anyhow::Result<(
         bail!("workspace '{r}' already exists; delete its sandbox first");
     }
     if reg.sandboxes.get(&r.sandbox).is_some_and(|s| s.local) {
-        bail!("sandbox '{}' is a local sandbox; add remote workspaces to another sandbox", r.sandbox);
+        bail!(
+            "sandbox '{}' is a local sandbox; add remote workspaces to another sandbox",
+            r.sandbox
+        );
     }
     let identity = home.identity()?;
-    let c = connect(&identity, pairing.addr, pairing.fingerprint, Some(&pairing.token))
-        .await
-        .with_context(|| format!("cannot pair with the agent at {}", pairing.addr))?;
+    let c = connect(
+        &identity,
+        pairing.addr,
+        pairing.fingerprint,
+        Some(&pairing.token),
+    )
+    .await
+    .with_context(|| format!("cannot pair with the agent at {}", pairing.addr))?;
     c.conn.close(0u32.into(), b"paired");
     home.update(|reg| {
-        let sb = reg.sandboxes.entry(r.sandbox.clone()).or_insert(Sandbox { local: false, workspaces: BTreeMap::new() });
+        let sb = reg.sandboxes.entry(r.sandbox.clone()).or_insert(Sandbox {
+            local: false,
+            workspaces: BTreeMap::new(),
+        });
         if sb.workspaces.contains_key(&r.workspace) {
             bail!("workspace '{r}' already exists");
         }
         sb.workspaces.insert(
             r.workspace.clone(),
-            Workspace { addr: pairing.addr, fingerprint: pairing.fingerprint, local: None },
+            Workspace {
+                addr: pairing.addr,
+                fingerprint: pairing.fingerprint,
+                local: None,
+            },
         );
         Ok(())
     })?;
-    println!("added {r}: agent at {} key {} (it serves workspace '{}')", pairing.addr, pairing.fingerprint, c.workspace);
+    println!(
+        "added {r}: agent at {} key {} (it serves workspace '{}')",
+        pairing.addr, pairing.fingerprint, c.workspace
+    );
     Ok(())
 }
 
@@ -284,7 +357,14 @@ struct WsView {
 
 async fn link_states(home: &CsHome) -> Option<Vec<LinkStatus>> {
     let mut s = crate::client::connect_existing(home).await?;
-    cs_transport::write_frame(&mut s, &Request::Status { build: crate::wire::build_id() }).await.ok()?;
+    cs_transport::write_frame(
+        &mut s,
+        &Request::Status {
+            build: crate::wire::build_id(),
+        },
+    )
+    .await
+    .ok()?;
     match cs_transport::read_frame::<_, Reply>(&mut s).await.ok()?? {
         Reply::Status(st) => Some(st.links),
         _ => None,
@@ -295,7 +375,10 @@ async fn views(home: &CsHome, only: Option<&str>) -> anyhow::Result<Vec<WsView>>
     let reg = home.registry()?;
     if let Some(name) = only {
         if !reg.sandboxes.contains_key(name) {
-            bail!("unknown sandbox '{name}'; known: {}", reg.sandboxes.keys().cloned().collect::<Vec<_>>().join(", "));
+            bail!(
+                "unknown sandbox '{name}'; known: {}",
+                reg.sandboxes.keys().cloned().collect::<Vec<_>>().join(", ")
+            );
         }
     }
     let links = link_states(home).await;
@@ -305,7 +388,9 @@ async fn views(home: &CsHome, only: Option<&str>) -> anyhow::Result<Vec<WsView>>
             continue;
         }
         let w = reg.get(&r).expect("listed by the registry");
-        let link = links.as_ref().and_then(|ls| ls.iter().find(|l| l.workspace == r.to_string()));
+        let link = links
+            .as_ref()
+            .and_then(|ls| ls.iter().find(|l| l.workspace == r.to_string()));
         let state = match (&links, link) {
             (None, _) => "disconnected (daemon not running)".to_string(),
             (Some(_), None) => "disconnected (not used yet)".to_string(),
@@ -338,7 +423,12 @@ pub async fn list(home: &CsHome, only: Option<&str>, json: bool) -> anyhow::Resu
     }
     if only.is_some() {
         for v in &views {
-            println!("{}/{}{}", v.sandbox, v.workspace, if v.default { " (default)" } else { "" });
+            println!(
+                "{}/{}{}",
+                v.sandbox,
+                v.workspace,
+                if v.default { " (default)" } else { "" }
+            );
             println!("  address:     {}", v.address);
             println!("  key:         {}", v.fingerprint);
             println!("  connection:  {}", v.state);
@@ -352,8 +442,18 @@ pub async fn list(home: &CsHome, only: Option<&str>, json: bool) -> anyhow::Resu
     } else {
         println!("{:<28} {:<22} {:<18} STATE", "WORKSPACE", "ADDRESS", "KEY");
         for v in &views {
-            let name = format!("{}/{}{}", v.sandbox, v.workspace, if v.default { "*" } else { "" });
-            let key = v.fingerprint.trim_start_matches("SHA256:").chars().take(16).collect::<String>();
+            let name = format!(
+                "{}/{}{}",
+                v.sandbox,
+                v.workspace,
+                if v.default { "*" } else { "" }
+            );
+            let key = v
+                .fingerprint
+                .trim_start_matches("SHA256:")
+                .chars()
+                .take(16)
+                .collect::<String>();
             println!("{name:<28} {:<22} {key:<18} {}", v.address, v.state);
         }
     }
@@ -367,7 +467,13 @@ pub async fn delete(home: &CsHome, name: &str) -> anyhow::Result<()> {
         bail!("unknown sandbox '{name}'");
     };
     if let Some(mut s) = crate::client::connect_existing(home).await {
-        let _ = cs_transport::write_frame(&mut s, &Request::Forget { sandbox: name.into() }).await;
+        let _ = cs_transport::write_frame(
+            &mut s,
+            &Request::Forget {
+                sandbox: name.into(),
+            },
+        )
+        .await;
         let _ = cs_transport::read_frame::<_, Reply>(&mut s).await;
     }
     for w in sb.workspaces.values() {
@@ -378,12 +484,17 @@ pub async fn delete(home: &CsHome, name: &str) -> anyhow::Result<()> {
     if sb.local {
         let dir = home.local_sandbox_dir(name);
         if dir.exists() {
-            std::fs::remove_dir_all(&dir).with_context(|| format!("cannot remove {}", dir.display()))?;
+            std::fs::remove_dir_all(&dir)
+                .with_context(|| format!("cannot remove {}", dir.display()))?;
         }
     }
     home.update(|reg| {
         reg.sandboxes.remove(name);
-        if reg.default.as_deref().is_some_and(|d| d.starts_with(&format!("{name}/"))) {
+        if reg
+            .default
+            .as_deref()
+            .is_some_and(|d| d.starts_with(&format!("{name}/")))
+        {
             reg.default = None;
         }
         Ok(())

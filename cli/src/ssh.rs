@@ -49,8 +49,15 @@ pub async fn run(
         term: std::env::var("TERM").unwrap_or_else(|_| "xterm-256color".into()),
         size: window_size().unwrap_or(WindowSize { rows: 24, cols: 80 }),
     });
-    let open = StreamOpen::Exec(ExecStart { command, pty: pty_spec });
-    let req = Request::Open { build: build_id(), workspace: workspace.to_string(), open };
+    let open = StreamOpen::Exec(ExecStart {
+        command,
+        pty: pty_spec,
+    });
+    let req = Request::Open {
+        build: build_id(),
+        workspace: workspace.to_string(),
+        open,
+    };
     let (stream, reply) = crate::client::request(home, &req).await?;
     match reply {
         Reply::Opened => {}
@@ -59,7 +66,11 @@ pub async fn run(
     }
     let (mut rd, mut wr) = stream.into_split();
 
-    let raw = if pty && tty { Some(RawMode::enter()?) } else { None };
+    let raw = if pty && tty {
+        Some(RawMode::enter()?)
+    } else {
+        None
+    };
     let (tx, mut rx) = mpsc::channel::<ExecInput>(16);
 
     // Writer: the only task that writes to the stream.
@@ -88,7 +99,11 @@ pub async fn run(
                     break;
                 }
                 Ok(n) => {
-                    if stdin_tx.send(ExecInput::Stdin(buf[..n].to_vec())).await.is_err() {
+                    if stdin_tx
+                        .send(ExecInput::Stdin(buf[..n].to_vec()))
+                        .await
+                        .is_err()
+                    {
                         break;
                     }
                 }
@@ -170,14 +185,18 @@ fn window_size() -> Option<WindowSize> {
     let fd = std::io::stdout().as_raw_fd();
     // SAFETY: TIOCGWINSZ writes one winsize into the pointed-to struct, which lives here.
     let rc = unsafe { libc::ioctl(fd, libc::TIOCGWINSZ, &mut ws) };
-    (rc == 0 && ws.ws_row > 0 && ws.ws_col > 0).then_some(WindowSize { rows: ws.ws_row, cols: ws.ws_col })
+    (rc == 0 && ws.ws_row > 0 && ws.ws_col > 0).then_some(WindowSize {
+        rows: ws.ws_row,
+        cols: ws.ws_col,
+    })
 }
 
 /// The laptop terminal in raw mode; restored on drop, and by [`restore_terminal`] on paths
 /// that exit without dropping (a panic, `process::exit`).
 pub struct RawMode;
 
-static SAVED_TERMIOS: std::sync::Mutex<Option<nix::sys::termios::Termios>> = std::sync::Mutex::new(None);
+static SAVED_TERMIOS: std::sync::Mutex<Option<nix::sys::termios::Termios>> =
+    std::sync::Mutex::new(None);
 
 impl RawMode {
     fn enter() -> anyhow::Result<Self> {
@@ -200,7 +219,15 @@ impl Drop for RawMode {
 
 /// Puts the terminal back as it was before raw mode, if it was changed.
 pub fn restore_terminal() {
-    if let Some(saved) = SAVED_TERMIOS.lock().unwrap_or_else(|p| p.into_inner()).take() {
-        let _ = nix::sys::termios::tcsetattr(std::io::stdin(), nix::sys::termios::SetArg::TCSADRAIN, &saved);
+    if let Some(saved) = SAVED_TERMIOS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take()
+    {
+        let _ = nix::sys::termios::tcsetattr(
+            std::io::stdin(),
+            nix::sys::termios::SetArg::TCSADRAIN,
+            &saved,
+        );
     }
 }

@@ -8,7 +8,11 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Request {
     /// Open a stream to a workspace and splice it to this socket.
-    Open { build: String, workspace: String, open: StreamOpen },
+    Open {
+        build: String,
+        workspace: String,
+        open: StreamOpen,
+    },
     /// Report the daemon's links.
     Status { build: String },
     /// Close the links of a sandbox that is being deleted.
@@ -25,8 +29,12 @@ pub enum Reply {
     Status(DaemonStatus),
     Done,
     /// The daemon runs another build of cs and must be restarted.
-    WrongBuild { daemon_build: String },
-    Error { message: String },
+    WrongBuild {
+        daemon_build: String,
+    },
+    Error {
+        message: String,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -57,7 +65,10 @@ pub fn build_id() -> String {
     let stamp = meta
         .and_then(|m| m.modified().ok().map(|t| (t, m.len())))
         .map(|(t, len)| {
-            let nanos = t.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+            let nanos = t
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0);
             format!("{nanos:x}-{len:x}")
         })
         .unwrap_or_default();

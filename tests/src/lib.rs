@@ -35,7 +35,11 @@ pub fn bin_dir() -> &'static Path {
         }
         let status = cmd.status().expect("run cargo build");
         assert!(status.success(), "building cs and cs-agent failed");
-        assert!(dir.join("cs").is_file(), "no cs binary in {}", dir.display());
+        assert!(
+            dir.join("cs").is_file(),
+            "no cs binary in {}",
+            dir.display()
+        );
         dir
     })
 }
@@ -62,7 +66,12 @@ impl Default for Laptop {
 impl Laptop {
     pub fn new() -> Self {
         bin_dir();
-        Self { dir: tempfile::Builder::new().prefix("cs-e2e-").tempdir().expect("tempdir") }
+        Self {
+            dir: tempfile::Builder::new()
+                .prefix("cs-e2e-")
+                .tempdir()
+                .expect("tempdir"),
+        }
     }
 
     pub fn home(&self) -> PathBuf {
@@ -72,7 +81,10 @@ impl Laptop {
     /// A `cs` command with this laptop's environment.
     pub fn cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new(cs_bin());
-        c.args(args).env("CS_HOME", self.home()).env_remove("CS_LOG").stdin(Stdio::null());
+        c.args(args)
+            .env("CS_HOME", self.home())
+            .env_remove("CS_LOG")
+            .stdin(Stdio::null());
         c
     }
 
@@ -84,7 +96,12 @@ impl Laptop {
     /// Runs `cs` and demands success, returning stdout.
     pub fn ok(&self, args: &[&str]) -> String {
         let out = self.run(args);
-        assert!(out.status.success(), "cs {args:?} failed: {}{}", text(&out.stdout), text(&out.stderr));
+        assert!(
+            out.status.success(),
+            "cs {args:?} failed: {}{}",
+            text(&out.stdout),
+            text(&out.stderr)
+        );
         text(&out.stdout)
     }
 
@@ -100,8 +117,14 @@ impl Laptop {
 
     /// The pid of a local workspace's agent.
     pub fn agent_pid(&self, sandbox: &str, ws: &str) -> i32 {
-        let path = self.home().join(format!("local/{sandbox}/{ws}/root/var/lib/cs-agent/agent.pid"));
-        std::fs::read_to_string(&path).expect("agent pid file").trim().parse().expect("pid")
+        let path = self.home().join(format!(
+            "local/{sandbox}/{ws}/root/var/lib/cs-agent/agent.pid"
+        ));
+        std::fs::read_to_string(&path)
+            .expect("agent pid file")
+            .trim()
+            .parse()
+            .expect("pid")
     }
 }
 
@@ -112,7 +135,10 @@ impl Drop for Laptop {
             if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&bytes) {
                 if let Some(map) = v.get("sandboxes").and_then(|s| s.as_object()) {
                     for name in map.keys() {
-                        let _ = run_bounded(self.cmd(&["sandbox", "delete", name]), Duration::from_secs(20));
+                        let _ = run_bounded(
+                            self.cmd(&["sandbox", "delete", name]),
+                            Duration::from_secs(20),
+                        );
                     }
                 }
             }
@@ -152,8 +178,12 @@ pub fn run_bounded(mut cmd: Command, limit: Duration) -> Output {
     };
     Output {
         status,
-        stdout: out_h.map(|h| h.join().unwrap_or_default()).unwrap_or_default(),
-        stderr: err_h.map(|h| h.join().unwrap_or_default()).unwrap_or_default(),
+        stdout: out_h
+            .map(|h| h.join().unwrap_or_default())
+            .unwrap_or_default(),
+        stderr: err_h
+            .map(|h| h.join().unwrap_or_default())
+            .unwrap_or_default(),
     }
 }
 

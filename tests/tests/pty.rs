@@ -12,7 +12,12 @@ struct Tmux {
 
 impl Tmux {
     fn cmd(&self, args: &[&str]) -> std::process::Output {
-        Command::new("tmux").arg("-L").arg(&self.socket).args(args).output().expect("tmux")
+        Command::new("tmux")
+            .arg("-L")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .expect("tmux")
     }
 
     fn pane(&self) -> String {
@@ -52,13 +57,36 @@ fn interactive_shell_types_resizes_exits_and_restores_the_terminal() {
         cs = cs_bin().display(),
         after = stty_after.display(),
     );
-    let tmux = Tmux { socket: format!("cs-test-{}", std::process::id()) };
-    let out = tmux.cmd(&["new-session", "-d", "-s", "t", "-x", "100", "-y", "30", "sh", "-c", &script]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let tmux = Tmux {
+        socket: format!("cs-test-{}", std::process::id()),
+    };
+    let out = tmux.cmd(&[
+        "new-session",
+        "-d",
+        "-s",
+        "t",
+        "-x",
+        "100",
+        "-y",
+        "30",
+        "sh",
+        "-c",
+        &script,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let term_file = l.dir.path().join("term");
-    assert!(wait_until(Duration::from_secs(10), || std::fs::read_to_string(&term_file).is_ok_and(|t| !t.is_empty())));
-    let term = std::fs::read_to_string(&term_file).unwrap().trim().to_string();
+    assert!(wait_until(Duration::from_secs(10), || {
+        std::fs::read_to_string(&term_file).is_ok_and(|t| !t.is_empty())
+    }));
+    let term = std::fs::read_to_string(&term_file)
+        .unwrap()
+        .trim()
+        .to_string();
     // TERM is passed to the remote shell.
     tmux.type_line("echo hello-$((40+2)) $TERM");
     tmux.wait_for(&format!("hello-42 {term}"));
@@ -71,12 +99,18 @@ fn interactive_shell_types_resizes_exits_and_restores_the_terminal() {
     tmux.wait_for("40 120");
     tmux.type_line("exit 5");
     tmux.wait_for("EXITED:5");
-    assert!(wait_until(Duration::from_secs(10), || stty_after.exists() && std::fs::metadata(&stty_after).unwrap().len() > 0));
+    assert!(wait_until(Duration::from_secs(10), || stty_after.exists()
+        && std::fs::metadata(&stty_after).unwrap().len() > 0));
     let before = std::fs::read_to_string(l.dir.path().join("stty-before")).unwrap();
     let after = std::fs::read_to_string(&stty_after).unwrap();
     let modes = |s: &str| -> Vec<String> {
         s.split(|c: char| c.is_whitespace() || c == ';')
-            .filter(|w| ["icanon", "-icanon", "echo", "-echo", "isig", "-isig", "opost", "-opost"].contains(w))
+            .filter(|w| {
+                [
+                    "icanon", "-icanon", "echo", "-echo", "isig", "-isig", "opost", "-opost",
+                ]
+                .contains(w)
+            })
             .map(String::from)
             .collect()
     };

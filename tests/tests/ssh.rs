@@ -33,11 +33,24 @@ fn exit_codes_signals_and_separate_streams() {
 fn stdin_is_forwarded_with_eof() {
     let l = Laptop::new();
     l.sandbox("demo");
-    let mut child = l.cmd(&["ssh", "--", "wc -c; echo done"]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
-    child.stdin.take().unwrap().write_all(b"twelve bytes").unwrap();
+    let mut child = l
+        .cmd(&["ssh", "--", "wc -c; echo done"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"twelve bytes")
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success());
-    assert_eq!(text(&out.stdout).split_whitespace().collect::<Vec<_>>(), ["12", "done"]);
+    assert_eq!(
+        text(&out.stdout).split_whitespace().collect::<Vec<_>>(),
+        ["12", "done"]
+    );
 }
 
 #[test]
@@ -93,7 +106,11 @@ fn ctrl_c_reaches_the_remote_process_group() {
     let l = Laptop::new();
     l.sandbox("demo");
     let mut child = l
-        .cmd(&["ssh", "--", "trap 'echo got-INT; exit 3' INT; echo ready; while :; do sleep 0.1; done"])
+        .cmd(&[
+            "ssh",
+            "--",
+            "trap 'echo got-INT; exit 3' INT; echo ready; while :; do sleep 0.1; done",
+        ])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -112,14 +129,18 @@ fn warm_connection_is_reused_for_every_command() {
     for _ in 0..3 {
         assert!(ssh(&l, "true").status.success());
     }
-    let st: serde_json::Value = serde_json::from_str(&l.ok(&["daemon", "status", "--json"])).unwrap();
+    let st: serde_json::Value =
+        serde_json::from_str(&l.ok(&["daemon", "status", "--json"])).unwrap();
     let link = &st["links"][0];
     assert_eq!(link["state"], "connected");
     assert_eq!(link["connects"], 1, "{st}");
     assert_eq!(link["streams_opened"], 3, "{st}");
     // The socket is owner-only.
     use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(l.home().join("daemon.sock")).unwrap().permissions().mode();
+    let mode = std::fs::metadata(l.home().join("daemon.sock"))
+        .unwrap()
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o777, 0o600);
 }
 
@@ -131,7 +152,9 @@ fn killed_agent_is_restarted_and_the_next_command_succeeds() {
     let pid = l.agent_pid("demo", "dev");
     // SAFETY: kill(2) on the agent this test started.
     unsafe { libc::kill(pid, libc::SIGKILL) };
-    assert!(wait_until(Duration::from_secs(5), || unsafe { libc::kill(pid, 0) } != 0));
+    assert!(wait_until(Duration::from_secs(5), || unsafe {
+        libc::kill(pid, 0)
+    } != 0));
     let out = ssh(&l, "echo back");
     assert_eq!(text(&out.stdout), "back\n", "{}", text(&out.stderr));
     assert_ne!(l.agent_pid("demo", "dev"), pid);
@@ -142,30 +165,59 @@ fn workspace_choice_and_bad_input() {
     let l = Laptop::new();
     let out = l.run(&["ssh", "--", "true"]);
     assert_eq!(out.status.code(), Some(255));
-    assert!(text(&out.stderr).contains("no sandboxes yet"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("no sandboxes yet"),
+        "{}",
+        text(&out.stderr)
+    );
 
     l.sandbox("one");
     l.sandbox("two");
     let out = l.run(&["ssh", "--", "true"]);
     let err = text(&out.stderr);
-    assert!(err.contains("one/dev, two/dev") && err.lines().count() == 1, "{err}");
+    assert!(
+        err.contains("one/dev, two/dev") && err.lines().count() == 1,
+        "{err}"
+    );
     let out = l.run(&["ssh", "-W", "three/dev", "--", "true"]);
-    assert!(text(&out.stderr).contains("unknown workspace 'three/dev'"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("unknown workspace 'three/dev'"),
+        "{}",
+        text(&out.stderr)
+    );
     l.ok(&["sandbox", "use", "two/dev"]);
-    assert_eq!(text(&l.run(&["ssh", "--", "echo $CS_WORKSPACE"]).stdout), "dev\n");
+    assert_eq!(
+        text(&l.run(&["ssh", "--", "echo $CS_WORKSPACE"]).stdout),
+        "dev\n"
+    );
 
     let out = l.run(&["sandbox", "create", "one", "--local"]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(text(&out.stderr).contains("sandbox 'one' already exists"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("sandbox 'one' already exists"),
+        "{}",
+        text(&out.stderr)
+    );
     let out = l.run(&["sandbox", "create", "Bad_Name", "--local"]);
-    assert!(text(&out.stderr).contains("'Bad_Name'"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("'Bad_Name'"),
+        "{}",
+        text(&out.stderr)
+    );
 
     let list = l.ok(&["sandbox", "list"]);
-    assert!(list.contains("one/dev") && list.contains("two/dev*"), "{list}");
+    assert!(
+        list.contains("one/dev") && list.contains("two/dev*"),
+        "{list}"
+    );
     l.ok(&["sandbox", "delete", "one"]);
     assert!(!l.home().join("local/one").exists());
     let out = l.run(&["sandbox", "show", "one"]);
-    assert!(text(&out.stderr).contains("unknown sandbox 'one'"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("unknown sandbox 'one'"),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 #[test]
@@ -173,12 +225,29 @@ fn definition_with_several_workspaces() {
     let l = Laptop::new();
     let def = l.dir.path().join("sandbox.yaml");
     std::fs::write(&def, "workspaces:\n  - name: api\n  - name: web\n").unwrap();
-    l.ok(&["sandbox", "create", "multi", "--local", "-f", def.to_str().unwrap()]);
+    l.ok(&[
+        "sandbox",
+        "create",
+        "multi",
+        "--local",
+        "-f",
+        def.to_str().unwrap(),
+    ]);
     let show = l.show("multi");
     assert_eq!(show.as_array().unwrap().len(), 2);
-    assert_eq!(text(&l.run(&["ssh", "-W", "multi/web", "--", "echo $CS_WORKSPACE"]).stdout), "web\n");
+    assert_eq!(
+        text(
+            &l.run(&["ssh", "-W", "multi/web", "--", "echo $CS_WORKSPACE"])
+                .stdout
+        ),
+        "web\n"
+    );
     let out = l.run(&["ssh", "-W", "multi", "--", "true"]);
-    assert!(text(&out.stderr).contains("multi/api, multi/web"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("multi/api, multi/web"),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 /// A remote-style agent started by hand, as on another machine.
@@ -206,8 +275,15 @@ impl ManualAgent {
             .spawn()
             .unwrap();
         let mut line = String::new();
-        std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        Self { child, pairing: line.trim().to_string(), root, _dir: dir }
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        Self {
+            child,
+            pairing: line.trim().to_string(),
+            root,
+            _dir: dir,
+        }
     }
 
     fn addr(&self) -> String {
@@ -229,7 +305,11 @@ impl Drop for ManualAgent {
 #[test]
 fn pairing_is_single_use_and_untrusted_keys_are_refused() {
     let agent = ManualAgent::start("127.0.0.1:0");
-    assert!(agent.pairing.starts_with("cs-pair/1/127.0.0.1:"), "{}", agent.pairing);
+    assert!(
+        agent.pairing.starts_with("cs-pair/1/127.0.0.1:"),
+        "{}",
+        agent.pairing
+    );
     let alice = Laptop::new();
     alice.ok(&["sandbox", "add", "remote/dev", &agent.pairing]);
     assert_eq!(text(&alice.run(&["ssh", "--", "echo hi"]).stdout), "hi\n");
@@ -238,27 +318,48 @@ fn pairing_is_single_use_and_untrusted_keys_are_refused() {
     let mallory = Laptop::new();
     let out = mallory.run(&["sandbox", "add", "remote/dev", &agent.pairing]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(text(&out.stderr).contains("is unknown, already used, or expired"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("is unknown, already used, or expired"),
+        "{}",
+        text(&out.stderr)
+    );
 
     // A laptop that copies the registry but not the key is refused before anything runs.
     std::fs::create_dir_all(mallory.home()).unwrap();
-    std::fs::copy(alice.home().join("sandboxes.json"), mallory.home().join("sandboxes.json")).unwrap();
+    std::fs::copy(
+        alice.home().join("sandboxes.json"),
+        mallory.home().join("sandboxes.json"),
+    )
+    .unwrap();
     let out = mallory.run(&["ssh", "--", "touch ~/pwned"]);
     assert_eq!(out.status.code(), Some(255));
-    assert!(text(&out.stderr).contains("not trust"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("not trust"),
+        "{}",
+        text(&out.stderr)
+    );
     assert!(!agent.root.join("../home/pwned").exists());
     assert!(agent.log().contains("refused"), "{}", agent.log());
 
     // Trust is listed and revocable with cs-agent.
     let list = run_bounded(
-        { let mut c = Command::new(agent_bin()); c.args(["trust", "list", "--json", "--root"]).arg(&agent.root); c },
+        {
+            let mut c = Command::new(agent_bin());
+            c.args(["trust", "list", "--json", "--root"])
+                .arg(&agent.root);
+            c
+        },
         Duration::from_secs(20),
     );
     let keys: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
     assert_eq!(keys.as_array().unwrap().len(), 1);
     let fp = keys[0]["fingerprint"].as_str().unwrap().to_string();
     let revoke = run_bounded(
-        { let mut c = Command::new(agent_bin()); c.args(["trust", "revoke", &fp, "--root"]).arg(&agent.root); c },
+        {
+            let mut c = Command::new(agent_bin());
+            c.args(["trust", "revoke", &fp, "--root"]).arg(&agent.root);
+            c
+        },
         Duration::from_secs(20),
     );
     assert!(revoke.status.success(), "{}", text(&revoke.stderr));
@@ -272,7 +373,14 @@ fn expired_and_malformed_pairings_are_refused() {
     let home = dir.path().join("home");
     std::fs::create_dir_all(&home).unwrap();
     let mut child = Command::new(agent_bin())
-        .args(["serve", "--listen", "127.0.0.1:0", "--token-ttl", "0", "--home"])
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--token-ttl",
+            "0",
+            "--home",
+        ])
         .arg(&home)
         .arg("--root")
         .arg(dir.path().join("root"))
@@ -281,17 +389,29 @@ fn expired_and_malformed_pairings_are_refused() {
         .spawn()
         .unwrap();
     let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
     let l = Laptop::new();
     let out = l.run(&["sandbox", "add", "x/dev", line.trim()]);
     let _ = child.kill();
     let _ = child.wait();
     assert_eq!(out.status.code(), Some(1));
-    assert!(text(&out.stderr).contains("cannot pair"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("cannot pair"),
+        "{}",
+        text(&out.stderr)
+    );
 
     let out = l.run(&["sandbox", "add", "x/dev", "cs-pair/1/nonsense"]);
-    assert!(text(&out.stderr).contains("invalid pairing 'cs-pair/1/nonsense'"), "{}", text(&out.stderr));
-    assert!(!l.home().join("sandboxes.json").exists() || !l.ok(&["sandbox", "list"]).contains("x/dev"));
+    assert!(
+        text(&out.stderr).contains("invalid pairing 'cs-pair/1/nonsense'"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(
+        !l.home().join("sandboxes.json").exists() || !l.ok(&["sandbox", "list"]).contains("x/dev")
+    );
 }
 
 #[test]
@@ -305,12 +425,19 @@ fn agent_down_is_reported_with_its_address_then_recovers() {
     let out = l.run(&["ssh", "--", "true"]);
     assert_eq!(out.status.code(), Some(255));
     let err = text(&out.stderr);
-    assert!(err.contains(&addr) && err.contains("keeps retrying"), "{err}");
+    assert!(
+        err.contains(&addr) && err.contains("keeps retrying"),
+        "{err}"
+    );
 
     // Another agent (a new key) takes the address: the laptop refuses it (pinning).
     let restarted = ManualAgent::start(&addr);
     let out = l.run(&["ssh", "--", "true"]);
-    assert!(text(&out.stderr).contains("different key"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("different key"),
+        "{}",
+        text(&out.stderr)
+    );
     drop(restarted);
 }
 
@@ -331,7 +458,9 @@ fn agent_restarted_with_its_state_is_reconnected() {
             .spawn()
             .unwrap();
         let mut line = String::new();
-        std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
         (child, line.trim().to_string())
     };
     let (mut first, pairing) = start("127.0.0.1:0");

@@ -19,7 +19,9 @@ pub struct Identity {
 
 impl fmt::Debug for Identity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Identity").field("fingerprint", &self.fingerprint).finish_non_exhaustive()
+        f.debug_struct("Identity")
+            .field("fingerprint", &self.fingerprint)
+            .finish_non_exhaustive()
     }
 }
 
@@ -31,7 +33,10 @@ pub enum IdentityError {
     Generate(#[from] rcgen::Error),
     /// The key files could not be read or written.
     #[error("{path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     /// The stored key or certificate is not valid.
     #[error("{path}: invalid identity file: {reason}")]
     Invalid { path: String, reason: String },
@@ -42,16 +47,26 @@ impl Identity {
     pub fn generate(name: &str) -> Result<Self, IdentityError> {
         let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519)?;
         let mut params = rcgen::CertificateParams::new(vec!["cs-peer".to_string()])?;
-        params.distinguished_name.push(rcgen::DnType::CommonName, name);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
         let cert = params.self_signed(&key)?;
-        Self::from_parts(cert.der().to_vec(), key.serialize_der())
-            .map_err(|reason| IdentityError::Invalid { path: "<generated>".into(), reason })
+        Self::from_parts(cert.der().to_vec(), key.serialize_der()).map_err(|reason| {
+            IdentityError::Invalid {
+                path: "<generated>".into(),
+                reason,
+            }
+        })
     }
 
     fn from_parts(cert_der: Vec<u8>, key_pkcs8: Vec<u8>) -> Result<Self, String> {
         let cert = CertificateDer::from(cert_der);
         let fingerprint = Fingerprint::of_certificate(&cert)?;
-        Ok(Self { cert, key_pkcs8, fingerprint })
+        Ok(Self {
+            cert,
+            key_pkcs8,
+            fingerprint,
+        })
     }
 
     /// Loads the identity stored in `dir` (files `cert.der`, `key.der`), creating it on first
@@ -147,7 +162,11 @@ impl Fingerprint {
 
     /// Compares in constant time, so a timing side channel reveals nothing about a pin.
     pub fn ct_eq(&self, other: &Fingerprint) -> bool {
-        self.0.iter().zip(other.0.iter()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+        self.0
+            .iter()
+            .zip(other.0.iter())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
     }
 
     /// A short form for humans: the first 16 hex digits.
@@ -172,11 +191,12 @@ impl FromStr for Fingerprint {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         let hexpart = s.strip_prefix("SHA256:").unwrap_or(s);
-        let bytes = hex::decode(hexpart)
-            .map_err(|_| format!("invalid fingerprint '{s}': expected SHA256: and 64 hex digits"))?;
-        let arr: [u8; 32] = bytes
-            .try_into()
-            .map_err(|_| format!("invalid fingerprint '{s}': expected SHA256: and 64 hex digits"))?;
+        let bytes = hex::decode(hexpart).map_err(|_| {
+            format!("invalid fingerprint '{s}': expected SHA256: and 64 hex digits")
+        })?;
+        let arr: [u8; 32] = bytes.try_into().map_err(|_| {
+            format!("invalid fingerprint '{s}': expected SHA256: and 64 hex digits")
+        })?;
         Ok(Self(arr))
     }
 }
@@ -201,7 +221,10 @@ mod tests {
     #[test]
     fn fingerprint_is_the_spki_hash_of_our_key() {
         let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
-        let cert = rcgen::CertificateParams::new(vec!["x".into()]).unwrap().self_signed(&key).unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["x".into()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
         let from_cert = Fingerprint::of_certificate(cert.der()).unwrap();
         assert_eq!(from_cert, Fingerprint::of_spki(&key.public_key_der()));
     }
@@ -224,7 +247,10 @@ mod tests {
         let a = Identity::load_or_create(dir.path(), "a").unwrap();
         let b = Identity::load_or_create(dir.path(), "a").unwrap();
         assert_eq!(a.fingerprint(), b.fingerprint());
-        let mode = std::fs::metadata(dir.path().join("key.der")).unwrap().permissions().mode();
+        let mode = std::fs::metadata(dir.path().join("key.der"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
     }
 }

@@ -21,7 +21,9 @@ pub const EXPORTER_LABEL: &[u8] = b"cs enroll v1";
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PairingError {
     /// The text is not of the form the agent prints.
-    #[error("invalid pairing '{text}': expected cs-pair/1/ADDRESS/SHA256:FINGERPRINT/TOKEN ({reason})")]
+    #[error(
+        "invalid pairing '{text}': expected cs-pair/1/ADDRESS/SHA256:FINGERPRINT/TOKEN ({reason})"
+    )]
     Malformed { text: String, reason: String },
 }
 
@@ -45,7 +47,10 @@ impl Token {
         let mut secret = [0u8; 16];
         rng.fill_bytes(&mut id);
         rng.fill_bytes(&mut secret);
-        Self { id: hex::encode(id), secret: hex::encode(secret) }
+        Self {
+            id: hex::encode(id),
+            secret: hex::encode(secret),
+        }
     }
 
     /// The proof sent in the hello: HMAC-SHA256(secret, exporter material).
@@ -75,7 +80,10 @@ impl FromStr for Token {
         if !ok(id, 16) || !ok(secret, 32) {
             return Err("token must be 16 and 32 hex digits joined by '.'".into());
         }
-        Ok(Self { id: id.into(), secret: secret.into() })
+        Ok(Self {
+            id: id.into(),
+            secret: secret.into(),
+        })
     }
 }
 
@@ -89,21 +97,36 @@ pub struct Pairing {
 
 impl fmt::Display for Pairing {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{PREFIX}{}/{}/{}", self.addr, self.fingerprint, self.token)
+        write!(
+            f,
+            "{PREFIX}{}/{}/{}",
+            self.addr, self.fingerprint, self.token
+        )
     }
 }
 
 impl FromStr for Pairing {
     type Err = PairingError;
     fn from_str(text: &str) -> Result<Self, PairingError> {
-        let bad = |reason: String| PairingError::Malformed { text: text.to_string(), reason };
-        let rest = text.trim().strip_prefix(PREFIX).ok_or_else(|| bad("wrong prefix".into()))?;
+        let bad = |reason: String| PairingError::Malformed {
+            text: text.to_string(),
+            reason,
+        };
+        let rest = text
+            .trim()
+            .strip_prefix(PREFIX)
+            .ok_or_else(|| bad("wrong prefix".into()))?;
         let parts: Vec<&str> = rest.split('/').collect();
         let [addr, fp, token] = parts.as_slice() else {
-            return Err(bad(format!("{} fields after the prefix, expected 3", parts.len())));
+            return Err(bad(format!(
+                "{} fields after the prefix, expected 3",
+                parts.len()
+            )));
         };
         Ok(Self {
-            addr: addr.parse().map_err(|_| bad(format!("bad address '{addr}'")))?,
+            addr: addr
+                .parse()
+                .map_err(|_| bad(format!("bad address '{addr}'")))?,
             fingerprint: fp.parse().map_err(bad)?,
             token: token.parse().map_err(bad)?,
         })
@@ -127,7 +150,12 @@ mod tests {
 
     #[test]
     fn bad_pairings_name_the_text() {
-        for text in ["", "cs-pair/1/x/y", "cs-pair/1/127.0.0.1:1/SHA256:00/abc.def", "nope"] {
+        for text in [
+            "",
+            "cs-pair/1/x/y",
+            "cs-pair/1/127.0.0.1:1/SHA256:00/abc.def",
+            "nope",
+        ] {
             let err = text.parse::<Pairing>().unwrap_err().to_string();
             assert!(err.contains(&format!("'{text}'")), "{err}");
         }

@@ -32,7 +32,12 @@ fn tls13_signature(
     cert: &CertificateDer<'_>,
     dss: &DigitallySignedStruct,
 ) -> Result<HandshakeSignatureValid, Error> {
-    verify_tls13_signature(message, cert, dss, &provider.signature_verification_algorithms)
+    verify_tls13_signature(
+        message,
+        cert,
+        dss,
+        &provider.signature_verification_algorithms,
+    )
 }
 
 /// The laptop's view of the agent: exactly one key is acceptable.

@@ -35,7 +35,11 @@ pub struct ExecActor {
 
 impl ExecActor {
     pub fn new(spawner: Rc<dyn Spawner>) -> Self {
-        Self { spawner, active: 0, sessions_max: SESSIONS_MAX }
+        Self {
+            spawner,
+            active: 0,
+            sessions_max: SESSIONS_MAX,
+        }
     }
 
     /// Number of sessions running now.
@@ -53,17 +57,27 @@ impl Handler<OpenSession> for ExecActor {
 
     fn handle(&mut self, msg: OpenSession, ctx: &mut Context<Self>) {
         let child = if self.active >= self.sessions_max {
-            Err(format!("the workspace is running {} sessions, the most it allows", self.sessions_max))
+            Err(format!(
+                "the workspace is running {} sessions, the most it allows",
+                self.sessions_max
+            ))
         } else {
-            let req = SpawnRequest { command: msg.start.command.clone(), pty: msg.start.pty.clone() };
+            let req = SpawnRequest {
+                command: msg.start.command.clone(),
+                pty: msg.start.pty.clone(),
+            };
             self.spawner.spawn(&req)
         };
         if let Err(e) = &child {
             tracing::warn!(error = %e, "exec refused");
         }
         self.active += 1;
-        ctx.spawn(run_session(child, msg.send, msg.recv).into_actor(self).map(|(), act, _| {
-            act.active -= 1;
-        }));
+        ctx.spawn(
+            run_session(child, msg.send, msg.recv)
+                .into_actor(self)
+                .map(|(), act, _| {
+                    act.active -= 1;
+                }),
+        );
     }
 }

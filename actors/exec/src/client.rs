@@ -9,7 +9,9 @@ use cs_protocol::exec::{ExecOutput, ExitStatus};
 /// What the user of an exec stream sees.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClientEvent {
-    Started { pid: u32 },
+    Started {
+        pid: u32,
+    },
     Stdout(Vec<u8>),
     Stderr(Vec<u8>),
     /// The command ended and all its output was delivered.
@@ -55,7 +57,11 @@ impl ExecClient {
                     Err(e) => ClientEvent::Failed(e),
                 }
             }
-            ExecOutput::Exited { status, stdout_bytes, stderr_bytes } => {
+            ExecOutput::Exited {
+                status,
+                stdout_bytes,
+                stderr_bytes,
+            } => {
                 if (stdout_bytes, stderr_bytes) == (self.stdout_bytes, self.stderr_bytes) {
                     ClientEvent::Exited(status)
                 } else {
@@ -79,12 +85,17 @@ impl ExecClient {
             return None;
         }
         self.done = true;
-        Some(ClientEvent::Failed(format!("connection to the workspace lost before the command finished: {why}")))
+        Some(ClientEvent::Failed(format!(
+            "connection to the workspace lost before the command finished: {why}"
+        )))
     }
 
     fn advance(counter: &mut u64, offset: u64, len: usize, name: &str) -> Result<(), String> {
         if offset != *counter {
-            return Err(format!("{name} out of order: expected byte {}, got byte {offset}", *counter));
+            return Err(format!(
+                "{name} out of order: expected byte {}, got byte {offset}",
+                *counter
+            ));
         }
         *counter += len as u64;
         Ok(())
@@ -97,16 +108,31 @@ mod tests {
 
     fn feed(msgs: Vec<ExecOutput>) -> Vec<ClientEvent> {
         let mut c = ExecClient::new();
-        msgs.into_iter().filter_map(|m| c.handle_output(m)).collect()
+        msgs.into_iter()
+            .filter_map(|m| c.handle_output(m))
+            .collect()
     }
 
     #[test]
     fn complete_output_then_exit() {
         let evs = feed(vec![
-            ExecOutput::Stdout { offset: 0, data: b"ab".to_vec() },
-            ExecOutput::Stderr { offset: 0, data: b"e".to_vec() },
-            ExecOutput::Stdout { offset: 2, data: b"c".to_vec() },
-            ExecOutput::Exited { status: ExitStatus::Code(0), stdout_bytes: 3, stderr_bytes: 1 },
+            ExecOutput::Stdout {
+                offset: 0,
+                data: b"ab".to_vec(),
+            },
+            ExecOutput::Stderr {
+                offset: 0,
+                data: b"e".to_vec(),
+            },
+            ExecOutput::Stdout {
+                offset: 2,
+                data: b"c".to_vec(),
+            },
+            ExecOutput::Exited {
+                status: ExitStatus::Code(0),
+                stdout_bytes: 3,
+                stderr_bytes: 1,
+            },
         ]);
         assert_eq!(evs.last(), Some(&ClientEvent::Exited(ExitStatus::Code(0))));
     }
@@ -114,23 +140,45 @@ mod tests {
     #[test]
     fn duplicate_gap_and_short_totals_fail() {
         let dup = feed(vec![
-            ExecOutput::Stdout { offset: 0, data: b"ab".to_vec() },
-            ExecOutput::Stdout { offset: 0, data: b"ab".to_vec() },
+            ExecOutput::Stdout {
+                offset: 0,
+                data: b"ab".to_vec(),
+            },
+            ExecOutput::Stdout {
+                offset: 0,
+                data: b"ab".to_vec(),
+            },
         ]);
-        assert!(matches!(dup.last(), Some(ClientEvent::Failed(m)) if m.contains("expected byte 2, got byte 0")));
-        let gap = feed(vec![ExecOutput::Stderr { offset: 5, data: b"x".to_vec() }]);
+        assert!(
+            matches!(dup.last(), Some(ClientEvent::Failed(m)) if m.contains("expected byte 2, got byte 0"))
+        );
+        let gap = feed(vec![ExecOutput::Stderr {
+            offset: 5,
+            data: b"x".to_vec(),
+        }]);
         assert!(matches!(gap.last(), Some(ClientEvent::Failed(_))));
-        let short = feed(vec![ExecOutput::Exited { status: ExitStatus::Code(0), stdout_bytes: 1, stderr_bytes: 0 }]);
+        let short = feed(vec![ExecOutput::Exited {
+            status: ExitStatus::Code(0),
+            stdout_bytes: 1,
+            stderr_bytes: 0,
+        }]);
         assert!(matches!(short.last(), Some(ClientEvent::Failed(m)) if m.contains("incomplete")));
     }
 
     #[test]
     fn stream_end_before_exit_is_a_failure_once() {
         let mut c = ExecClient::new();
-        assert!(matches!(c.handle_stream_end("reset"), Some(ClientEvent::Failed(_))));
+        assert!(matches!(
+            c.handle_stream_end("reset"),
+            Some(ClientEvent::Failed(_))
+        ));
         assert_eq!(c.handle_stream_end("again"), None);
         let mut ok = ExecClient::new();
-        ok.handle_output(ExecOutput::Exited { status: ExitStatus::Code(1), stdout_bytes: 0, stderr_bytes: 0 });
+        ok.handle_output(ExecOutput::Exited {
+            status: ExitStatus::Code(1),
+            stdout_bytes: 0,
+            stderr_bytes: 0,
+        });
         assert_eq!(ok.handle_stream_end("closed"), None);
     }
 }

@@ -33,14 +33,21 @@ pub struct ExecSession {
 impl ExecSession {
     /// A session whose child has started with `pid`.
     pub fn started(pid: u32) -> Self {
-        let mut s = Self { stdout_open: true, stderr_open: true, ..Self::default() };
+        let mut s = Self {
+            stdout_open: true,
+            stderr_open: true,
+            ..Self::default()
+        };
         s.out.push_back(ExecOutput::Started { pid });
         s
     }
 
     /// A session whose child could not be started.
     pub fn failed_to_start(reason: String) -> Self {
-        let mut s = Self { finished: true, ..Self::default() };
+        let mut s = Self {
+            finished: true,
+            ..Self::default()
+        };
         s.out.push_back(ExecOutput::Failed { reason });
         s
     }
@@ -96,7 +103,11 @@ impl ExecSession {
 
     fn push_data(&mut self, data: Vec<u8>, stdout: bool) {
         for chunk in data.chunks(DATA_CHUNK_BYTES_MAX) {
-            let counter = if stdout { &mut self.stdout_bytes } else { &mut self.stderr_bytes };
+            let counter = if stdout {
+                &mut self.stdout_bytes
+            } else {
+                &mut self.stderr_bytes
+            };
             let offset = *counter;
             *counter += chunk.len() as u64;
             let data = chunk.to_vec();
@@ -147,16 +158,32 @@ mod tests {
     #[test]
     fn exit_waits_for_output_to_close() {
         let out = run(
-            &[(0, Stdout(b"a".to_vec())), (1, Exited(ExitStatus::Code(3))), (2, Stdout(b"b".to_vec())), (3, StdoutEof), (4, StderrEof)],
+            &[
+                (0, Stdout(b"a".to_vec())),
+                (1, Exited(ExitStatus::Code(3))),
+                (2, Stdout(b"b".to_vec())),
+                (3, StdoutEof),
+                (4, StderrEof),
+            ],
             4,
         );
         assert_eq!(
             out,
             vec![
                 ExecOutput::Started { pid: 42 },
-                ExecOutput::Stdout { offset: 0, data: b"a".to_vec() },
-                ExecOutput::Stdout { offset: 1, data: b"b".to_vec() },
-                ExecOutput::Exited { status: ExitStatus::Code(3), stdout_bytes: 2, stderr_bytes: 0 },
+                ExecOutput::Stdout {
+                    offset: 0,
+                    data: b"a".to_vec()
+                },
+                ExecOutput::Stdout {
+                    offset: 1,
+                    data: b"b".to_vec()
+                },
+                ExecOutput::Exited {
+                    status: ExitStatus::Code(3),
+                    stdout_bytes: 2,
+                    stderr_bytes: 0
+                },
             ]
         );
     }
@@ -166,16 +193,31 @@ mod tests {
         let out = run(&[(10, Exited(ExitStatus::Signal(9)))], 10 + EXIT_LINGER_MS);
         assert_eq!(
             out.last(),
-            Some(&ExecOutput::Exited { status: ExitStatus::Signal(9), stdout_bytes: 0, stderr_bytes: 0 })
+            Some(&ExecOutput::Exited {
+                status: ExitStatus::Signal(9),
+                stdout_bytes: 0,
+                stderr_bytes: 0
+            })
         );
-        let early = run(&[(10, Exited(ExitStatus::Code(0)))], 10 + EXIT_LINGER_MS - 1);
+        let early = run(
+            &[(10, Exited(ExitStatus::Code(0)))],
+            10 + EXIT_LINGER_MS - 1,
+        );
         assert_eq!(early, vec![ExecOutput::Started { pid: 42 }]);
     }
 
     #[test]
     fn large_output_is_chunked_with_contiguous_offsets() {
         let big = vec![1u8; DATA_CHUNK_BYTES_MAX * 2 + 5];
-        let out = run(&[(0, Stderr(big)), (0, StdoutEof), (0, StderrEof), (0, Exited(ExitStatus::Code(0)))], 0);
+        let out = run(
+            &[
+                (0, Stderr(big)),
+                (0, StdoutEof),
+                (0, StderrEof),
+                (0, Exited(ExitStatus::Code(0))),
+            ],
+            0,
+        );
         let offsets: Vec<(u64, usize)> = out
             .iter()
             .filter_map(|m| match m {
@@ -184,13 +226,26 @@ mod tests {
             })
             .collect();
         let k = DATA_CHUNK_BYTES_MAX as u64;
-        assert_eq!(offsets, vec![(0, DATA_CHUNK_BYTES_MAX), (k, DATA_CHUNK_BYTES_MAX), (2 * k, 5)]);
+        assert_eq!(
+            offsets,
+            vec![
+                (0, DATA_CHUNK_BYTES_MAX),
+                (k, DATA_CHUNK_BYTES_MAX),
+                (2 * k, 5)
+            ]
+        );
     }
 
     #[test]
     fn nothing_after_the_terminal_message() {
         let out = run(
-            &[(0, StdoutEof), (0, StderrEof), (0, Exited(ExitStatus::Code(0))), (1, Stdout(b"late".to_vec())), (2, Exited(ExitStatus::Code(1)))],
+            &[
+                (0, StdoutEof),
+                (0, StderrEof),
+                (0, Exited(ExitStatus::Code(0))),
+                (1, Stdout(b"late".to_vec())),
+                (2, Exited(ExitStatus::Code(1))),
+            ],
             5000,
         );
         assert_eq!(out.len(), 2);
@@ -199,6 +254,11 @@ mod tests {
             s.handle_child(Stdout(b"x".to_vec()), 0);
             std::iter::from_fn(|| s.poll_output()).collect::<Vec<_>>()
         };
-        assert_eq!(failed, vec![ExecOutput::Failed { reason: "no shell".into() }]);
+        assert_eq!(
+            failed,
+            vec![ExecOutput::Failed {
+                reason: "no shell".into()
+            }]
+        );
     }
 }

@@ -37,20 +37,29 @@ where
             return;
         }
     };
-    let ChildHandle { pid, stdin, control, mut events } = child;
+    let ChildHandle {
+        pid,
+        stdin,
+        control,
+        mut events,
+    } = child;
     let mut core = ExecSession::started(pid);
     let pump_control = control.clone();
     let pump = pump_input(&mut recv, stdin, pump_control);
     let main = async {
         loop {
             while let Some(msg) = core.poll_output() {
-                write_frame(&mut send, &msg).await.map_err(|e| Lost(format!("write: {e}")))?;
+                write_frame(&mut send, &msg)
+                    .await
+                    .map_err(|e| Lost(format!("write: {e}")))?;
             }
             if core.is_finished() {
                 let _ = send.shutdown().await;
                 return Ok::<(), Lost>(());
             }
-            let deadline = core.poll_timeout().map(|d| epoch + std::time::Duration::from_millis(d));
+            let deadline = core
+                .poll_timeout()
+                .map(|d| epoch + std::time::Duration::from_millis(d));
             tokio::select! {
                 biased;
                 ev = events.recv() => match ev {

@@ -59,7 +59,9 @@ pub fn encode_frame<T: Serialize>(msg: &T) -> Result<Vec<u8>, EncodeError> {
 /// Decodes one frame payload (without its length prefix).
 pub fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, DecodeError> {
     if payload.len() > FRAME_BYTES_MAX {
-        return Err(DecodeError::TooLarge { announced: payload.len() });
+        return Err(DecodeError::TooLarge {
+            announced: payload.len(),
+        });
     }
     let (msg, used) = bincode::serde::decode_from_slice(payload, config())
         .map_err(|e| DecodeError::Malformed(e.to_string()))?;
@@ -137,13 +139,18 @@ mod tests {
 
     #[test]
     fn messages_roundtrip() {
-        roundtrip(ExecOutput::Stdout { offset: 7, data: b"hello".to_vec() });
+        roundtrip(ExecOutput::Stdout {
+            offset: 7,
+            data: b"hello".to_vec(),
+        });
         roundtrip(ExecOutput::Exited {
             status: ExitStatus::Signal(9),
             stdout_bytes: 1,
             stderr_bytes: 2,
         });
-        roundtrip(ExecOutput::Failed { reason: "no shell".into() });
+        roundtrip(ExecOutput::Failed {
+            reason: "no shell".into(),
+        });
     }
 
     #[test]
@@ -152,26 +159,39 @@ mod tests {
         dec.push(&u32::MAX.to_be_bytes());
         assert_eq!(
             dec.next_payload(),
-            Err(DecodeError::TooLarge { announced: u32::MAX as usize })
+            Err(DecodeError::TooLarge {
+                announced: u32::MAX as usize
+            })
         );
         assert_eq!(
             frame_len(((FRAME_BYTES_MAX + 1) as u32).to_be_bytes()),
-            Err(DecodeError::TooLarge { announced: FRAME_BYTES_MAX + 1 })
+            Err(DecodeError::TooLarge {
+                announced: FRAME_BYTES_MAX + 1
+            })
         );
-        assert_eq!(frame_len((FRAME_BYTES_MAX as u32).to_be_bytes()), Ok(FRAME_BYTES_MAX));
+        assert_eq!(
+            frame_len((FRAME_BYTES_MAX as u32).to_be_bytes()),
+            Ok(FRAME_BYTES_MAX)
+        );
     }
 
     #[test]
     fn oversized_message_is_not_encoded() {
         let big = ExecInput::Stdin(vec![0u8; FRAME_BYTES_MAX + 1]);
-        assert!(matches!(encode_frame(&big), Err(EncodeError::TooLarge { .. })));
+        assert!(matches!(
+            encode_frame(&big),
+            Err(EncodeError::TooLarge { .. })
+        ));
     }
 
     #[test]
     fn trailing_bytes_are_malformed() {
         let mut frame = encode_frame(&ExecInput::StdinEof).unwrap();
         frame.push(0);
-        assert_eq!(decode::<ExecInput>(&frame[4..]), Err(DecodeError::Trailing(1)));
+        assert_eq!(
+            decode::<ExecInput>(&frame[4..]),
+            Err(DecodeError::Trailing(1))
+        );
     }
 
     #[test]

@@ -58,7 +58,11 @@ pub enum ExecOutput {
         data: Vec<u8>,
     },
     /// The command ended; the totals let the receiver check nothing was lost.
-    Exited { status: ExitStatus, stdout_bytes: u64, stderr_bytes: u64 },
+    Exited {
+        status: ExitStatus,
+        stdout_bytes: u64,
+        stderr_bytes: u64,
+    },
     /// The command could not be run or its output could not be delivered.
     Failed { reason: String },
 }

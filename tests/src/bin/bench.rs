@@ -23,12 +23,19 @@ struct Opts {
 }
 
 fn opts() -> anyhow::Result<Opts> {
-    let mut o = Opts { runs: 30, bytes_runs: 3, bytes: 1 << 30 };
+    let mut o = Opts {
+        runs: 30,
+        bytes_runs: 3,
+        bytes: 1 << 30,
+    };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut num = |name: &str| -> anyhow::Result<u64> {
-            let v = args.next().with_context(|| format!("{name} needs a number"))?;
-            v.parse().with_context(|| format!("invalid {name} '{v}': expected a whole number"))
+            let v = args
+                .next()
+                .with_context(|| format!("{name} needs a number"))?;
+            v.parse()
+                .with_context(|| format!("invalid {name} '{v}': expected a whole number"))
         };
         match a.as_str() {
             "--runs" => o.runs = num("--runs")?.clamp(1, 1000) as usize,
@@ -39,7 +46,9 @@ fn opts() -> anyhow::Result<Opts> {
                 o.bytes = 100 << 20;
                 o.bytes_runs = 1;
             }
-            other => bail!("unknown option '{other}': expected --runs N, --bytes N, --bytes-runs N or --quick"),
+            other => bail!(
+                "unknown option '{other}': expected --runs N, --bytes N, --bytes-runs N or --quick"
+            ),
         }
     }
     Ok(o)
@@ -60,7 +69,10 @@ impl Sshd {
             bail!("/usr/sbin/sshd is missing: apt-get install -y openssh-server");
         }
         let keygen = |path: &Path| -> anyhow::Result<()> {
-            let st = Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-f"]).arg(path).status()?;
+            let st = Command::new("ssh-keygen")
+                .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+                .arg(path)
+                .status()?;
             anyhow::ensure!(st.success(), "ssh-keygen failed");
             Ok(())
         };
@@ -96,20 +108,38 @@ impl Sshd {
             .stdin(Stdio::null())
             .spawn()
             .context("cannot start sshd")?;
-        let up = cs_tests::wait_until(Duration::from_secs(10), || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
-        anyhow::ensure!(up, "sshd did not listen on port {port}; see {}", dir.join("sshd.log").display());
-        Ok(Self { child, port, key, dir: dir.to_path_buf() })
+        let up = cs_tests::wait_until(Duration::from_secs(10), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        anyhow::ensure!(
+            up,
+            "sshd did not listen on port {port}; see {}",
+            dir.join("sshd.log").display()
+        );
+        Ok(Self {
+            child,
+            port,
+            key,
+            dir: dir.to_path_buf(),
+        })
     }
 
     fn ssh(&self, extra: &[&str], command: &str) -> Command {
         let mut c = Command::new("ssh");
-        c.args(["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes"])
-            .args(["-o", "LogLevel=ERROR", "-i"])
-            .arg(&self.key)
-            .args(["-p", &self.port.to_string()])
-            .args(extra)
-            .arg("127.0.0.1")
-            .arg(command);
+        c.args([
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "BatchMode=yes",
+        ])
+        .args(["-o", "LogLevel=ERROR", "-i"])
+        .arg(&self.key)
+        .args(["-p", &self.port.to_string()])
+        .args(extra)
+        .arg("127.0.0.1")
+        .arg(command);
         c
     }
 
@@ -120,7 +150,10 @@ impl Sshd {
 
 impl Drop for Sshd {
     fn drop(&mut self) {
-        let _ = self.ssh(&["-o", &self.control_path(), "-O", "exit"], "").stderr(Stdio::null()).status();
+        let _ = self
+            .ssh(&["-o", &self.control_path(), "-O", "exit"], "")
+            .stderr(Stdio::null())
+            .status();
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -193,40 +226,97 @@ fn main() -> anyhow::Result<()> {
     let sshd = Sshd::start(&sshd_dir)?;
     time_run(sshd.ssh(&[], "true")).context("ssh to the private sshd failed")?;
     let cp = sshd.control_path();
-    let st = sshd.ssh(&["-o", "ControlMaster=yes", "-o", &cp, "-o", "ControlPersist=120", "-fN"], "").status()?;
+    let st = sshd
+        .ssh(
+            &[
+                "-o",
+                "ControlMaster=yes",
+                "-o",
+                &cp,
+                "-o",
+                "ControlPersist=120",
+                "-fN",
+            ],
+            "",
+        )
+        .status()?;
     anyhow::ensure!(st.success(), "cannot start an ssh ControlMaster");
     time_run(sshd.ssh(&["-o", &cp], "true"))?;
 
     let mut lat = [
-        Row { name: "`cs ssh -- true` (warm connection)".into(), samples: vec![] },
-        Row { name: "`ssh 127.0.0.1 true` (new connection)".into(), samples: vec![] },
-        Row { name: "`ssh 127.0.0.1 true` (ControlMaster)".into(), samples: vec![] },
+        Row {
+            name: "`cs ssh -- true` (warm connection)".into(),
+            samples: vec![],
+        },
+        Row {
+            name: "`ssh 127.0.0.1 true` (new connection)".into(),
+            samples: vec![],
+        },
+        Row {
+            name: "`ssh 127.0.0.1 true` (ControlMaster)".into(),
+            samples: vec![],
+        },
     ];
     // Interleaved, so that drift in machine load affects every row alike.
     for _ in 0..o.runs {
-        lat[0].samples.push(time_run(cs("true"))?.as_secs_f64() * 1e3);
-        lat[1].samples.push(time_run(sshd.ssh(&[], "true"))?.as_secs_f64() * 1e3);
-        lat[2].samples.push(time_run(sshd.ssh(&["-o", &cp], "true"))?.as_secs_f64() * 1e3);
+        lat[0]
+            .samples
+            .push(time_run(cs("true"))?.as_secs_f64() * 1e3);
+        lat[1]
+            .samples
+            .push(time_run(sshd.ssh(&[], "true"))?.as_secs_f64() * 1e3);
+        lat[2]
+            .samples
+            .push(time_run(sshd.ssh(&["-o", &cp], "true"))?.as_secs_f64() * 1e3);
     }
     let mut thr = [
-        Row { name: "`cs ssh -- 'cat > /dev/null'`".into(), samples: vec![] },
-        Row { name: "`ssh 127.0.0.1 'cat > /dev/null'` (new connection)".into(), samples: vec![] },
-        Row { name: "`ssh 127.0.0.1 'cat > /dev/null'` (ControlMaster)".into(), samples: vec![] },
+        Row {
+            name: "`cs ssh -- 'cat > /dev/null'`".into(),
+            samples: vec![],
+        },
+        Row {
+            name: "`ssh 127.0.0.1 'cat > /dev/null'` (new connection)".into(),
+            samples: vec![],
+        },
+        Row {
+            name: "`ssh 127.0.0.1 'cat > /dev/null'` (ControlMaster)".into(),
+            samples: vec![],
+        },
     ];
     let mb = o.bytes as f64 / 1e6;
     for _ in 0..o.bytes_runs {
-        thr[0].samples.push(mb / time_pipe(cs("cat > /dev/null"), o.bytes)?.as_secs_f64());
-        thr[1].samples.push(mb / time_pipe(sshd.ssh(&[], "cat > /dev/null"), o.bytes)?.as_secs_f64());
-        thr[2].samples.push(mb / time_pipe(sshd.ssh(&["-o", &cp], "cat > /dev/null"), o.bytes)?.as_secs_f64());
+        thr[0]
+            .samples
+            .push(mb / time_pipe(cs("cat > /dev/null"), o.bytes)?.as_secs_f64());
+        thr[1]
+            .samples
+            .push(mb / time_pipe(sshd.ssh(&[], "cat > /dev/null"), o.bytes)?.as_secs_f64());
+        thr[2].samples.push(
+            mb / time_pipe(sshd.ssh(&["-o", &cp], "cat > /dev/null"), o.bytes)?.as_secs_f64(),
+        );
     }
 
-    let uname = Command::new("uname").arg("-sr").output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())?;
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
-    let ssh_v = Command::new("ssh").arg("-V").output().map(|o| String::from_utf8_lossy(&o.stderr).trim().to_string())?;
+    let uname = Command::new("uname")
+        .arg("-sr")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())?;
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let ssh_v = Command::new("ssh")
+        .arg("-V")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stderr).trim().to_string())?;
     println!("# cs ssh vs OpenSSH on 127.0.0.1 ({cores} cores, {uname}, {ssh_v})");
-    println!("command: {}", std::env::args().collect::<Vec<_>>().join(" "));
+    println!(
+        "command: {}",
+        std::env::args().collect::<Vec<_>>().join(" ")
+    );
     println!();
-    println!("| latency, {} runs each | median | p10 | p90 | vs cs |", o.runs);
+    println!(
+        "| latency, {} runs each | median | p10 | p90 | vs cs |",
+        o.runs
+    );
     println!("|---|---|---|---|---|");
     let base = lat[0].median();
     for r in &lat {
@@ -241,7 +331,10 @@ fn main() -> anyhow::Result<()> {
         );
     }
     println!();
-    println!("| throughput, {:.0} MB, {} runs each | median | min | max | vs cs |", mb, o.bytes_runs);
+    println!(
+        "| throughput, {:.0} MB, {} runs each | median | min | max | vs cs |",
+        mb, o.bytes_runs
+    );
     println!("|---|---|---|---|---|");
     let base = thr[0].median();
     for r in &thr {
