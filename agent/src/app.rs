@@ -275,7 +275,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         tracing::info!(%local, %workspace, home = %home.display(), key = %identity.fingerprint(), "serving");
         let spawner = OsSpawner { shell, home, env };
         let exec = ExecActor::new(Rc::new(spawner)).start();
-        let served = Served { workspace, trust, exec };
+        let served = Served { workspace, trust: trust.clone(), exec };
         let accept = tokio::spawn(accept_loop(endpoint.clone(), served));
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {

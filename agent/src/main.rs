@@ -3,12 +3,8 @@
 //! Exit codes: 0 after a clean shutdown (SIGTERM, SIGINT), 1 on an error (printed as one line
 //! with its causes), 2 on a usage error.
 
-mod app;
-mod os;
-mod serve;
-mod state;
-
 use clap::Parser;
+use cs_agent::app;
 
 fn main() {
     let args = app::Args::parse();

@@ -12,7 +12,39 @@ use cs_protocol::{StreamOpen, PROTOCOL_VERSION, SOFTWARE_VERSION};
 use cs_transport::endpoint::{enroll_exporter, peer_fingerprint};
 use cs_transport::{read_frame, write_frame, FrameError};
 
-use crate::state::TrustStore;
+use crate::state::{EnrollError, TrustStore};
+
+/// What the server asks of the trust store. The agent uses [`TrustStore`] (a file); the
+/// simulation plugs in one held in memory.
+pub trait Trust: cs_transport::TrustPolicy {
+    /// Whether `fp` is trusted now.
+    fn is_trusted(&self, fp: &cs_transport::Fingerprint) -> bool;
+    /// Consumes token `id` if `mac` proves it for `exporter`, and trusts `fp` from now on.
+    fn enroll(
+        &self,
+        fp: cs_transport::Fingerprint,
+        id: &str,
+        mac: &[u8],
+        exporter: &[u8],
+        now_unix: u64,
+    ) -> anyhow::Result<Result<(), EnrollError>>;
+}
+
+impl Trust for TrustStore {
+    fn is_trusted(&self, fp: &cs_transport::Fingerprint) -> bool {
+        TrustStore::is_trusted(self, fp)
+    }
+    fn enroll(
+        &self,
+        fp: cs_transport::Fingerprint,
+        id: &str,
+        mac: &[u8],
+        exporter: &[u8],
+        now_unix: u64,
+    ) -> anyhow::Result<Result<(), EnrollError>> {
+        TrustStore::enroll(self, fp, id, mac, exporter, now_unix)
+    }
+}
 
 /// Connections served at once; more are refused until one ends.
 pub const CONNECTIONS_MAX: usize = 256;
@@ -33,7 +65,7 @@ pub mod close {
 #[derive(Clone)]
 pub struct Served {
     pub workspace: String,
-    pub trust: Arc<TrustStore>,
+    pub trust: Arc<dyn Trust>,
     pub exec: Addr<ExecActor>,
 }
 

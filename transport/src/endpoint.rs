@@ -132,11 +132,21 @@ pub fn agent_endpoint(
     listen: std::net::SocketAddr,
 ) -> Result<quinn::Endpoint, EndpointError> {
     let socket = std::net::UdpSocket::bind(listen)?;
-    Ok(quinn::Endpoint::new(
-        agent_endpoint_config(me),
-        Some(server),
-        socket,
-        Arc::new(quinn::TokioRuntime),
+    let runtime: Arc<dyn quinn::Runtime> = Arc::new(quinn::TokioRuntime);
+    let socket = runtime.wrap_udp_socket(socket)?;
+    endpoint_on_socket(agent_endpoint_config(me), Some(server), socket, runtime)
+}
+
+/// An endpoint on any UDP socket implementation: the real one above, or a simulated network's.
+/// `config` carries the stateless-reset key and, in a simulation, a fixed RNG seed.
+pub fn endpoint_on_socket(
+    config: quinn::EndpointConfig,
+    server: Option<quinn::ServerConfig>,
+    socket: Arc<dyn quinn::AsyncUdpSocket>,
+    runtime: Arc<dyn quinn::Runtime>,
+) -> Result<quinn::Endpoint, EndpointError> {
+    Ok(quinn::Endpoint::new_with_abstract_socket(
+        config, server, socket, runtime,
     )?)
 }
 

@@ -1,0 +1,7 @@
+//! The workspace agent as a library: the binary (`main.rs`) is its command line, and the
+//! simulation runs the same server ([`serve`]) on a simulated network.
+
+pub mod app;
+pub mod os;
+pub mod serve;
+pub mod state;
