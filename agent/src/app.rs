@@ -11,8 +11,8 @@ use clap::{Parser, Subcommand};
 use cs_exec::ExecActor;
 use cs_transport::{Fingerprint, Identity, Pairing, Token, TransportLimits};
 
-use crate::os::{default_shell, OsSpawner};
 use crate::serve::{accept_loop, close, Served};
+use crate::spawn::{default_shell, OsSpawner};
 use crate::state::{AgentPaths, TrustStore};
 
 /// The cs workspace agent: serves a laptop's `cs` over QUIC.

@@ -2,6 +2,6 @@
 //! simulation runs the same server ([`serve`]) on a simulated network.
 
 pub mod app;
-pub mod os;
 pub mod serve;
+pub mod spawn;
 pub mod state;

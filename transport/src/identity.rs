@@ -50,6 +50,13 @@ impl Identity {
         params
             .distinguished_name
             .push(rcgen::DnType::CommonName, name);
+        // A serial of exactly 20 bytes whatever the key: rcgen's default drops a leading zero
+        // byte, so certificate (and handshake) sizes would vary with the random key, which
+        // breaks the simulation's byte-size traces. Identity is the pinned key, not the serial.
+        let digest = ring::digest::digest(&ring::digest::SHA256, &key.public_key_der());
+        let mut serial = digest.as_ref()[..20].to_vec();
+        serial[0] = (serial[0] & 0x3f) | 0x40;
+        params.serial_number = Some(rcgen::SerialNumber::from(serial));
         let cert = params.self_signed(&key)?;
         Self::from_parts(cert.der().to_vec(), key.serialize_der()).map_err(|reason| {
             IdentityError::Invalid {
@@ -227,6 +234,14 @@ mod tests {
             .unwrap();
         let from_cert = Fingerprint::of_certificate(cert.der()).unwrap();
         assert_eq!(from_cert, Fingerprint::of_spki(&key.public_key_der()));
+    }
+
+    #[test]
+    fn certificates_have_one_size_whatever_the_key() {
+        let sizes: std::collections::BTreeSet<usize> = (0..300)
+            .map(|_| Identity::generate("t").unwrap().certificate().len())
+            .collect();
+        assert_eq!(sizes.len(), 1, "{sizes:?}");
     }
 
     #[test]

@@ -400,7 +400,10 @@ impl Drop for Cs {
                 Duration::from_secs(30),
                 &what,
             ) {
-                eprintln!("bench: cleanup: {e:#}");
+                // Without a sandbox, cs never worked: its failure was reported already.
+                if self.created {
+                    eprintln!("bench: cleanup: {e:#}");
+                }
             }
         }
     }
@@ -425,7 +428,10 @@ fn ensure_openssh() -> anyhow::Result<()> {
         return Ok(());
     }
     if !is_root() || !on_path("apt-get") {
-        bail!("OpenSSH is missing (/usr/sbin/sshd, ssh, ssh-keygen): install it, e.g. `sudo apt-get install -y openssh-server openssh-client`");
+        bail!(
+            "OpenSSH is missing (/usr/sbin/sshd, ssh, ssh-keygen): install it, e.g. \
+             `sudo apt-get install -y openssh-server openssh-client`"
+        );
     }
     for args in [
         &["update"][..],
@@ -448,8 +454,8 @@ fn ensure_openssh() -> anyhow::Result<()> {
         ensure!(st.success(), "apt-get {} failed: {st}", args.join(" "));
     }
     ensure!(
-        Path::new("/usr/sbin/sshd").is_file(),
-        "apt-get installed openssh-server but /usr/sbin/sshd is still missing"
+        Path::new("/usr/sbin/sshd").is_file() && on_path("ssh") && on_path("ssh-keygen"),
+        "apt-get installed OpenSSH, but /usr/sbin/sshd, or ssh or ssh-keygen on PATH, is missing"
     );
     Ok(())
 }
@@ -477,15 +483,20 @@ impl Sshd {
         let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let config = dir.join("sshd_config");
         let root = is_root();
+        // Sessions get an empty HOME, as cs workspaces do: the shell that runs the command
+        // (bash sources ~/.bashrc under sshd) must not time the user's dotfiles.
+        let home = dir.join("home");
+        std::fs::create_dir_all(&home)?;
         std::fs::write(
             &config,
             format!(
-                "Port {port}\nListenAddress 127.0.0.1\nHostKey {hk}\nPidFile {d}/sshd.pid\n\
-                 AuthorizedKeysFile {d}/authorized_keys\nPasswordAuthentication no\n\
+                "Port {port}\nListenAddress 127.0.0.1\nHostKey \"{hk}\"\nPidFile \"{d}/sshd.pid\"\n\
+                 AuthorizedKeysFile \"{d}/authorized_keys\"\nPasswordAuthentication no\n\
                  KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n{prl}LogLevel ERROR\n\
-                 MaxStartups 100\nMaxSessions 100\n",
+                 PermitUserRC no\nSetEnv \"HOME={home}\"\nMaxStartups 100\nMaxSessions 100\n",
                 hk = host_key.display(),
                 d = dir.display(),
+                home = home.display(),
                 prl = if root { "PermitRootLogin yes\n" } else { "" },
             ),
         )?;
@@ -715,22 +726,23 @@ fn print_rows(rows: &[Row], fmt: fn(f64) -> String, latency: bool) {
         .map(|s| s.0);
     for r in rows {
         let Some((med, p10, p90)) = r.stats() else {
-            let why = r
-                .error
-                .as_deref()
-                .unwrap_or("no samples")
-                .lines()
-                .next()
-                .unwrap_or("")
+            let why = r.error.as_deref().unwrap_or("no samples");
+            let mut why = why
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ")
                 .replace('|', "\\|");
+            if why.len() > 300 {
+                why = format!("{}...", why.chars().take(300).collect::<String>());
+            }
             println!("| {} | failed: {why} | | | |", r.name);
             continue;
         };
         let vs = match (r.kind, base) {
             (Kind::Cs, _) => "1.0x (baseline)".to_string(),
             (_, None) => "n/a".to_string(),
-            (_, Some(b)) if latency && med >= b => format!("{:.1}x slower", med / b),
-            (_, Some(b)) if latency => format!("{:.1}x faster", b / med),
+            (_, Some(b)) if latency && med >= b => format!("{}x slower", ratio(med / b)),
+            (_, Some(b)) if latency => format!("{}x faster", ratio(b / med)),
             (_, Some(b)) => format!("{:.2}x of cs", med / b),
         };
         println!(
@@ -740,6 +752,15 @@ fn print_rows(rows: &[Row], fmt: fn(f64) -> String, latency: bool) {
             fmt(p10),
             fmt(p90)
         );
+    }
+}
+
+/// A ratio of at least 1, with two decimals while they matter.
+fn ratio(r: f64) -> String {
+    if r < 3.0 {
+        format!("{r:.2}")
+    } else {
+        format!("{r:.1}")
     }
 }
 
@@ -793,11 +814,22 @@ struct Bench {
     tmp: tempfile::TempDir,
 }
 
+impl Drop for Bench {
+    fn drop(&mut self) {
+        // Runs before the fields are torn down: cleanup commands must not be cut short by the
+        // interruption that ended the run (a second Ctrl-C does cut them short).
+        INTERRUPTED.store(false, Ordering::SeqCst);
+    }
+}
+
 fn run(o: &Opts) -> anyhow::Result<bool> {
     let argv: Vec<String> = std::env::args().skip(1).map(|a| shell_quote(&a)).collect();
+    let release =
+        std::env::current_exe().is_ok_and(|e| e.parent().is_some_and(|d| d.ends_with("release")));
     let command = if std::env::var_os("CARGO").is_some() {
         format!(
-            "cargo run --release -p cs-tests --bin bench{}{}",
+            "cargo run{} -p cs-tests --bin bench{}{}",
+            if release { " --release" } else { "" },
             if argv.is_empty() { "" } else { " -- " },
             argv.join(" ")
         )
@@ -906,7 +938,7 @@ fn run(o: &Opts) -> anyhow::Result<bool> {
                     Kind::Fresh => sshd.ssh(false, &[], Some("true")),
                     Kind::Master => sshd.ssh(true, &[], Some("true")),
                 };
-                Ok(time_run(cmd, "true")?.as_secs_f64() * 1e3)
+                Ok(time_run(cmd, "the command")?.as_secs_f64() * 1e3)
             })?;
         }
         if (i + 1) % 10 == 0 {
@@ -931,7 +963,7 @@ fn run(o: &Opts) -> anyhow::Result<bool> {
                     Kind::Fresh => sshd.ssh(false, &[], Some(cat)),
                     Kind::Master => sshd.ssh(true, &[], Some(cat)),
                 };
-                Ok(mb / time_pipe(cmd, o.bytes, cat)?.as_secs_f64())
+                Ok(mb / time_pipe(cmd, o.bytes, "the command")?.as_secs_f64())
             })?;
         }
         eprintln!("bench:   {}/{}", i + 1, o.bytes_runs);
@@ -950,7 +982,14 @@ fn run(o: &Opts) -> anyhow::Result<bool> {
         cpu_model(),
         if is_root() { "root" } else { "a regular user" }
     );
-    println!("Command: `{command}`. Latency: {} runs per row; throughput: {} of zeros, {} runs per row (MB = 10^6 bytes); rows interleaved.", o.runs, size(o.bytes), o.bytes_runs);
+    println!(
+        "Command: `{command}`. Latency: N={} per row; throughput: {} of zeros, N={} per row \
+         (MB = 10^6 bytes); rows interleaved.",
+        o.runs,
+        size(o.bytes),
+        o.bytes_runs
+    );
+    println!("Both sides run the command with the user's shell in an empty HOME (no dotfiles).");
     println!();
     println!("| what | median | p10 | p90 | vs cs |");
     println!("|---|--:|--:|--:|---|");
