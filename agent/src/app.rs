@@ -91,6 +91,9 @@ pub struct ServeArgs {
     pub shell: Option<PathBuf>,
 }
 
+/// Time sessions get between SIGHUP and SIGKILL when the agent shuts down.
+const SHUTDOWN_GRACE_MS: u64 = 500;
+
 fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -275,13 +278,20 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         tracing::info!(%local, %workspace, home = %home.display(), key = %identity.fingerprint(), "serving");
         let spawner = OsSpawner { shell, home, env };
         let exec = ExecActor::new(Rc::new(spawner)).start();
-        let served = Served { workspace, trust: trust.clone(), exec };
+        let served = Served { workspace, trust: trust.clone(), exec: exec.clone() };
         let accept = tokio::spawn(accept_loop(endpoint.clone(), served));
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
             biased;
             _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
             _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+        }
+        // Hang up every session, as sshd's sessions are when it goes; then kill what stayed.
+        let hung_up = exec.send(cs_exec::SignalAll(libc::SIGHUP)).await.unwrap_or(0);
+        if hung_up > 0 {
+            tracing::info!(sessions = hung_up, "hung up running sessions");
+            tokio::time::sleep(std::time::Duration::from_millis(SHUTDOWN_GRACE_MS)).await;
+            let _ = exec.send(cs_exec::SignalAll(libc::SIGKILL)).await;
         }
         endpoint.close(close::SHUTDOWN.into(), b"agent shutting down");
         let _ = tokio::time::timeout(std::time::Duration::from_secs(2), endpoint.wait_idle()).await;

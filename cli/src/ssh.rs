@@ -49,6 +49,19 @@ pub async fn run(
         term: std::env::var("TERM").unwrap_or_else(|_| "xterm-256color".into()),
         size: window_size().unwrap_or(WindowSize { rows: 24, cols: 80 }),
     });
+    // Register signal handlers before the command can run, so that an early Ctrl-C is
+    // forwarded rather than killing cs.
+    let kinds = [
+        (SignalKind::interrupt(), libc::SIGINT),
+        (SignalKind::terminate(), libc::SIGTERM),
+        (SignalKind::hangup(), libc::SIGHUP),
+        (SignalKind::quit(), libc::SIGQUIT),
+        (SignalKind::window_change(), libc::SIGWINCH),
+    ];
+    let mut signals = Vec::new();
+    for (kind, num) in kinds {
+        signals.push((signal(kind)?, num));
+    }
     let open = StreamOpen::Exec(ExecStart {
         command,
         pty: pty_spec,
@@ -114,16 +127,8 @@ pub async fn run(
     // Ctrl-C is a byte on stdin and only window changes need sending.
     let sig_tx = tx.clone();
     tokio::spawn(async move {
-        let kinds = [
-            (SignalKind::interrupt(), libc::SIGINT),
-            (SignalKind::terminate(), libc::SIGTERM),
-            (SignalKind::hangup(), libc::SIGHUP),
-            (SignalKind::quit(), libc::SIGQUIT),
-            (SignalKind::window_change(), libc::SIGWINCH),
-        ];
         let (stx, mut srx) = mpsc::channel::<i32>(8);
-        for (kind, num) in kinds {
-            let Ok(mut s) = signal(kind) else { continue };
+        for (mut s, num) in signals {
             let stx = stx.clone();
             tokio::spawn(async move {
                 while s.recv().await.is_some() {

@@ -476,3 +476,43 @@ fn agent_restarted_with_its_state_is_reconnected() {
     let _ = second.wait();
     assert_eq!(text(&out.stdout), "again\n", "{}", text(&out.stderr));
 }
+
+#[test]
+fn deleting_a_sandbox_ends_the_commands_running_in_it() {
+    let l = Laptop::new();
+    l.sandbox("demo");
+    let home = std::path::PathBuf::from(l.show("demo")[0]["home"].as_str().unwrap());
+    // This command even ignores SIGHUP: the agent must follow up with SIGKILL.
+    let mut child = l
+        .cmd(&[
+            "ssh",
+            "--",
+            "trap '' HUP; echo $$ > pid; while :; do sleep 0.1; done",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid_file = home.join("pid");
+    assert!(wait_until(Duration::from_secs(10), || {
+        std::fs::read_to_string(&pid_file).is_ok_and(|s| s.ends_with('\n'))
+    }));
+    let pid: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    l.ok(&["sandbox", "delete", "demo"]);
+    // SAFETY: kill(pid, 0) only checks for existence.
+    let gone = wait_until(
+        Duration::from_secs(5),
+        || unsafe { libc::kill(pid, 0) } != 0,
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+    if !gone {
+        // SAFETY: clean up the process this test started before failing.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    assert!(gone, "command {pid} outlived its sandbox");
+}

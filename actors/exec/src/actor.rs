@@ -1,13 +1,15 @@
 //! The agent-side exec actor: admits sessions up to a limit and runs each one.
 
+use std::collections::BTreeMap;
 use std::rc::Rc;
 
 use actix::prelude::*;
 use cs_protocol::exec::ExecStart;
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::mpsc;
 
 use crate::session::run_session;
-use crate::spawn::{SpawnRequest, Spawner};
+use crate::spawn::{Control, SpawnRequest, Spawner};
 
 /// Concurrent exec sessions one agent runs; more are refused with a message.
 pub const SESSIONS_MAX: usize = 512;
@@ -31,7 +33,16 @@ pub struct ExecActor {
     spawner: Rc<dyn Spawner>,
     active: usize,
     sessions_max: usize,
+    next_id: u64,
+    /// Control channels of running children, to reach them at shutdown.
+    controls: BTreeMap<u64, mpsc::Sender<Control>>,
 }
+
+/// Signal every running session's process group (the agent is shutting down: SIGHUP, as
+/// sshd's sessions get when it goes, then SIGKILL for what ignored it). Returns how many.
+#[derive(Message)]
+#[rtype(result = "usize")]
+pub struct SignalAll(pub i32);
 
 impl ExecActor {
     pub fn new(spawner: Rc<dyn Spawner>) -> Self {
@@ -39,6 +50,8 @@ impl ExecActor {
             spawner,
             active: 0,
             sessions_max: SESSIONS_MAX,
+            next_id: 0,
+            controls: BTreeMap::new(),
         }
     }
 
@@ -72,12 +85,27 @@ impl Handler<OpenSession> for ExecActor {
             tracing::warn!(error = %e, "exec refused");
         }
         self.active += 1;
-        ctx.spawn(
-            run_session(child, msg.send, msg.recv)
-                .into_actor(self)
-                .map(|(), act, _| {
-                    act.active -= 1;
-                }),
-        );
+        let id = self.next_id;
+        self.next_id += 1;
+        if let Ok(c) = &child {
+            self.controls.insert(id, c.control.clone());
+        }
+        ctx.spawn(run_session(child, msg.send, msg.recv).into_actor(self).map(
+            move |(), act, _| {
+                act.active -= 1;
+                act.controls.remove(&id);
+            },
+        ));
+    }
+}
+
+impl Handler<SignalAll> for ExecActor {
+    type Result = usize;
+
+    fn handle(&mut self, msg: SignalAll, _: &mut Context<Self>) -> usize {
+        self.controls
+            .values()
+            .filter(|c| c.try_send(Control::Signal(msg.0)).is_ok())
+            .count()
     }
 }
