@@ -53,9 +53,23 @@ pub async fn connect(
     pinned: Fingerprint,
     enroll: Option<&Token>,
 ) -> Result<Connected, ConnectError> {
+    let endpoint = client_endpoint(addr).map_err(|e| ConnectError::Other {
+        addr,
+        detail: e.to_string(),
+    })?;
+    connect_on(endpoint, me, addr, pinned, enroll).await
+}
+
+/// [`connect`] on an existing endpoint (the simulation's, on its simulated network).
+pub async fn connect_on(
+    endpoint: quinn::Endpoint,
+    me: &Identity,
+    addr: SocketAddr,
+    pinned: Fingerprint,
+    enroll: Option<&Token>,
+) -> Result<Connected, ConnectError> {
     let other = |detail: String| ConnectError::Other { addr, detail };
     let fut = async {
-        let endpoint = client_endpoint(addr).map_err(|e| other(e.to_string()))?;
         let cfg = cs_transport::client_config(me, pinned, &TransportLimits::default())
             .map_err(|e| other(e.to_string()))?;
         let conn = endpoint

@@ -2,9 +2,9 @@
 //! over it. `cs` commands reach it over a Unix socket; it opens a stream on the right link and
 //! splices the socket to it.
 //!
-//! Actors: one [`Hub`] that maps workspaces to links, and one [`Link`] per workspace that
-//! owns the connection: connects on demand, reconnects with capped backoff, and restarts a
-//! local sandbox's agent when it is gone.
+//! Actors: one [`Hub`] that maps workspaces to links, and one [`Link`] per workspace (in
+//! `link`) that owns the connection. The daemon's [`DaemonConnector`] dials a real UDP socket
+//! and restarts a local sandbox's agent when it is gone.
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
@@ -15,214 +15,39 @@ use anyhow::Context as _;
 use cs_transport::{read_frame, write_frame, Identity};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::oneshot;
 
-use crate::connect::{connect, ConnectError};
+use crate::connect::{connect, ConnectError, Connected};
 use crate::home::{CsHome, Workspace, WsRef};
-use crate::wire::{build_id, DaemonStatus, LinkStatus, Reply, Request};
+use crate::link::{open_on_link, Connector, GetStatus, Link, Opened};
+use crate::wire::{build_id, DaemonStatus, Reply, Request};
 
-/// Longest a request waits for its workspace's connection before it fails (the link keeps
-/// retrying in the background).
-pub const CONNECT_WAIT_MS: u64 = 8_000;
-/// Reconnect delays double from the first to the cap.
-pub const RETRY_DELAY_MS_MIN: u64 = 100;
-pub const RETRY_DELAY_MS_MAX: u64 = 5_000;
-/// Failed attempts in a row with nobody waiting, after which a link rests until next asked.
-pub const RETRIES_IDLE_MAX: u32 = 60;
-/// Requests waiting on one link at once.
-pub const WAITERS_MAX: usize = 1024;
 /// Unix-socket clients served at once.
 pub const CLIENTS_MAX: usize = 1024;
 /// Bytes moved per read when splicing a stream.
 const SPLICE_BUFFER_BYTES: usize = 256 * 1024;
 
-// ---- Link ------------------------------------------------------------------------------------
-
-enum LinkState {
-    Idle,
-    Connecting,
-    Connected {
-        conn: quinn::Connection,
-        _endpoint: quinn::Endpoint,
-    },
-    Retrying(SpawnHandle),
-}
-
-/// One workspace's connection.
-pub struct Link {
+/// Connects to a recorded workspace over a real UDP socket.
+struct DaemonConnector {
     key: WsRef,
     target: Workspace,
     identity: Identity,
-    state: LinkState,
-    waiters: Vec<oneshot::Sender<Result<quinn::Connection, String>>>,
-    failures: u32,
-    last_error: Option<String>,
-    streams_opened: u64,
-    connects: u64,
 }
 
-#[derive(Message)]
-#[rtype(result = "()")]
-struct GetConn(oneshot::Sender<Result<quinn::Connection, String>>);
-
-#[derive(Message)]
-#[rtype(result = "LinkStatus")]
-struct GetStatus;
-
-#[derive(Message)]
-#[rtype(result = "()")]
-struct Lost(usize);
-
-impl Link {
-    fn retry_delay(&self) -> Duration {
-        let shift = self.failures.min(16);
-        Duration::from_millis((RETRY_DELAY_MS_MIN << shift).min(RETRY_DELAY_MS_MAX))
-    }
-
-    fn start_connect(&mut self, ctx: &mut Context<Self>) {
-        if let LinkState::Retrying(h) = std::mem::replace(&mut self.state, LinkState::Connecting) {
-            ctx.cancel_future(h);
-        }
-        if let Some(local) = &self.target.local {
-            if let Err(e) = crate::sandbox::ensure_local_agent(&self.key, &self.target.addr, local)
-            {
-                self.last_error = Some(format!("{e:#}"));
-            }
-        }
+impl Connector for DaemonConnector {
+    fn connect(
+        &self,
+    ) -> futures_util::future::LocalBoxFuture<'static, Result<Connected, ConnectError>> {
         let identity = self.identity.clone();
         let (addr, fp) = (self.target.addr, self.target.fingerprint);
-        let fut = async move { connect(&identity, addr, fp, None).await };
-        ctx.spawn(
-            fut.into_actor(self)
-                .map(|res, act, ctx| act.on_connect(res, ctx)),
-        );
+        Box::pin(async move { connect(&identity, addr, fp, None).await })
     }
 
-    fn on_connect(
-        &mut self,
-        res: Result<crate::connect::Connected, ConnectError>,
-        ctx: &mut Context<Self>,
-    ) {
-        match res {
-            Ok(c) => {
-                tracing::info!(workspace = %self.key, addr = %self.target.addr, "connected");
-                self.failures = 0;
-                self.last_error = None;
-                self.connects += 1;
-                for w in self.waiters.drain(..) {
-                    let _ = w.send(Ok(c.conn.clone()));
-                }
-                let watch = c.conn.clone();
-                let id = watch.stable_id();
-                ctx.spawn(
-                    async move {
-                        let why = watch.closed().await;
-                        tracing::info!(reason = %why, "connection lost");
-                    }
-                    .into_actor(self)
-                    .map(move |(), _, ctx| ctx.notify(Lost(id))),
-                );
-                self.state = LinkState::Connected {
-                    conn: c.conn,
-                    _endpoint: c.endpoint,
-                };
-            }
-            Err(e) => {
-                tracing::warn!(workspace = %self.key, error = %e, "connect failed");
-                self.last_error = Some(e.to_string());
-                self.failures += 1;
-                if matches!(
-                    e,
-                    ConnectError::Untrusted { .. }
-                        | ConnectError::WrongKey { .. }
-                        | ConnectError::Refused { .. }
-                ) {
-                    // Retrying cannot fix these: tell the waiters now.
-                    for w in self.waiters.drain(..) {
-                        let _ = w.send(Err(e.to_string()));
-                    }
-                }
-                self.schedule_retry(ctx);
-            }
+    fn prepare(&self) -> Result<(), String> {
+        match &self.target.local {
+            Some(local) => crate::sandbox::ensure_local_agent(&self.key, &self.target.addr, local)
+                .map_err(|e| format!("{e:#}")),
+            None => Ok(()),
         }
-    }
-
-    fn schedule_retry(&mut self, ctx: &mut Context<Self>) {
-        self.waiters.retain(|w| !w.is_closed());
-        if self.waiters.is_empty() && self.failures >= RETRIES_IDLE_MAX {
-            self.state = LinkState::Idle;
-            return;
-        }
-        let delay = self.retry_delay();
-        let h = ctx.run_later(delay, |act, ctx| act.start_connect(ctx));
-        self.state = LinkState::Retrying(h);
-    }
-}
-
-impl Actor for Link {
-    type Context = Context<Self>;
-}
-
-impl Handler<GetConn> for Link {
-    type Result = ();
-    fn handle(&mut self, msg: GetConn, ctx: &mut Context<Self>) {
-        if let LinkState::Connected { conn, .. } = &self.state {
-            if conn.close_reason().is_none() {
-                self.streams_opened += 1;
-                let _ = msg.0.send(Ok(conn.clone()));
-                return;
-            }
-        }
-        self.waiters.retain(|w| !w.is_closed());
-        if self.waiters.len() >= WAITERS_MAX {
-            let _ = msg.0.send(Err(format!(
-                "{} requests are already waiting for {}",
-                WAITERS_MAX, self.key
-            )));
-            return;
-        }
-        self.waiters.push(msg.0);
-        self.streams_opened += 1;
-        // Someone is waiting: try now rather than at the end of a backoff delay.
-        if matches!(
-            self.state,
-            LinkState::Idle | LinkState::Retrying(_) | LinkState::Connected { .. }
-        ) {
-            self.start_connect(ctx);
-        }
-    }
-}
-
-impl Handler<Lost> for Link {
-    type Result = ();
-    fn handle(&mut self, msg: Lost, ctx: &mut Context<Self>) {
-        if let LinkState::Connected { conn, .. } = &self.state {
-            if conn.stable_id() == msg.0 {
-                self.last_error = conn.close_reason().map(|r| r.to_string());
-                self.failures = 0;
-                self.schedule_retry(ctx);
-            }
-        }
-    }
-}
-
-impl Handler<GetStatus> for Link {
-    type Result = MessageResult<GetStatus>;
-    fn handle(&mut self, _: GetStatus, _: &mut Context<Self>) -> Self::Result {
-        let state = match self.state {
-            LinkState::Idle => "idle",
-            LinkState::Connecting => "connecting",
-            LinkState::Connected { .. } => "connected",
-            LinkState::Retrying(_) => "retrying",
-        };
-        MessageResult(LinkStatus {
-            workspace: self.key.to_string(),
-            addr: self.target.addr.to_string(),
-            state: state.into(),
-            last_error: self.last_error.clone(),
-            streams_opened: self.streams_opened,
-            connects: self.connects,
-        })
     }
 }
 
@@ -259,17 +84,16 @@ impl Handler<Route> for Hub {
             }
         }
         // New workspace, or re-created with another address or key: a fresh link.
-        let link = Link {
+        let connector = DaemonConnector {
             key: key.clone(),
             target: target.clone(),
             identity: self.identity.clone(),
-            state: LinkState::Idle,
-            waiters: Vec::new(),
-            failures: 0,
-            last_error: None,
-            streams_opened: 0,
-            connects: 0,
-        }
+        };
+        let link = Link::new(
+            key.to_string(),
+            target.addr.to_string(),
+            std::rc::Rc::new(connector),
+        )
         .start();
         self.links.insert(key, (target, link.clone()));
         Ok(link)
@@ -416,20 +240,6 @@ async fn serve_client(
     Ok(())
 }
 
-/// An opened stream, with the agent's first frame (its acknowledgement) already read.
-struct Opened {
-    send: quinn::SendStream,
-    recv: quinn::RecvStream,
-    first_frame: Vec<u8>,
-}
-
-/// Opening a stream failed; `retry` when the connection was lost before the agent answered, so
-/// the request certainly did not run on it.
-struct OpenFailed {
-    message: String,
-    retry: bool,
-}
-
 async fn open_stream(
     hub: &Addr<Hub>,
     home: &CsHome,
@@ -438,92 +248,12 @@ async fn open_stream(
 ) -> Result<Opened, String> {
     let reg = home.registry().map_err(|e| format!("{e:#}"))?;
     let (key, target) = reg.resolve(Some(workspace)).map_err(|e| format!("{e:#}"))?;
-    let addr = target.addr;
+    let addr = target.addr.to_string();
     let link = hub
         .send(Route(key.clone(), target))
         .await
         .map_err(|e| e.to_string())??;
-    // One retry: a connection that turns out dead (the agent restarted and answered with a
-    // stateless reset) is replaced by a fresh one.
-    let mut last = String::new();
-    for _attempt in 0..2 {
-        let (tx, rx) = oneshot::channel();
-        link.do_send(GetConn(tx));
-        let conn = match tokio::time::timeout(Duration::from_millis(CONNECT_WAIT_MS), rx).await {
-            Ok(Ok(Ok(conn))) => conn,
-            Ok(Ok(Err(e))) => return Err(e),
-            Ok(Err(_)) => return Err(format!("the link to {key} stopped")),
-            Err(_) => {
-                let status = link.send(GetStatus).await.ok();
-                let why = status
-                    .and_then(|s| s.last_error)
-                    .unwrap_or_else(|| "no answer".into());
-                return Err(format!(
-                    "cannot reach workspace {key} at {addr}: {why}; the daemon keeps retrying in the background"
-                ));
-            }
-        };
-        match try_open(&conn, open).await {
-            Ok(o) => return Ok(o),
-            Err(OpenFailed {
-                message,
-                retry: true,
-            }) => {
-                tracing::info!(workspace = %key, error = %message, "connection was dead; retrying on a new one");
-                last = message;
-            }
-            Err(OpenFailed { message, .. }) => {
-                return Err(format!("cannot open a stream to {key}: {message}"))
-            }
-        }
-    }
-    Err(format!("cannot open a stream to {key}: {last}"))
-}
-
-async fn try_open(
-    conn: &quinn::Connection,
-    open: &cs_protocol::StreamOpen,
-) -> Result<Opened, OpenFailed> {
-    let lost = |e: &quinn::ConnectionError| OpenFailed {
-        message: e.to_string(),
-        retry: matches!(
-            e,
-            quinn::ConnectionError::Reset | quinn::ConnectionError::TimedOut
-        ),
-    };
-    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| lost(&e))?;
-    if let Err(e) = write_frame(&mut send, open).await {
-        return Err(match conn.close_reason() {
-            Some(c) => lost(&c),
-            None => OpenFailed {
-                message: e.to_string(),
-                retry: false,
-            },
-        });
-    }
-    // The agent acknowledges every stream with a first frame before anything else happens.
-    let mut header = [0u8; cs_protocol::codec::FRAME_HEADER_BYTES];
-    let read = async {
-        recv.read_exact(&mut header).await?;
-        let len = cs_protocol::codec::frame_len(header)
-            .map_err(|_| quinn::ReadExactError::FinishedEarly(0))?;
-        let mut frame = vec![0u8; header.len() + len];
-        frame[..header.len()].copy_from_slice(&header);
-        recv.read_exact(&mut frame[header.len()..]).await?;
-        Ok::<_, quinn::ReadExactError>(frame)
-    };
-    match read.await {
-        Ok(first_frame) => Ok(Opened {
-            send,
-            recv,
-            first_frame,
-        }),
-        Err(quinn::ReadExactError::ReadError(quinn::ReadError::ConnectionLost(e))) => Err(lost(&e)),
-        Err(e) => Err(OpenFailed {
-            message: e.to_string(),
-            retry: false,
-        }),
-    }
+    open_on_link(&link, &key.to_string(), &addr, open).await
 }
 
 /// Copies bytes both ways until both directions are done.

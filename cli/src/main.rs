@@ -5,20 +5,12 @@
 //! and 255 when cs itself fails, as ssh does; other commands exit 0 on success, 1 on failure
 //! and 2 on a usage error.
 
-mod client;
-mod connect;
-mod daemon;
-mod home;
-mod sandbox;
-mod ssh;
-mod wire;
-
 use std::path::PathBuf;
 
 use anyhow::bail;
 use clap::{Parser, Subcommand};
-
-use crate::home::CsHome;
+use cs_cli::home::CsHome;
+use cs_cli::{client, daemon, sandbox, ssh, wire};
 
 /// Edit on your laptop, build and run in a cloud workspace.
 #[derive(Debug, Parser)]

@@ -1,19 +1,46 @@
 //! Deterministic simulation of cs: the real agent server, the real exec actor and session
-//! core, and the real quinn stack with pinned mutual TLS, on turmoil's simulated network, all
-//! on one thread and virtual time, driven by one seed.
+//! core, the laptop daemon's real `Link` actor and connect code, and the real quinn stack with
+//! pinned mutual TLS, on turmoil's simulated network, all on one thread and virtual time,
+//! driven by one seed.
 //!
 //! What is real: `cs_agent::serve::accept_loop` (hello, trust, stream dispatch),
 //! `cs_exec::ExecActor` and its session core, `cs_exec::ExecClient` (the laptop's check of
-//! output), `cs_transport` (identities, pinned verifiers, quinn configs). What is simulated:
-//! the network (turmoil, seeded loss, latency and partitions), processes ([`script`]) and the
-//! trust store (in memory).
-//!
-//! Not yet covered (see ARCHITECTURE.md): the laptop daemon's link actor, node crashes, clock
-//! jumps, corruption and duplication of datagrams.
+//! output), `cs_cli::link` (connect on demand, reconnect with backoff, the stream retry) and
+//! `cs_cli::connect::connect_on` (handshake timeout, hello), `cs_transport` (identities,
+//! pinned verifiers, quinn configs). What is simulated: the network ([`net`] over turmoil),
+//! processes ([`script`]), the laptop's sleeping clock ([`clock`]) and the trust store (in
+//! memory). [`faults`] draws each seed's options; [`coverage`] lists the markers a run must
+//! reach.
 
+pub mod clock;
+pub mod coverage;
+pub mod faults;
 pub mod net;
 pub mod scenario;
 pub mod script;
 pub mod trace;
 
-pub use scenario::{run_seed, Faults, Outcome};
+pub use faults::Options;
+pub use scenario::{run_seed, Failure, Outcome};
+
+/// Parses a canary's name as the runner's `--canary` takes it.
+pub fn parse_canary(name: &str) -> Result<cs_protocol::Canary, String> {
+    match name {
+        "reconnect-skipped" => Ok(cs_protocol::Canary::ReconnectSkipped),
+        "stream-end-trusted" => Ok(cs_protocol::Canary::StreamEndTrusted),
+        "hangup-skipped" => Ok(cs_protocol::Canary::HangupSkipped),
+        other => Err(format!(
+            "unknown canary '{other}': expected reconnect-skipped, stream-end-trusted or hangup-skipped"
+        )),
+    }
+}
+
+/// The seeds of `simulation/regressions.txt`: seeds that once failed, kept forever.
+pub fn regression_seeds() -> Vec<u64> {
+    include_str!("../regressions.txt")
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+        .collect()
+}

@@ -1,71 +1,146 @@
 //! `cs-simulation`: run seeds of the whole-system simulation.
 //!
-//! `cargo run --release -p cs-simulation -- --seed N` replays one seed (printing its faults and
-//! trace hash); `--seeds A..B` runs a range; `--trace` prints the trace of a single seed.
+//! `cargo run --release -p cs-simulation -- --seed N` replays one seed (printing its options,
+//! outcome and trace hash); `--seeds A..B` runs a range on `--threads` threads (default: the
+//! machine's cores); `--regressions` adds the seeds of `simulation/regressions.txt`; `--trace`
+//! prints the trace of every seed run; `--canary NAME` switches a deliberate bug on. Exits 1 if
+//! any seed failed.
+
+use std::io::Write as _;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 use anyhow::{bail, Context as _};
 use cs_simulation::trace::Trace;
+use cs_simulation::{coverage, Options};
 
 fn main() -> anyhow::Result<()> {
+    // CS_LOG=debug shows the product's own logs (for reading one seed, not for many).
+    if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_env("CS_LOG") {
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let mut args = std::env::args().skip(1);
-    let mut range = 0..1u64;
+    let mut seeds: Vec<u64> = Vec::new();
     let mut print_trace = false;
+    let mut canaries = Vec::new();
+    let mut threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     while let Some(a) = args.next() {
         match a.as_str() {
             "--seed" => {
                 let v = args.next().context("--seed needs a number")?;
-                let s: u64 = v.parse().with_context(|| format!("invalid seed '{v}'"))?;
-                range = s..s + 1;
+                seeds.push(v.parse().with_context(|| format!("invalid seed '{v}'"))?);
             }
             "--seeds" => {
                 let v = args.next().context("--seeds needs A..B")?;
                 let (a, b) = v
                     .split_once("..")
                     .with_context(|| format!("invalid range '{v}': expected A..B"))?;
-                range = a.parse().with_context(|| format!("invalid range '{v}'"))?
-                    ..b.parse().with_context(|| format!("invalid range '{v}'"))?;
+                let a: u64 = a.parse().with_context(|| format!("invalid range '{v}'"))?;
+                let b: u64 = b.parse().with_context(|| format!("invalid range '{v}'"))?;
+                seeds.extend(a..b);
             }
+            "--regressions" => seeds.extend(cs_simulation::regression_seeds()),
             "--trace" => print_trace = true,
-            other => bail!("unknown option '{other}': expected --seed N, --seeds A..B or --trace"),
+            "--threads" => {
+                let v = args.next().context("--threads needs a number")?;
+                threads = v
+                    .parse()
+                    .ok()
+                    .filter(|n| *n > 0)
+                    .with_context(|| format!("invalid thread count '{v}'"))?;
+            }
+            "--canary" => {
+                let v = args.next().context("--canary needs a name")?;
+                canaries.push(cs_simulation::parse_canary(&v).map_err(anyhow::Error::msg)?);
+            }
+            other => bail!(
+                "unknown option '{other}': expected --seed N, --seeds A..B, --regressions, --threads N, --canary NAME or --trace"
+            ),
         }
     }
+    if seeds.is_empty() {
+        seeds.push(0);
+    }
+    // Real time, on purpose: the runner reports seeds per second.
+    #[allow(clippy::disallowed_methods)]
     let start = std::time::Instant::now();
-    let (mut failed, mut virtual_ms, n) = (0, 0u64, range.end - range.start);
-    for seed in range {
-        let trace = if print_trace {
-            Trace::verbose()
-        } else {
-            Trace::default()
-        };
-        match cs_simulation::run_seed(seed, trace.clone()) {
-            Ok(o) => {
-                virtual_ms += o.virtual_ms;
-                println!(
-                    "seed {seed}: ok hash {:016x} events {} commands ok {} failed {} virtual {} ms faults {:?}",
-                    o.hash, o.events, o.commands_ok, o.commands_failed, o.virtual_ms, o.faults
-                );
-            }
-            Err(e) => {
-                failed += 1;
-                println!(
-                    "seed {seed}: FAILED {e}; faults {:?} (replay: cargo run --release -p cs-simulation -- --seed {seed})",
-                    cs_simulation::Faults::draw(seed)
-                );
-            }
+    let next = AtomicUsize::new(0);
+    // (seed, line printed, failed, virtual ms, markers reached), in the order seeds finish.
+    let results = Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        for _ in 0..threads.min(seeds.len()) {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(&seed) = seeds.get(i) else { break };
+                let trace = if print_trace {
+                    Trace::verbose()
+                } else {
+                    Trace::default()
+                };
+                let opts = Options::draw(seed);
+                let (line, failed, virtual_ms, reached) =
+                    match cs_simulation::run_seed(seed, trace.clone(), &canaries) {
+                        Ok(o) => (
+                            format!(
+                                "seed {seed}: ok hash {:016x} events {} commands ok {} failed {} virtual {} ms; {}",
+                                o.hash, o.events, o.commands_ok, o.commands_failed, o.virtual_ms, o.options
+                            ),
+                            false,
+                            o.virtual_ms,
+                            o.reached,
+                        ),
+                        Err(f) => (
+                            format!(
+                                "seed {seed}: FAILED hash {:016x} {}; {opts} (replay: cargo run --release -p cs-simulation -- --seed {seed})",
+                                f.hash, f.message
+                            ),
+                            true,
+                            0,
+                            trace.reached(),
+                        ),
+                    };
+                let mut out = line.clone();
+                if print_trace {
+                    for l in trace.lines() {
+                        out.push_str("\n  ");
+                        out.push_str(&l);
+                    }
+                }
+                // A closed pipe (`| head`) is not an error: stop quietly.
+                if writeln!(std::io::stdout().lock(), "{out}").is_err() {
+                    std::process::exit(0);
+                }
+                results
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push((seed, failed, virtual_ms, reached));
+            });
         }
-        if print_trace {
-            for l in trace.lines() {
-                println!("  {l}");
-            }
-        }
-    }
+    });
+    let results = results.into_inner().unwrap_or_else(|p| p.into_inner());
     let secs = start.elapsed().as_secs_f64();
+    let failed: Vec<u64> = results.iter().filter(|r| r.1).map(|r| r.0).collect();
+    let virtual_ms: u64 = results.iter().map(|r| r.2).sum();
+    let n = results.len();
     println!(
-        "{n} seeds, {failed} failed, {:.1} seeds/s, virtual/real time {:.0}x",
+        "{n} seeds, {} failed, {:.1} seeds/s on {threads} thread(s), virtual/real time {:.0}x",
+        failed.len(),
         n as f64 / secs,
         virtual_ms as f64 / 1e3 / secs
     );
-    if failed > 0 {
+    if n > 1 {
+        let missing = coverage::missing(results.iter().flat_map(|r| r.3.iter()));
+        if missing.is_empty() {
+            println!("coverage: every marker reached");
+        } else {
+            println!("coverage: never reached: {}", missing.join("; "));
+        }
+    }
+    if !failed.is_empty() {
+        println!("failed seeds: {failed:?}");
         std::process::exit(1);
     }
     Ok(())

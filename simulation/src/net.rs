@@ -1,5 +1,7 @@
 //! quinn on turmoil's simulated UDP: an `AsyncUdpSocket` over `turmoil::net::UdpSocket`, which
-//! also records every datagram sent and received in the trace (sizes, never bytes).
+//! injects the seed's datagram faults (loss, duplication, corruption, reordering), drops
+//! everything while its node sleeps, and records every datagram sent and received in the trace
+//! (sizes, never bytes).
 
 use std::fmt;
 use std::future::Future;
@@ -13,6 +15,21 @@ use quinn::{AsyncUdpSocket, UdpPoller};
 
 use crate::trace::Trace;
 
+thread_local! {
+    /// Set by the liveness phase: every socket on this thread stops injecting faults.
+    static HEALED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Stops datagram faults on every socket of this thread's simulation (the liveness phase).
+pub fn heal_all() {
+    HEALED.with(|h| h.set(true));
+}
+
+/// Lets datagram faults strike again (a new seed starts).
+pub fn unheal_all() {
+    HEALED.with(|h| h.set(false));
+}
+
 type Readable = Pin<Box<dyn Future<Output = io::Result<()>> + Send + Sync>>;
 
 /// Datagram faults a socket injects on send, each drawn from the socket's seeded RNG.
@@ -21,6 +38,8 @@ pub struct DatagramFaults {
     pub loss: f64,
     pub duplicate: f64,
     pub corrupt: f64,
+    /// Probability that a datagram is held back and sent after the next one.
+    pub reorder: f64,
 }
 
 /// A simulated UDP socket for quinn.
@@ -30,6 +49,9 @@ pub struct SimSocket {
     node: &'static str,
     trace: Trace,
     faults: Mutex<(DatagramFaults, rand::rngs::StdRng)>,
+    /// A datagram held back to be sent after the next one (reordering).
+    held: Mutex<Option<(Vec<u8>, std::net::SocketAddr)>>,
+    sleep: Option<Arc<crate::clock::Sleep>>,
 }
 
 impl fmt::Debug for SimSocket {
@@ -47,6 +69,7 @@ impl SimSocket {
         trace: Trace,
         faults: DatagramFaults,
         seed: u64,
+        sleep: Option<Arc<crate::clock::Sleep>>,
     ) -> io::Result<Arc<Self>> {
         use rand::SeedableRng;
         let inner = Arc::new(turmoil::net::UdpSocket::bind(addr).await?);
@@ -57,12 +80,17 @@ impl SimSocket {
             node,
             trace,
             faults: Mutex::new((faults, rng)),
+            held: Mutex::new(None),
+            sleep,
         }))
     }
 
-    /// Changes the faults (the liveness phase heals them).
-    pub fn set_faults(&self, f: DatagramFaults) {
-        self.faults.lock().unwrap_or_else(|p| p.into_inner()).0 = f;
+    fn faults_healed(&self) -> bool {
+        HEALED.with(|h| h.get())
+    }
+
+    fn asleep(&self) -> bool {
+        self.sleep.as_ref().is_some_and(|s| s.is_asleep())
     }
 }
 
@@ -84,30 +112,58 @@ impl AsyncUdpSocket for SimSocket {
     fn try_send(&self, transmit: &Transmit) -> io::Result<()> {
         use rand::Rng;
         let len = transmit.contents.len() as u64;
-        let (lost, dup, corrupt_at) = {
+        if self.asleep() {
+            self.trace.event(self.node, "udp.asleep", len);
+            return Ok(());
+        }
+        if self.faults_healed() {
+            self.trace.event(self.node, "udp.send", len);
+            let _ = self
+                .inner
+                .try_send_to(transmit.contents, transmit.destination);
+            return Ok(());
+        }
+        let (lost, dup, corrupt_at, reorder) = {
             let mut g = self.faults.lock().unwrap_or_else(|p| p.into_inner());
             let (f, rng) = &mut *g;
             let lost = rng.gen_bool(f.loss);
             let dup = rng.gen_bool(f.duplicate);
             let corrupt = rng.gen_bool(f.corrupt);
+            let reorder = rng.gen_bool(f.reorder);
             let at = rng.gen_range(0..transmit.contents.len().max(1));
-            (lost, dup, corrupt.then_some(at))
+            (lost, dup, corrupt.then_some(at), reorder)
         };
         if lost {
             self.trace.event(self.node, "udp.lost", len);
+            self.trace.sometimes("fault: datagram lost");
             return Ok(());
         }
         let mut data = transmit.contents.to_vec();
         if let Some(at) = corrupt_at {
             data[at] ^= 0x5a;
             self.trace.event(self.node, "udp.corrupt", len);
+            self.trace.sometimes("fault: datagram corrupted");
+        }
+        let held = self.held.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if reorder && held.is_none() {
+            self.trace.event(self.node, "udp.held", len);
+            *self.held.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some((data, transmit.destination));
+            return Ok(());
         }
         self.trace.event(self.node, "udp.send", len);
         // A send to a crashed or unknown host is a lost datagram, as on a real network.
         let _ = self.inner.try_send_to(&data, transmit.destination);
         if dup {
             self.trace.event(self.node, "udp.dup", len);
+            self.trace.sometimes("fault: datagram duplicated");
             let _ = self.inner.try_send_to(&data, transmit.destination);
+        }
+        if let Some((old, to)) = held {
+            self.trace
+                .event(self.node, "udp.reordered", old.len() as u64);
+            self.trace.sometimes("fault: datagrams reordered");
+            let _ = self.inner.try_send_to(&old, to);
         }
         Ok(())
     }
@@ -120,6 +176,10 @@ impl AsyncUdpSocket for SimSocket {
     ) -> Poll<io::Result<usize>> {
         loop {
             match self.inner.try_recv_from(&mut bufs[0]) {
+                Ok((len, _)) if self.asleep() => {
+                    self.trace.event(self.node, "udp.recv_asleep", len as u64);
+                    continue;
+                }
                 Ok((len, from)) => {
                     self.trace.event(self.node, "udp.recv", len as u64);
                     meta[0] = RecvMeta {

@@ -13,6 +13,8 @@ struct Inner {
     hash: u64,
     events: u64,
     lines: Option<Vec<String>>,
+    /// Coverage markers this run reached.
+    reached: std::collections::BTreeSet<&'static str>,
 }
 
 impl Default for Inner {
@@ -21,6 +23,7 @@ impl Default for Inner {
             hash: 0xcbf29ce484222325,
             events: 0,
             lines: None,
+            reached: Default::default(),
         }
     }
 }
@@ -33,9 +36,15 @@ impl Trace {
         t
     }
 
-    /// Records one event at the current virtual time.
+    /// Records one event at the current virtual time (inside a node).
     pub fn event(&self, node: &str, kind: &str, size: u64) {
-        let ms = turmoil::sim_elapsed().map(|d| d.as_micros()).unwrap_or(0);
+        let us = turmoil::sim_elapsed().map(|d| d.as_micros()).unwrap_or(0);
+        self.event_at(us, node, kind, size);
+    }
+
+    /// Records one event at virtual time `us` (the driver, outside every node, says when).
+    pub fn event_at(&self, us: u128, node: &str, kind: &str, size: u64) {
+        let ms = us;
         let line = format!("{ms} {node} {kind} {size}");
         let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
         for b in line.bytes().chain(std::iter::once(b'\n')) {
@@ -47,6 +56,29 @@ impl Trace {
         if let Some(lines) = &mut g.lines {
             lines.push(line);
         }
+    }
+
+    /// A coverage marker: this interesting thing happened at least once in this run. The
+    /// runner reports every marker of [`crate::coverage::MARKERS`] that no seed reached.
+    pub fn sometimes(&self, marker: &'static str) {
+        debug_assert!(
+            crate::coverage::MARKERS.contains(&marker),
+            "unknown coverage marker '{marker}'"
+        );
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .reached
+            .insert(marker);
+    }
+
+    /// The coverage markers reached.
+    pub fn reached(&self) -> std::collections::BTreeSet<&'static str> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .reached
+            .clone()
     }
 
     pub fn hash(&self) -> u64 {

@@ -1,42 +1,69 @@
 //! The simulation's own checks: every seed of the standard scenario passes, the same seed gives
-//! the same trace in one process and in a fresh one, and the trace tells seeds apart.
+//! the same trace in one process and in a fresh one, the trace tells seeds apart, every
+//! coverage marker is reached, and the regression seeds pass.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
-use cs_simulation::run_seed;
 use cs_simulation::trace::Trace;
+use cs_simulation::{coverage, run_seed};
 
 /// Seeds run twice in this process (the issue asks for at least 200).
 const SEEDS: u64 = 200;
 
-fn hashes(range: std::ops::Range<u64>) -> BTreeMap<u64, u64> {
-    range
-        .map(|seed| match run_seed(seed, Trace::default()) {
-            Ok(o) => (seed, o.hash),
-            Err(e) => panic!("{e} (replay: cargo run --release -p cs-simulation -- --seed {seed})"),
-        })
-        .collect()
+/// Runs `seeds` on two threads; returns each seed's trace hash and the markers reached.
+fn run(seeds: Vec<u64>) -> (BTreeMap<u64, u64>, BTreeSet<&'static str>) {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let out = std::sync::Mutex::new((BTreeMap::new(), BTreeSet::new()));
+    std::thread::scope(|s| {
+        for _ in 0..2 {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(&seed) = seeds.get(i) else { break };
+                match run_seed(seed, Trace::default(), &[]) {
+                    Ok(o) => {
+                        let mut g = out.lock().unwrap();
+                        g.0.insert(seed, o.hash);
+                        g.1.extend(o.reached);
+                    }
+                    Err(f) => panic!(
+                        "{f} (replay: cargo run --release -p cs-simulation -- --seed {seed})"
+                    ),
+                }
+            });
+        }
+    });
+    out.into_inner().unwrap()
 }
 
 #[test]
-fn every_seed_passes_and_replays_identically_in_one_process() {
-    let first = hashes(0..SEEDS);
-    let second = hashes(0..SEEDS);
+fn every_seed_passes_replays_identically_and_reaches_every_marker() {
+    let (first, reached) = run((0..SEEDS).collect());
+    let (second, _) = run((0..SEEDS).collect());
     assert_eq!(first, second, "a seed gave two different traces");
-    let distinct: std::collections::BTreeSet<u64> = first.values().copied().collect();
+    let distinct: BTreeSet<u64> = first.values().copied().collect();
     assert_eq!(
         distinct.len() as u64,
         SEEDS,
         "different seeds gave the same trace: the trace records too little"
     );
+    let missing = coverage::missing(reached.iter());
+    assert!(
+        missing.is_empty(),
+        "no seed of 0..{SEEDS} reached these coverage markers: {missing:?}"
+    );
 }
 
 #[test]
 fn a_fresh_process_gives_the_same_traces() {
-    let sample = 1000..1010;
-    let here = hashes(sample.clone());
+    let sample = 1000..1020;
+    let (here, _) = run(sample.clone().collect());
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_cs-simulation"))
-        .args(["--seeds", &format!("{}..{}", sample.start, sample.end)])
+        .args([
+            "--seeds",
+            &format!("{}..{}", sample.start, sample.end),
+            "--threads",
+            "1",
+        ])
         .output()
         .expect("run cs-simulation");
     assert!(
@@ -63,20 +90,7 @@ fn a_fresh_process_gives_the_same_traces() {
 #[test]
 fn regression_seeds_pass() {
     // Seeds that once failed, kept forever; `cargo run -p cs-simulation -- --seed N` replays one.
-    let list = include_str!("../regressions.txt");
-    for line in list
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-    {
-        let seed: u64 = line
-            .split_whitespace()
-            .next()
-            .unwrap()
-            .parse()
-            .expect("seed number");
-        if let Err(e) = run_seed(seed, Trace::default()) {
-            panic!("regression seed {seed}: {e}");
-        }
-    }
+    let seeds = cs_simulation::regression_seeds();
+    assert!(!seeds.is_empty(), "regressions.txt lists no seed");
+    run(seeds);
 }

@@ -516,3 +516,42 @@ fn deleting_a_sandbox_ends_the_commands_running_in_it() {
     }
     assert!(gone, "command {pid} outlived its sandbox");
 }
+
+/// Found by the simulation: a `cs ssh` killed while its command waits silently used to leave
+/// the command running forever. The daemon closes the stream when `cs` goes; the agent must
+/// hang the command up, as sshd does when its channel closes.
+#[test]
+fn killing_cs_ssh_hangs_up_its_command() {
+    let l = Laptop::new();
+    l.sandbox("demo");
+    let home = std::path::PathBuf::from(l.show("demo")[0]["home"].as_str().unwrap());
+    let mut child = l
+        .cmd(&["ssh", "--", "echo $$ > pid; exec sleep 1000"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid_file = home.join("pid");
+    assert!(wait_until(Duration::from_secs(10), || {
+        std::fs::read_to_string(&pid_file).is_ok_and(|s| s.ends_with('\n'))
+    }));
+    let pid: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // SIGKILL: cs gets no chance to say anything; only its socket to the daemon closes.
+    child.kill().unwrap();
+    let _ = child.wait();
+    // SAFETY: kill(pid, 0) only checks for existence.
+    let gone = wait_until(
+        Duration::from_secs(5),
+        || unsafe { libc::kill(pid, 0) } != 0,
+    );
+    if !gone {
+        // SAFETY: clean up the process this test started before failing.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    assert!(gone, "command {pid} outlived the killed cs ssh");
+}

@@ -109,3 +109,16 @@ impl Handler<SignalAll> for ExecActor {
             .count()
     }
 }
+
+/// Asks how many sessions are running (the simulation's check that none is orphaned).
+#[derive(Message)]
+#[rtype(result = "usize")]
+pub struct ActiveSessions;
+
+impl Handler<ActiveSessions> for ExecActor {
+    type Result = usize;
+
+    fn handle(&mut self, _: ActiveSessions, _: &mut Context<Self>) -> usize {
+        self.active
+    }
+}

@@ -85,6 +85,9 @@ impl ExecClient {
             return None;
         }
         self.done = true;
+        if cs_protocol::canary::active(cs_protocol::Canary::StreamEndTrusted) {
+            return Some(ClientEvent::Exited(ExitStatus::Code(0)));
+        }
         Some(ClientEvent::Failed(format!(
             "connection to the workspace lost before the command finished: {why}"
         )))

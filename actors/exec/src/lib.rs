@@ -16,6 +16,6 @@ pub mod core;
 pub mod session;
 pub mod spawn;
 
-pub use actor::{ExecActor, OpenSession, SignalAll};
+pub use actor::{ActiveSessions, ExecActor, OpenSession, SignalAll};
 pub use client::{ClientEvent, ExecClient};
 pub use spawn::{ChildEvent, ChildHandle, Control, SpawnRequest, Spawner, StdinMsg};

@@ -93,8 +93,8 @@ async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
     }
 }
 
-/// Forwards the laptop's input to the child. Returns only when the stream broke; a clean end
-/// of the laptop's side is an EOF on stdin, after which the session waits for the child.
+/// Forwards the laptop's input to the child. Returns only when the stream broke or the laptop
+/// closed its side, which it does only when it is gone.
 async fn pump_input<R: AsyncRead + Unpin>(
     recv: &mut R,
     stdin: mpsc::Sender<StdinMsg>,
@@ -117,12 +117,14 @@ async fn pump_input<R: AsyncRead + Unpin>(
                 }
             }
             Ok(None) => {
-                // The laptop finished its side cleanly: stdin ends, the session ends with the
-                // child, and only a broken stream could end this pump now.
-                if let Some(tx) = stdin.take() {
-                    let _ = tx.send(StdinMsg::Eof).await;
+                // The laptop never ends its side while the command runs (stdin's end is a
+                // `StdinEof` frame): a finished stream means `cs` is gone (it exited or was
+                // killed and the daemon closed the stream). Hang up, as sshd does when its
+                // channel closes; a command that ignores SIGHUP keeps running, also as there.
+                if cs_protocol::canary::active(cs_protocol::Canary::HangupSkipped) {
+                    return std::future::pending().await;
                 }
-                return std::future::pending().await;
+                return Lost("the laptop closed the stream".into());
             }
             Ok(Some(ExecInput::Resize(size))) => {
                 let _ = control.send(Control::Resize(size)).await;

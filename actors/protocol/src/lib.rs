@@ -4,10 +4,12 @@
 //! hard size limit checked before anything is allocated. Everything decoded from the network
 //! goes through [`codec`], so the limit cannot be bypassed.
 
+pub mod canary;
 pub mod codec;
 pub mod exec;
 pub mod hello;
 
+pub use canary::Canary;
 pub use codec::{decode, encode_frame, DecodeError, EncodeError, FrameDecoder, FRAME_BYTES_MAX};
 
 /// The wire protocol version. Bump it on any incompatible change to a message in this crate;

@@ -1,0 +1,11 @@
+//! The laptop side of cs as a library: the modules of the `cs` binary, and the pieces the
+//! simulation runs unchanged (the daemon's [`link::Link`] actor and [`connect::connect_on`]).
+
+pub mod client;
+pub mod connect;
+pub mod daemon;
+pub mod home;
+pub mod link;
+pub mod sandbox;
+pub mod ssh;
+pub mod wire;

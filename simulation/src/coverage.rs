@@ -1,0 +1,35 @@
+//! Coverage markers ("sometimes" assertions): each names a fault class or an interesting path
+//! that some seed of a large enough run must reach. A marker nobody reaches means the swarm
+//! does not test what it claims to, and the runner says which.
+
+/// Every marker; [`crate::trace::Trace::sometimes`] accepts only these.
+pub const MARKERS: &[&str] = &[
+    "fault: datagram lost",
+    "fault: datagram duplicated",
+    "fault: datagram corrupted",
+    "fault: datagrams reordered",
+    "fault: partition",
+    "fault: one-way partition",
+    "fault: link clogged",
+    "fault: agent crashed",
+    "fault: laptop crashed",
+    "fault: laptop slept",
+    "fault: child crashed",
+    "path: two workspaces",
+    "path: command reported failed",
+    "path: command interrupted by a signal",
+    "path: command in flight when the laptop crashed",
+    "path: command abandoned by the laptop",
+    "path: link reconnected",
+    "path: stream retried on a fresh connection",
+];
+
+/// The markers of `MARKERS` that are not in `reached`.
+pub fn missing<'a>(reached: impl IntoIterator<Item = &'a &'static str>) -> Vec<&'static str> {
+    let reached: std::collections::BTreeSet<&str> = reached.into_iter().copied().collect();
+    MARKERS
+        .iter()
+        .copied()
+        .filter(|m| !reached.contains(m))
+        .collect()
+}

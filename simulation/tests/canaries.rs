@@ -1,0 +1,45 @@
+//! The simulation can fail: each canary bug (see `cs_protocol::canary`), switched on, is caught
+//! within 1,000 seeds, by the invariant it breaks.
+
+use cs_protocol::Canary;
+use cs_simulation::run_seed;
+use cs_simulation::trace::Trace;
+
+const SEEDS_MAX: u64 = 1_000;
+
+/// The first seed that fails with `canary` on, and its message.
+fn first_failure(canary: Canary) -> Option<(u64, String)> {
+    (0..SEEDS_MAX).find_map(|seed| {
+        run_seed(seed, Trace::default(), &[canary])
+            .err()
+            .map(|f| (seed, f.message))
+    })
+}
+
+#[test]
+fn a_link_that_never_reconnects_is_caught_by_liveness() {
+    let (seed, message) = first_failure(Canary::ReconnectSkipped)
+        .expect("ReconnectSkipped went unnoticed for 1,000 seeds");
+    assert!(message.starts_with("liveness:"), "seed {seed}: {message}");
+    // The same seed passes without the bug: the failure is the canary's.
+    run_seed(seed, Trace::default(), &[]).unwrap_or_else(|f| panic!("{f}"));
+}
+
+#[test]
+fn trusting_a_stream_end_as_an_exit_is_caught_as_truncation() {
+    let (seed, message) = first_failure(Canary::StreamEndTrusted)
+        .expect("StreamEndTrusted went unnoticed for 1,000 seeds");
+    assert!(message.starts_with("invariant:"), "seed {seed}: {message}");
+    run_seed(seed, Trace::default(), &[]).unwrap_or_else(|f| panic!("{f}"));
+}
+
+#[test]
+fn a_command_left_running_after_its_laptop_went_is_caught_as_an_orphan() {
+    let (seed, message) =
+        first_failure(Canary::HangupSkipped).expect("HangupSkipped went unnoticed for 1,000 seeds");
+    assert!(
+        message.starts_with("invariant: sessions"),
+        "seed {seed}: {message}"
+    );
+    run_seed(seed, Trace::default(), &[]).unwrap_or_else(|f| panic!("{f}"));
+}
