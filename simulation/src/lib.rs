@@ -18,6 +18,7 @@ pub mod faults;
 pub mod net;
 pub mod scenario;
 pub mod script;
+pub mod suspect;
 pub mod trace;
 
 pub use faults::Options;

@@ -44,6 +44,7 @@ fn main() -> anyhow::Result<()> {
             }
             "--regressions" => seeds.extend(cs_simulation::regression_seeds()),
             "--trace" => print_trace = true,
+            "--suspect" => return suspect(),
             "--threads" => {
                 let v = args.next().context("--threads needs a number")?;
                 threads = v
@@ -57,7 +58,7 @@ fn main() -> anyhow::Result<()> {
                 canaries.push(cs_simulation::parse_canary(&v).map_err(anyhow::Error::msg)?);
             }
             other => bail!(
-                "unknown option '{other}': expected --seed N, --seeds A..B, --regressions, --threads N, --canary NAME or --trace"
+                "unknown option '{other}': expected --seed N, --seeds A..B, --regressions, --threads N, --canary NAME, --trace or --suspect"
             ),
         }
     }
@@ -142,6 +143,35 @@ fn main() -> anyhow::Result<()> {
     if !failed.is_empty() {
         println!("failed seeds: {failed:?}");
         std::process::exit(1);
+    }
+    Ok(())
+}
+
+/// `--suspect`: the lost-Finished experiment (see `cs_simulation::suspect`), as a table.
+fn suspect() -> anyhow::Result<()> {
+    use cs_simulation::suspect::{lost_finished, Client};
+    println!(
+        "lost client Finished, then a one-way partition (laptop to agent); latency 10 ms each way"
+    );
+    println!(
+        "{:>9} {:>7} {:>6} {:>12} {:>9}  first error",
+        "partition", "idle", "client", "hello at", "attempts"
+    );
+    for idle in [4_000u64, 10_000] {
+        for partition in [200u64, 1_000, 3_000, 6_000, 12_000] {
+            for client in [Client::Raw, Client::Ours] {
+                let o = lost_finished(client, partition, idle).map_err(anyhow::Error::msg)?;
+                println!(
+                    "{:>7}ms {:>5}ms {:>6} {:>12} {:>9}  {}",
+                    partition,
+                    idle,
+                    format!("{client:?}").to_lowercase(),
+                    o.hello_ms.map_or("never".into(), |t| format!("{t} ms")),
+                    o.attempts,
+                    o.first_error.unwrap_or_default()
+                );
+            }
+        }
     }
     Ok(())
 }

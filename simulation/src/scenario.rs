@@ -80,7 +80,7 @@ impl std::fmt::Display for Failure {
 /// Trusts exactly one laptop key, in memory (a real agent's trust store is on disk and
 /// survives its crashes; this one is rebuilt identically on every restart).
 #[derive(Debug)]
-struct MemTrust(Fingerprint);
+pub(crate) struct MemTrust(pub(crate) Fingerprint);
 
 impl TrustPolicy for MemTrust {
     fn admits(&self, client: &Fingerprint, _now_unix: u64) -> bool {
