@@ -14,6 +14,15 @@ use anyhow::{bail, Context as _};
 use cs_simulation::trace::Trace;
 use cs_simulation::{coverage, Options};
 
+/// `println!` that treats a closed pipe (`| head`) as the end of the run, not an error.
+macro_rules! out {
+    ($($t:tt)*) => {
+        if writeln!(std::io::stdout().lock(), $($t)*).is_err() {
+            std::process::exit(0);
+        }
+    };
+}
+
 fn main() -> anyhow::Result<()> {
     // CS_LOG=debug shows the product's own logs (for reading one seed, not for many).
     if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_env("CS_LOG") {
@@ -126,7 +135,7 @@ fn main() -> anyhow::Result<()> {
     let failed: Vec<u64> = results.iter().filter(|r| r.1).map(|r| r.0).collect();
     let virtual_ms: u64 = results.iter().map(|r| r.2).sum();
     let n = results.len();
-    println!(
+    out!(
         "{n} seeds, {} failed, {:.1} seeds/s on {threads} thread(s), virtual/real time {:.0}x",
         failed.len(),
         n as f64 / secs,
@@ -135,13 +144,13 @@ fn main() -> anyhow::Result<()> {
     if n > 1 {
         let missing = coverage::missing(results.iter().flat_map(|r| r.3.iter()));
         if missing.is_empty() {
-            println!("coverage: every marker reached");
+            out!("coverage: every marker reached");
         } else {
-            println!("coverage: never reached: {}", missing.join("; "));
+            out!("coverage: never reached: {}", missing.join("; "));
         }
     }
     if !failed.is_empty() {
-        println!("failed seeds: {failed:?}");
+        out!("failed seeds: {failed:?}");
         std::process::exit(1);
     }
     Ok(())
@@ -150,18 +159,22 @@ fn main() -> anyhow::Result<()> {
 /// `--suspect`: the lost-Finished experiment (see `cs_simulation::suspect`), as a table.
 fn suspect() -> anyhow::Result<()> {
     use cs_simulation::suspect::{lost_finished, Client};
-    println!(
+    out!(
         "lost client Finished, then a one-way partition (laptop to agent); latency 10 ms each way"
     );
-    println!(
+    out!(
         "{:>9} {:>7} {:>6} {:>12} {:>9}  first error",
-        "partition", "idle", "client", "hello at", "attempts"
+        "partition",
+        "idle",
+        "client",
+        "hello at",
+        "attempts"
     );
     for idle in [4_000u64, 10_000] {
         for partition in [200u64, 1_000, 3_000, 6_000, 12_000] {
             for client in [Client::Raw, Client::Ours] {
                 let o = lost_finished(client, partition, idle).map_err(anyhow::Error::msg)?;
-                println!(
+                out!(
                     "{:>7}ms {:>5}ms {:>6} {:>12} {:>9}  {}",
                     partition,
                     idle,

@@ -283,9 +283,14 @@ fn run_seed_inner(seed: u64, trace: Trace) -> Result<Outcome, String> {
         keep_alive_ms: KEEP_ALIVE_MS,
         ..TransportLimits::default()
     };
-    let laptop_id = Identity::generate("sim laptop").map_err(|e| e.to_string())?;
+    // Keys from the seed: certificates, reset and token keys are the same bytes every run.
+    let laptop_id =
+        Identity::from_seed("sim laptop", quinn_seed(seed, 0xf0, 0)).map_err(|e| e.to_string())?;
     let agent_ids = (0..opts.workspaces)
-        .map(|_| Identity::generate("sim agent").map_err(|e| e.to_string()))
+        .map(|ws| {
+            Identity::from_seed("sim agent", quinn_seed(seed, 0xf1 + ws as u8, 0))
+                .map_err(|e| e.to_string())
+        })
         .collect::<Result<Vec<_>, _>>()?;
     let world = Rc::new(RefCell::new(World {
         phase: Phase::Safety,

@@ -108,7 +108,12 @@ pub fn server_config(
         .with_single_cert(vec![me.certificate()], me.private_key())?;
     tls.alpn_protocols = vec![cs_protocol::ALPN.to_vec()];
     let crypto = QuicServerConfig::try_from(tls).map_err(|e| EndpointError::Quic(e.to_string()))?;
-    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    // The address-validation token key derives from the agent's identity, like its reset key:
+    // tokens it issued stay valid across its restarts, and a simulation seeded with a fixed
+    // identity gets a fixed key.
+    let token_secret = me.derive_secret("cs address token key v1");
+    let token_key = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, &[]).extract(&token_secret);
+    let mut cfg = quinn::ServerConfig::new(Arc::new(crypto), Arc::new(token_key));
     cfg.transport_config(transport_config(limits)?);
     Ok(cfg)
 }

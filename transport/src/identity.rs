@@ -46,6 +46,25 @@ impl Identity {
     /// A fresh Ed25519 identity. `name` goes into the certificate's subject, for debugging.
     pub fn generate(name: &str) -> Result<Self, IdentityError> {
         let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519)?;
+        Self::from_key(name, key)
+    }
+
+    /// The Ed25519 identity whose private key is `seed`: the same seed gives the same key and
+    /// certificate, byte for byte. For the simulation, where one seed decides everything; a
+    /// real identity comes from [`Identity::generate`].
+    pub fn from_seed(name: &str, seed: [u8; 32]) -> Result<Self, IdentityError> {
+        // PKCS#8 v1 for Ed25519 (RFC 8410): a fixed prefix, then the 32-byte private key.
+        const PKCS8_ED25519_PREFIX: [u8; 16] = [
+            0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22,
+            0x04, 0x20,
+        ];
+        let mut der = PKCS8_ED25519_PREFIX.to_vec();
+        der.extend_from_slice(&seed);
+        let key = rcgen::KeyPair::try_from(der.as_slice())?;
+        Self::from_key(name, key)
+    }
+
+    fn from_key(name: &str, key: rcgen::KeyPair) -> Result<Self, IdentityError> {
         let mut params = rcgen::CertificateParams::new(vec!["cs-peer".to_string()])?;
         params
             .distinguished_name
@@ -267,5 +286,16 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn a_seeded_identity_is_the_same_bytes_every_time() {
+        let a = Identity::from_seed("s", [7; 32]).unwrap();
+        let b = Identity::from_seed("s", [7; 32]).unwrap();
+        assert_eq!(a.certificate(), b.certificate());
+        assert_eq!(a.derive_secret("x"), b.derive_secret("x"));
+        let c = Identity::from_seed("s", [8; 32]).unwrap();
+        assert_ne!(a.fingerprint(), c.fingerprint());
+        assert_eq!(a.certificate().len(), c.certificate().len());
     }
 }
