@@ -1,0 +1,30 @@
+//! File sync with Mutagen's semantics: a deterministic core and two thin filesystem shells.
+//!
+//! Core (no IO, no clock, no threads; runs unchanged in the simulation):
+//! - [`path`]: `RelPath`, a path inside a sync root, parsed once.
+//! - [`tree`]: `Entry` and `Snapshot`, what a scan sees.
+//! - [`reconcile`]: three-way reconciliation into a `Plan` of ops, conflicts and problems,
+//!   or a `Halt`; and the ancestor after the plan was applied.
+//! - [`symlink`]: which symlink targets are portable.
+//! - [`ignore`]: gitignore-syntax ignores, VCS directories, nested `.gitignore` files.
+//! - [`delta`]: rsync-style signatures, deltas and bounded patching.
+//!
+//! Shells (real filesystem; never called from simulated code):
+//! - [`scan`]: walk a root into a `Snapshot`, with a content-hash cache and parallel hashing.
+//! - [`apply`]: apply one op to a root atomically, re-checking what it replaces or deletes.
+
+pub mod apply;
+pub mod delta;
+pub mod ignore;
+pub mod path;
+pub mod reconcile;
+pub mod scan;
+pub mod symlink;
+pub mod tree;
+
+pub use path::{PathError, RelPath};
+pub use reconcile::{
+    ancestor_after, apply_to_snapshot, reconcile, Applied, Conflict, ConflictReason, Halt,
+    HaltReason, Mode, Op, Plan, Problem, ProblemReason, Side,
+};
+pub use tree::{content_hash, ContentHash, Entry, Snapshot, SnapshotError};
