@@ -276,9 +276,15 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
             out.flush()?;
         }
         tracing::info!(%local, %workspace, home = %home.display(), key = %identity.fingerprint(), "serving");
-        let spawner = OsSpawner { shell, home, env };
+        let spawner = OsSpawner { shell, home: home.clone(), env };
         let exec = ExecActor::new(Rc::new(spawner)).start();
-        let served = Served { workspace, trust: trust.clone(), exec: exec.clone() };
+        let served = Served {
+            workspace,
+            trust: trust.clone(),
+            exec: exec.clone(),
+            home,
+            sync_permits: Arc::new(tokio::sync::Semaphore::new(crate::sync::SYNC_STREAMS_MAX)),
+        };
         let accept = tokio::spawn(accept_loop(endpoint.clone(), served));
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {

@@ -5,3 +5,4 @@ pub mod app;
 pub mod serve;
 pub mod spawn;
 pub mod state;
+pub mod sync;

@@ -67,6 +67,10 @@ pub struct Served {
     pub workspace: String,
     pub trust: Arc<dyn Trust>,
     pub exec: Addr<ExecActor>,
+    /// The workspace home: sync roots are resolved inside it.
+    pub home: std::path::PathBuf,
+    /// Sync streams served at once ([`crate::sync::SYNC_STREAMS_MAX`]).
+    pub sync_permits: Arc<tokio::sync::Semaphore>,
 }
 
 fn unix_now() -> u64 {
@@ -135,6 +139,29 @@ async fn serve_connection(conn: quinn::Connection, served: Served) {
                     send: Box::new(send),
                     recv: Box::new(recv),
                 });
+            }
+            Ok(Ok(Some(StreamOpen::Sync(open)))) => {
+                match served.sync_permits.clone().try_acquire_owned() {
+                    Ok(permit) => {
+                        let home = served.home.clone();
+                        tokio::spawn(async move {
+                            crate::sync::serve(open, home, send, recv).await;
+                            drop(permit);
+                        });
+                    }
+                    Err(_) => {
+                        let mut send = send;
+                        let reason = format!(
+                            "the workspace serves {} sync sessions, the most it allows",
+                            crate::sync::SYNC_STREAMS_MAX
+                        );
+                        let _ = write_frame(
+                            &mut send,
+                            &cs_protocol::sync::SyncReply::Refused { reason },
+                        )
+                        .await;
+                    }
+                }
             }
             Ok(Ok(None)) => {}
             Ok(Err(e)) => {

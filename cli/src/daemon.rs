@@ -141,6 +141,7 @@ pub fn run(home: CsHome) -> anyhow::Result<()> {
         let listener = UnixListener::bind(&sock).with_context(|| format!("cannot listen on {}", sock.display()))?;
         std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600))?;
         let hub = Hub { identity, links: BTreeMap::new() }.start();
+        let sync = crate::sync::hub::SyncHub::new(home.clone(), hub.clone()).start();
         let build = build_id();
         tracing::info!(pid = std::process::id(), %build, socket = %sock.display(), "daemon serving");
         let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(CLIENTS_MAX));
@@ -160,9 +161,9 @@ pub fn run(home: CsHome) -> anyhow::Result<()> {
                 }
             };
             let Ok(permit) = permits.clone().acquire_owned().await else { break };
-            let (hub, home, build, stop_tx) = (hub.clone(), home.clone(), build.clone(), stop_tx.clone());
+            let (hub, sync, home, build, stop_tx) = (hub.clone(), sync.clone(), home.clone(), build.clone(), stop_tx.clone());
             tokio::spawn(async move {
-                if let Err(e) = serve_client(stream, hub, home, build, stop_tx).await {
+                if let Err(e) = serve_client(stream, hub, sync, home, build, stop_tx).await {
                     tracing::debug!(error = %e, "client ended");
                 }
                 drop(permit);
@@ -177,6 +178,7 @@ pub fn run(home: CsHome) -> anyhow::Result<()> {
 async fn serve_client(
     mut stream: UnixStream,
     hub: Addr<Hub>,
+    sync: Addr<crate::sync::hub::SyncHub>,
     home: CsHome,
     build: String,
     stop: tokio::sync::mpsc::Sender<()>,
@@ -213,6 +215,25 @@ async fn serve_client(
             };
             write_frame(&mut stream, &Reply::Status(status)).await?;
         }
+        Request::Sync { build: client, .. } if client != build => {
+            write_frame(
+                &mut stream,
+                &Reply::WrongBuild {
+                    daemon_build: build,
+                },
+            )
+            .await?;
+        }
+        Request::Sync { cmd, .. } => {
+            let reply = match sync.send(crate::sync::hub::Command(cmd)).await {
+                Ok(Ok(a)) => Reply::Sync(a),
+                Ok(Err(message)) => Reply::Error { message },
+                Err(e) => Reply::Error {
+                    message: format!("the sync sessions stopped: {e}"),
+                },
+            };
+            write_frame(&mut stream, &reply).await?;
+        }
         Request::Forget { sandbox } => {
             hub.send(Forget(sandbox)).await?;
             write_frame(&mut stream, &Reply::Done).await?;
@@ -246,6 +267,16 @@ async fn open_stream(
     workspace: &str,
     open: &cs_protocol::StreamOpen,
 ) -> Result<Opened, String> {
+    let (link, name, addr) = link_for(hub, home, workspace).await?;
+    open_on_link(&link, &name, &addr, open).await
+}
+
+/// The link of `workspace` (`SANDBOX/WORKSPACE`), with its name and address for messages.
+pub async fn link_for(
+    hub: &Addr<Hub>,
+    home: &CsHome,
+    workspace: &str,
+) -> Result<(Addr<Link>, String, String), String> {
     let reg = home.registry().map_err(|e| format!("{e:#}"))?;
     let (key, target) = reg.resolve(Some(workspace)).map_err(|e| format!("{e:#}"))?;
     let addr = target.addr.to_string();
@@ -253,7 +284,7 @@ async fn open_stream(
         .send(Route(key.clone(), target))
         .await
         .map_err(|e| e.to_string())??;
-    open_on_link(&link, &key.to_string(), &addr, open).await
+    Ok((link, key.to_string(), addr))
 }
 
 /// Copies bytes both ways until both directions are done.

@@ -8,4 +8,5 @@ pub mod home;
 pub mod link;
 pub mod sandbox;
 pub mod ssh;
+pub mod sync;
 pub mod wire;

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use anyhow::bail;
 use clap::{Parser, Subcommand};
 use cs_cli::home::CsHome;
-use cs_cli::{client, daemon, sandbox, ssh, wire};
+use cs_cli::{client, daemon, sandbox, ssh, sync, wire};
 
 /// Edit on your laptop, build and run in a cloud workspace.
 #[derive(Debug, Parser)]
@@ -41,6 +41,22 @@ enum Cmd {
         /// The command; its words are joined with spaces and run by the workspace's shell.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         command: Vec<String>,
+    },
+    /// Continuous two-way sync between a local directory and a workspace (Mutagen's flags
+    /// after `--`), e.g. `cs mutagen ~/backend jack/backend:backend -- --ignore-vcs`.
+    Mutagen {
+        /// The local directory (alpha).
+        local: String,
+        /// SANDBOX/WORKSPACE:PATH (beta); PATH is relative to the workspace home, or ~/PATH.
+        target: String,
+        /// Mutagen-style flags: --name, --sync-mode, --ignore, --ignore-vcs, --ignore-gitignored.
+        #[arg(last = true, allow_hyphen_values = true)]
+        flags: Vec<String>,
+    },
+    /// Continuous sync sessions: create, list, monitor, flush, pause, resume, reset, terminate.
+    Sync {
+        #[command(subcommand)]
+        cmd: SyncCmd,
     },
     /// Create (once) the local sandbox `demo` and run a command in it.
     Demo,
@@ -84,6 +100,64 @@ enum SandboxCmd {
     Delete { name: String },
     /// Make SANDBOX/WORKSPACE the default for -W.
     Use { target: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum SyncCmd {
+    /// Start syncing LOCAL with SANDBOX/WORKSPACE:PATH; prints the session's name.
+    Create {
+        local: String,
+        target: String,
+        /// Session name (default: from the local directory's name).
+        #[arg(long)]
+        name: Option<String>,
+        /// two-way-safe (default), two-way-resolved, one-way-safe or one-way-replica.
+        #[arg(long, alias = "sync-mode")]
+        mode: Option<String>,
+        /// Gitignore-syntax pattern to ignore (repeatable).
+        #[arg(long)]
+        ignore: Vec<String>,
+        /// Ignore version-control directories (.git, .hg, ...).
+        #[arg(long)]
+        ignore_vcs: bool,
+        /// Honour the tree's own .gitignore files.
+        #[arg(long)]
+        ignore_gitignored: bool,
+    },
+    /// Every session: endpoints, mode, state, conflicts, problems, last error.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// A session's live status until Ctrl-C.
+    Monitor {
+        name: String,
+    },
+    /// Return once both sides of the session agree.
+    Flush {
+        name: String,
+    },
+    Pause {
+        name: String,
+    },
+    /// Resume a paused or halted session.
+    Resume {
+        name: String,
+    },
+    /// Forget what the session last agreed on; the next cycle starts from scratch.
+    Reset {
+        name: String,
+    },
+    /// Stop the session and forget it (files stay as they are).
+    Terminate {
+        name: String,
+    },
+    /// Each conflict with both sides' size, hash and type.
+    Conflicts {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -203,6 +277,55 @@ async fn run_async(home: CsHome, cmd: Cmd) -> anyhow::Result<i32> {
                 ssh::PtyMode::Auto
             };
             ssh::run(&home, &r.to_string(), command, mode, true).await
+        }
+        Cmd::Mutagen {
+            local,
+            target,
+            flags,
+        } => {
+            let mut args = sync::commands::CreateArgs {
+                local,
+                target,
+                ..Default::default()
+            };
+            args.add_flags(&flags)?;
+            sync::commands::create(&home, args).await?;
+            Ok(0)
+        }
+        Cmd::Sync { cmd } => {
+            use cs_cli::wire::SyncCommand as C;
+            use sync::commands as c;
+            match cmd {
+                SyncCmd::Create {
+                    local,
+                    target,
+                    name,
+                    mode,
+                    ignore,
+                    ignore_vcs,
+                    ignore_gitignored,
+                } => {
+                    let args = c::CreateArgs {
+                        local,
+                        target,
+                        name,
+                        mode,
+                        ignore,
+                        ignore_vcs,
+                        ignore_gitignored,
+                    };
+                    c::create(&home, args).await?
+                }
+                SyncCmd::List { json } => c::list(&home, json).await?,
+                SyncCmd::Monitor { name } => c::monitor(&home, &name).await?,
+                SyncCmd::Flush { name } => c::flush(&home, &name).await?,
+                SyncCmd::Pause { name } => c::control(&home, C::Pause(name)).await?,
+                SyncCmd::Resume { name } => c::control(&home, C::Resume(name)).await?,
+                SyncCmd::Reset { name } => c::control(&home, C::Reset(name)).await?,
+                SyncCmd::Terminate { name } => c::control(&home, C::Terminate(name)).await?,
+                SyncCmd::Conflicts { name, json } => c::conflicts(&home, &name, json).await?,
+            }
+            Ok(0)
         }
         Cmd::Demo => demo(&home).await,
         Cmd::Daemon {

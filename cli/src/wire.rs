@@ -2,6 +2,8 @@
 //! socket carries the opened QUIC stream's bytes unchanged, end to end.
 
 use cs_protocol::StreamOpen;
+
+use crate::sync::{ConflictView, SyncSpec, SyncStatus};
 use serde::{Deserialize, Serialize};
 
 /// `cs` to the daemon.
@@ -17,6 +19,8 @@ pub enum Request {
     Status { build: String },
     /// Close the links of a sandbox that is being deleted.
     Forget { sandbox: String },
+    /// Act on sync sessions.
+    Sync { build: String, cmd: SyncCommand },
     /// Exit.
     Stop,
 }
@@ -27,6 +31,7 @@ pub enum Reply {
     /// The stream is open; from now on the socket carries its bytes.
     Opened,
     Status(DaemonStatus),
+    Sync(SyncAnswer),
     Done,
     /// The daemon runs another build of cs and must be restarted.
     WrongBuild {
@@ -35,6 +40,30 @@ pub enum Reply {
     Error {
         message: String,
     },
+}
+
+/// What `cs sync` asks of the daemon.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum SyncCommand {
+    Create(SyncSpec),
+    List,
+    /// Answer once a full cycle found both sides in agreement.
+    Flush(String),
+    Pause(String),
+    Resume(String),
+    /// Forget the ancestor: the next cycle reconciles from scratch (nothing is deleted).
+    Reset(String),
+    Terminate(String),
+    Conflicts(String),
+}
+
+/// The daemon's answers to [`SyncCommand`]s.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum SyncAnswer {
+    Created(String),
+    List(Vec<SyncStatus>),
+    Conflicts(Vec<ConflictView>),
+    Done,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -106,6 +106,8 @@ pub fn lost_finished(
                         workspace: "dev".into(),
                         trust,
                         exec,
+                        home: std::path::PathBuf::from("/nonexistent/sim-home"),
+                        sync_permits: Arc::new(tokio::sync::Semaphore::new(1)),
                     },
                 )
                 .await;

@@ -10,6 +10,7 @@
 //!
 //! One crypto provider (ring) is used everywhere; nothing here reads a global default.
 
+pub mod chunks;
 pub mod endpoint;
 pub mod framed;
 pub mod identity;

@@ -8,13 +8,14 @@ pub mod canary;
 pub mod codec;
 pub mod exec;
 pub mod hello;
+pub mod sync;
 
 pub use canary::Canary;
 pub use codec::{decode, encode_frame, DecodeError, EncodeError, FrameDecoder, FRAME_BYTES_MAX};
 
 /// The wire protocol version. Bump it on any incompatible change to a message in this crate;
 /// peers with different versions refuse each other in the hello with both numbers named.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// The version of the software, for messages that name it to a person.
 pub const SOFTWARE_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -32,4 +33,6 @@ pub const DATA_CHUNK_BYTES_MAX: usize = 64 * 1024;
 pub enum StreamOpen {
     /// Run a command (or a login shell) in the workspace.
     Exec(exec::ExecStart),
+    /// Serve one sync session's workspace side.
+    Sync(sync::SyncOpen),
 }

@@ -1,0 +1,357 @@
+//! The `cs sync` and `cs mutagen` commands: validate what the user asked for, then hand it to
+//! the daemon, which owns the sessions.
+
+use std::path::Path;
+
+use anyhow::{bail, Context as _};
+use cs_protocol::sync::IgnoreSpec;
+
+use super::{mode_name, parse_mode, SyncSpec, SyncStatus};
+use crate::home::{check_name, CsHome};
+use crate::wire::{build_id, Reply, Request, SyncAnswer, SyncCommand};
+
+/// How often `cs sync monitor` and `cs sync flush` look at a session.
+const POLL_MS: u64 = 250;
+
+/// What `cs sync create` and `cs mutagen` were given, before validation.
+#[derive(Debug, Clone, Default)]
+pub struct CreateArgs {
+    pub local: String,
+    pub target: String,
+    pub name: Option<String>,
+    pub mode: Option<String>,
+    pub ignore: Vec<String>,
+    pub ignore_vcs: bool,
+    pub ignore_gitignored: bool,
+}
+
+impl CreateArgs {
+    /// Adds Mutagen-style flags (what follows `--` in `cs mutagen`). An unknown flag is refused
+    /// by name.
+    pub fn add_flags(&mut self, flags: &[String]) -> anyhow::Result<()> {
+        let mut it = flags.iter();
+        while let Some(f) = it.next() {
+            let (key, inline) = match f.split_once('=') {
+                Some((k, v)) => (k, Some(v.to_string())),
+                None => (f.as_str(), None),
+            };
+            let mut value = || -> anyhow::Result<String> {
+                match &inline {
+                    Some(v) => Ok(v.clone()),
+                    None => it
+                        .next()
+                        .cloned()
+                        .with_context(|| format!("flag '{key}' needs a value")),
+                }
+            };
+            match key {
+                "--name" | "-n" => self.name = Some(value()?),
+                "--mode" | "--sync-mode" | "-m" => self.mode = Some(value()?),
+                "--ignore" | "-i" => self.ignore.push(value()?),
+                "--ignore-vcs" => self.ignore_vcs = true,
+                "--no-ignore-vcs" => self.ignore_vcs = false,
+                "--ignore-gitignored" => self.ignore_gitignored = true,
+                other => bail!(
+                    "unsupported sync flag '{other}': cs accepts --name, --sync-mode, --ignore, --ignore-vcs, --no-ignore-vcs and --ignore-gitignored"
+                ),
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks everything and returns the spec the daemon will run.
+    pub fn into_spec(self, home: &CsHome) -> anyhow::Result<SyncSpec> {
+        let local = Path::new(&self.local);
+        let meta = std::fs::metadata(local)
+            .with_context(|| format!("local path '{}' cannot be synced", self.local))?;
+        if !meta.is_dir() {
+            bail!(
+                "local path '{}' is not a directory: sync roots are directories",
+                self.local
+            );
+        }
+        let local = local
+            .canonicalize()
+            .with_context(|| format!("cannot resolve local path '{}'", self.local))?;
+        let Some((ws, remote)) = self.target.split_once(':') else {
+            bail!(
+                "invalid target '{}': expected SANDBOX/WORKSPACE:PATH",
+                self.target
+            );
+        };
+        let reg = home.registry()?;
+        let (wsref, _) = reg.resolve(Some(ws))?;
+        check_remote_path(remote)?;
+        let mode = match &self.mode {
+            Some(m) => parse_mode(m).map_err(anyhow::Error::msg)?,
+            None => cs_sync::Mode::default(),
+        };
+        let name = match self.name {
+            Some(n) => {
+                check_name("sync session", &n)?;
+                n
+            }
+            None => default_name(&local),
+        };
+        // Patterns are checked now, so a typo is an error here and not a dead session.
+        cs_sync::ignore::Ignorer::new(&self.ignore, self.ignore_vcs, self.ignore_gitignored)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        Ok(SyncSpec {
+            name,
+            local,
+            workspace: wsref.to_string(),
+            remote: remote.to_string(),
+            mode,
+            ignore: IgnoreSpec {
+                patterns: self.ignore,
+                vcs: self.ignore_vcs,
+                gitignored: self.ignore_gitignored,
+            },
+            paused: false,
+        })
+    }
+}
+
+/// A workspace path must stay in the workspace home: relative, or `~/...`, no `..`.
+pub fn check_remote_path(p: &str) -> anyhow::Result<()> {
+    let rel = p
+        .strip_prefix("~/")
+        .unwrap_or(if p == "~" { "" } else { p });
+    if rel.starts_with('/') {
+        bail!("invalid workspace path '{p}': give it relative to the workspace home, or as ~/PATH");
+    }
+    if rel.split('/').any(|c| c == "..") {
+        bail!("invalid workspace path '{p}': '..' would leave the workspace home");
+    }
+    if p.contains('\0') {
+        bail!("invalid workspace path '{p}': it contains a NUL byte");
+    }
+    Ok(())
+}
+
+/// A session name from the local directory's name: lowercase, with other characters as '-'.
+fn default_name(local: &Path) -> String {
+    let base = local
+        .file_name()
+        .map(|n| n.to_string_lossy().to_lowercase())
+        .unwrap_or_default();
+    let mut name: String = base
+        .chars()
+        .map(|c| {
+            if c.is_ascii_lowercase() || c.is_ascii_digit() {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    name = name.trim_matches('-').chars().take(50).collect();
+    if name.is_empty() {
+        name = "sync".into();
+    }
+    name
+}
+
+async fn ask(home: &CsHome, cmd: SyncCommand) -> anyhow::Result<SyncAnswer> {
+    let (_, reply) = crate::client::request(
+        home,
+        &Request::Sync {
+            build: build_id(),
+            cmd,
+        },
+    )
+    .await?;
+    match reply {
+        Reply::Sync(a) => Ok(a),
+        Reply::Error { message } => bail!("{message}"),
+        other => bail!("unexpected reply from the cs daemon: {other:?}"),
+    }
+}
+
+/// `cs sync create` / `cs mutagen`: prints the session's name.
+pub async fn create(home: &CsHome, args: CreateArgs) -> anyhow::Result<()> {
+    let spec = args.into_spec(home)?;
+    match ask(home, SyncCommand::Create(spec)).await? {
+        SyncAnswer::Created(name) => {
+            println!("{name}");
+            Ok(())
+        }
+        other => bail!("unexpected reply from the cs daemon: {other:?}"),
+    }
+}
+
+async fn list_sessions(home: &CsHome) -> anyhow::Result<Vec<SyncStatus>> {
+    match ask(home, SyncCommand::List).await? {
+        SyncAnswer::List(l) => Ok(l),
+        other => bail!("unexpected reply from the cs daemon: {other:?}"),
+    }
+}
+
+fn status_line(s: &SyncStatus) -> String {
+    let mut extra = String::new();
+    if let Some(h) = &s.halted {
+        extra.push_str(&format!(" HALTED: {h}"));
+    }
+    if let Some(e) = &s.last_error {
+        extra.push_str(&format!(" (last error: {e})"));
+    }
+    format!(
+        "{:<16} {:<11} {} <-> {} [{}] conflicts {} problems {} cycles {}{extra}",
+        s.name, s.state, s.alpha, s.beta, s.mode, s.conflicts, s.problems, s.cycles
+    )
+}
+
+/// `cs sync list [--json]`.
+pub async fn list(home: &CsHome, json: bool) -> anyhow::Result<()> {
+    let l = list_sessions(home).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&l)?);
+    } else if l.is_empty() {
+        println!("no sync sessions; create one with `cs sync create LOCAL SANDBOX/WORKSPACE:PATH`");
+    } else {
+        for s in &l {
+            println!("{}", status_line(s));
+        }
+    }
+    Ok(())
+}
+
+/// `cs sync pause|resume|reset|terminate NAME`.
+pub async fn control(home: &CsHome, cmd: SyncCommand) -> anyhow::Result<()> {
+    match ask(home, cmd).await? {
+        SyncAnswer::Done => Ok(()),
+        other => bail!("unexpected reply from the cs daemon: {other:?}"),
+    }
+}
+
+/// `cs sync flush NAME`: returns once a full cycle found both sides in agreement.
+pub async fn flush(home: &CsHome, name: &str) -> anyhow::Result<()> {
+    match ask(home, SyncCommand::Flush(name.to_string())).await? {
+        SyncAnswer::Done => Ok(()),
+        other => bail!("unexpected reply from the cs daemon: {other:?}"),
+    }
+}
+
+/// `cs sync conflicts NAME [--json]`.
+pub async fn conflicts(home: &CsHome, name: &str, json: bool) -> anyhow::Result<()> {
+    let list = match ask(home, SyncCommand::Conflicts(name.to_string())).await? {
+        SyncAnswer::Conflicts(c) => c,
+        other => bail!("unexpected reply from the cs daemon: {other:?}"),
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&list)?);
+    } else if list.is_empty() {
+        println!("no conflicts in {name}");
+    } else {
+        for c in &list {
+            println!("{} ({})", c.path, c.reason);
+            println!("  ancestor: {}", c.ancestor);
+            println!("  alpha:    {}", c.alpha);
+            println!("  beta:     {}", c.beta);
+        }
+    }
+    Ok(())
+}
+
+/// `cs sync monitor NAME`: the session's live status until Ctrl-C.
+pub async fn monitor(home: &CsHome, name: &str) -> anyhow::Result<()> {
+    let start = tokio::time::Instant::now();
+    let mut last = String::new();
+    loop {
+        let l = list_sessions(home).await?;
+        let Some(s) = l.iter().find(|s| s.name == name) else {
+            bail!(
+                "unknown sync session '{name}'; known: {}",
+                l.iter()
+                    .map(|s| s.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        };
+        let secs = start.elapsed().as_secs_f64().max(1e-3);
+        let line = format!(
+            "{} | to beta {} files {} | to alpha {} files {} | {:.1} MB/s",
+            status_line(s),
+            s.files_to_beta,
+            human_bytes(s.bytes_to_beta),
+            s.files_to_alpha,
+            human_bytes(s.bytes_to_alpha),
+            (s.bytes_to_alpha + s.bytes_to_beta) as f64 / 1e6 / secs
+        );
+        if line != last {
+            println!("{line}");
+            last = line;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(POLL_MS)).await;
+    }
+}
+
+fn human_bytes(b: u64) -> String {
+    match b {
+        b if b >= 1 << 30 => format!("{:.2} GiB", b as f64 / f64::from(1u32 << 30)),
+        b if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / f64::from(1u32 << 20)),
+        b if b >= 1 << 10 => format!("{:.1} KiB", b as f64 / 1024.0),
+        b => format!("{b} B"),
+    }
+}
+
+/// For messages: the mode a spec runs in.
+pub fn describe(spec: &SyncSpec) -> String {
+    format!(
+        "{} {} <-> {}",
+        mode_name(spec.mode),
+        spec.local.display(),
+        spec.beta()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn remote_paths_stay_in_the_home() {
+        for ok in ["src", "~/src", "a/b", "~", "."] {
+            check_remote_path(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        for bad in ["/etc", "../x", "~/../x", "a/../../b"] {
+            let e = check_remote_path(bad).unwrap_err().to_string();
+            assert!(e.contains(bad), "{e}");
+        }
+    }
+
+    #[test]
+    fn mutagen_flags_parse_and_unknown_ones_are_refused_by_name() {
+        let mut a = CreateArgs::default();
+        a.add_flags(&[
+            "--ignore-vcs".into(),
+            "--ignore=*.tmp".into(),
+            "--ignore".into(),
+            "build/".into(),
+            "--sync-mode=one-way-replica".into(),
+        ])
+        .unwrap();
+        assert!(a.ignore_vcs);
+        assert_eq!(a.ignore, vec!["*.tmp", "build/"]);
+        assert_eq!(a.mode.as_deref(), Some("one-way-replica"));
+        let e = a
+            .add_flags(&["--symlink-mode=posix-raw".into()])
+            .unwrap_err();
+        assert!(e.to_string().contains("--symlink-mode"), "{e}");
+        let e = a.add_flags(&["--ignore".into()]).unwrap_err();
+        assert!(e.to_string().contains("--ignore"), "{e}");
+    }
+
+    #[test]
+    fn default_names_are_valid_session_names() {
+        for (dir, want) in [
+            ("/home/jack/Backend", "backend"),
+            ("/x/my_app.v2", "my-app-v2"),
+            ("/", "sync"),
+        ] {
+            let n = default_name(Path::new(dir));
+            assert_eq!(n, want);
+            check_name("sync session", &n).unwrap();
+        }
+    }
+}

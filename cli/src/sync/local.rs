@@ -1,0 +1,108 @@
+//! The laptop side's filesystem work for a session, off the actor thread: scans and applies
+//! run on blocking threads (cs-sync's `scan` and `apply` shells), and a `notify` watcher turns
+//! filesystem events into wake-ups.
+
+use std::path::{Path, PathBuf};
+
+use cs_sync::ignore::Ignorer;
+use cs_sync::scan::HashCache;
+use cs_sync::{Op, Snapshot};
+use futures_util::future::LocalBoxFuture;
+use tokio::sync::mpsc;
+
+/// Wake-ups queued from the watcher; more are merged (one is enough to start a cycle).
+const EVENTS_QUEUED_MAX: usize = 1;
+
+/// Scans `root`. Returns the snapshot, the cache for the next scan and how many problems the
+/// scan reported.
+pub async fn scan(
+    root: PathBuf,
+    ignorer: Ignorer,
+    cache: HashCache,
+) -> Result<(Snapshot, HashCache, usize), String> {
+    tokio::task::spawn_blocking(move || cs_sync::scan::scan(&root, &ignorer, &cache))
+        .await
+        .map_err(|e| format!("scan task failed: {e}"))?
+        .map(|o| (o.snapshot, o.cache, o.problems.len()))
+        .map_err(|e| e.to_string())
+}
+
+/// Applies an op that needs no content.
+pub async fn apply(root: PathBuf, op: Op) -> Result<(), String> {
+    tokio::task::spawn_blocking(move || cs_sync::apply::apply(&root, &op, None))
+        .await
+        .map_err(|e| format!("apply task failed: {e}"))?
+        .map_err(|e| e.to_string())
+}
+
+/// Applies a file op whose content is still arriving: feed the chunks to the sender, drop it
+/// at the end, then await the result.
+pub fn apply_streaming(
+    root: PathBuf,
+    op: Op,
+) -> (
+    mpsc::Sender<Vec<u8>>,
+    LocalBoxFuture<'static, Result<(), String>>,
+) {
+    let (tx, mut reader) = cs_transport::chunks::ChunkReader::channel();
+    let task = tokio::task::spawn_blocking(move || {
+        let r = cs_sync::apply::apply(&root, &op, Some(&mut reader));
+        // Drain what is left so the sender never blocks on a refused op.
+        let _ = std::io::copy(&mut reader, &mut std::io::sink());
+        r
+    });
+    (
+        tx,
+        Box::pin(async move {
+            task.await
+                .map_err(|e| format!("apply task failed: {e}"))?
+                .map_err(|e| e.to_string())
+        }),
+    )
+}
+
+/// Watches a root recursively; each burst of events becomes one wake-up.
+#[derive(Debug)]
+pub struct Watcher {
+    _inner: notify::RecommendedWatcher,
+    rx: mpsc::Receiver<()>,
+}
+
+impl Watcher {
+    pub fn new(root: &Path) -> Result<Self, String> {
+        use notify::Watcher as _;
+        let (tx, rx) = mpsc::channel(EVENTS_QUEUED_MAX);
+        let mut w = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+            // Access events (reads, opens) change nothing.
+            if let Ok(e) = &ev {
+                if matches!(e.kind, notify::EventKind::Access(_)) {
+                    return;
+                }
+            }
+            let _ = tx.try_send(());
+        })
+        .map_err(|e| e.to_string())?;
+        w.watch(root, notify::RecursiveMode::Recursive)
+            .map_err(|e| e.to_string())?;
+        Ok(Self { _inner: w, rx })
+    }
+}
+
+/// Waits for the next wake-up; forever when there is no watcher (rescans still run).
+pub async fn next_event(w: &mut Result<Watcher, String>) {
+    match w {
+        Ok(w) => {
+            if w.rx.recv().await.is_none() {
+                std::future::pending::<()>().await
+            }
+        }
+        Err(_) => std::future::pending::<()>().await,
+    }
+}
+
+/// Forgets wake-ups that arrived while a cycle was about to start anyway.
+pub fn drain_events(w: &mut Result<Watcher, String>) {
+    if let Ok(w) = w {
+        while w.rx.try_recv().is_ok() {}
+    }
+}

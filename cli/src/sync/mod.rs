@@ -1,0 +1,120 @@
+//! Continuous sync sessions (`cs sync`, `cs mutagen`): their specs, status and the commands
+//! that drive them. Sessions live in the laptop daemon ([`hub::SyncHub`]); each runs the loop
+//! of [`session`]: scan both sides, reconcile against the ancestor, move what changed, wait for
+//! the next change.
+
+pub mod commands;
+pub mod hub;
+pub mod local;
+pub mod session;
+
+use std::path::PathBuf;
+
+use cs_protocol::sync::IgnoreSpec;
+use cs_sync::Mode;
+use serde::{Deserialize, Serialize};
+
+/// Sessions one daemon runs at most.
+pub const SESSIONS_MAX: usize = 64;
+
+/// What a session syncs, as created; persisted by the daemon so sessions outlive it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncSpec {
+    pub name: String,
+    /// Alpha: an absolute directory on this laptop.
+    pub local: PathBuf,
+    /// Beta: `SANDBOX/WORKSPACE`.
+    pub workspace: String,
+    /// Beta's root in the workspace: relative to its home, or `~/...`.
+    pub remote: String,
+    pub mode: Mode,
+    pub ignore: IgnoreSpec,
+    pub paused: bool,
+}
+
+impl SyncSpec {
+    /// `SANDBOX/WORKSPACE:PATH`, as the user wrote it.
+    pub fn beta(&self) -> String {
+        format!("{}:{}", self.workspace, self.remote)
+    }
+}
+
+/// A session's state, as `cs sync list` shows it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncStatus {
+    pub name: String,
+    pub alpha: String,
+    pub beta: String,
+    pub mode: String,
+    /// connecting, scanning, reconciling, transferring, watching, paused, halted, error.
+    pub state: String,
+    /// Sync cycles completed.
+    pub cycles: u64,
+    pub conflicts: usize,
+    pub problems: usize,
+    pub last_error: Option<String>,
+    /// Why the session halted instead of propagating a wipe (`cs sync resume` after checking).
+    pub halted: Option<String>,
+    pub files_to_beta: u64,
+    pub files_to_alpha: u64,
+    pub bytes_to_beta: u64,
+    pub bytes_to_alpha: u64,
+    /// Entries in the last agreed tree.
+    pub entries: usize,
+}
+
+/// One conflict, as `cs sync conflicts` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConflictView {
+    pub path: String,
+    pub reason: String,
+    pub ancestor: String,
+    pub alpha: String,
+    pub beta: String,
+}
+
+impl ConflictView {
+    pub fn of(c: &cs_sync::Conflict) -> Self {
+        let show = |e: &Option<cs_sync::Entry>| match e {
+            None => "absent".to_string(),
+            Some(cs_sync::Entry::Dir) => "directory".to_string(),
+            Some(cs_sync::Entry::Symlink { target }) => format!("symlink -> {target}"),
+            Some(cs_sync::Entry::Problem { reason }) => format!("unsyncable: {reason}"),
+            Some(cs_sync::Entry::File { size, exec, hash }) => format!(
+                "file {size} bytes{} blake3:{}",
+                if *exec { " executable" } else { "" },
+                cs_sync::delta::short_hex(hash)
+            ),
+        };
+        Self {
+            path: c.path.to_string(),
+            reason: format!("{:?}", c.reason),
+            ancestor: show(&c.ancestor),
+            alpha: show(&c.alpha),
+            beta: show(&c.beta),
+        }
+    }
+}
+
+/// Parses a mode as Mutagen spells it.
+pub fn parse_mode(s: &str) -> Result<Mode, String> {
+    match s {
+        "two-way-safe" => Ok(Mode::TwoWaySafe),
+        "two-way-resolved" => Ok(Mode::TwoWayResolved),
+        "one-way-safe" => Ok(Mode::OneWaySafe),
+        "one-way-replica" => Ok(Mode::OneWayReplica),
+        other => Err(format!(
+            "unknown sync mode '{other}': expected two-way-safe, two-way-resolved, one-way-safe or one-way-replica"
+        )),
+    }
+}
+
+/// A mode as Mutagen spells it.
+pub fn mode_name(m: Mode) -> &'static str {
+    match m {
+        Mode::TwoWaySafe => "two-way-safe",
+        Mode::TwoWayResolved => "two-way-resolved",
+        Mode::OneWaySafe => "one-way-safe",
+        Mode::OneWayReplica => "one-way-replica",
+    }
+}

@@ -1,0 +1,594 @@
+//! One sync session's loop, in the laptop daemon. The laptop is alpha and the controller (as
+//! in Mutagen): each cycle scans both sides, reconciles them against the ancestor (the last
+//! tree both agreed on, persisted under `$CS_HOME/sync/NAME/`), sends beta's ops with their
+//! content, fetches alpha's content and applies alpha's ops, then records the new ancestor.
+//! Between cycles it waits for a filesystem event on either side, a command, or the periodic
+//! safety-net rescan. A lost stream is reopened with capped backoff; nothing is lost meanwhile,
+//! because the ancestor only moves for ops that were applied.
+
+use std::cell::RefCell;
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::time::Duration;
+
+use actix::Addr;
+use cs_protocol::sync::{SyncOpen, SyncReply, SyncRequest};
+use cs_protocol::{StreamOpen, DATA_CHUNK_BYTES_MAX};
+use cs_sync::scan::HashCache;
+use cs_sync::{Applied, Entry, Op, Plan, Snapshot};
+use cs_transport::{read_frame, write_frame};
+use tokio::sync::{mpsc, oneshot, Notify};
+
+use super::local;
+use super::SyncSpec;
+use super::SyncStatus;
+use crate::daemon::{link_for, Hub};
+use crate::home::CsHome;
+
+/// The periodic full rescan, in case an event was missed.
+pub const RESCAN_MS: u64 = 30_000;
+/// Reconnect delays double from the first to the cap.
+const RETRY_DELAY_MS_MIN: u64 = 200;
+const RETRY_DELAY_MS_MAX: u64 = 10_000;
+/// Ops sent in one `Apply`, and files asked for in one `Read`.
+const OPS_PER_BATCH_MAX: usize = 256;
+/// Replies buffered from the stream before the reader waits.
+const REPLIES_QUEUED_MAX: usize = 64;
+/// Entries one snapshot from the workspace may have.
+const SNAPSHOT_ENTRIES_MAX: usize = 4_000_000;
+/// How long filesystem events are gathered before a cycle starts.
+const COALESCE_MS: u64 = 10;
+
+/// What the hub can ask of a running session.
+#[derive(Debug)]
+pub enum Control {
+    /// Run a cycle now (a flush is waiting).
+    Wake,
+    Pause,
+    Resume,
+    /// Forget the ancestor (and a halt); the next cycle starts from scratch.
+    Reset,
+    Terminate,
+}
+
+/// State shared between a session and the hub that reports it.
+#[derive(Debug)]
+pub struct Shared {
+    pub status: RefCell<SyncStatus>,
+    pub conflicts: RefCell<Vec<cs_sync::Conflict>>,
+    /// `cs sync flush` callers, answered after the next cycle that finds nothing to do.
+    pub flush_waiters: RefCell<Vec<oneshot::Sender<Result<(), String>>>>,
+}
+
+impl Shared {
+    fn state(&self, s: &str) {
+        self.status.borrow_mut().state = s.into();
+    }
+
+    fn error(&self, e: &str) {
+        tracing::warn!(session = %self.status.borrow().name, error = %e, "sync error");
+        self.status.borrow_mut().last_error = Some(e.to_string());
+    }
+
+    fn answer_flushes(&self, r: Result<(), String>) {
+        for w in self.flush_waiters.borrow_mut().drain(..) {
+            let _ = w.send(r.clone());
+        }
+    }
+}
+
+/// Where a session keeps its ancestor.
+pub fn session_dir(home: &CsHome, name: &str) -> PathBuf {
+    home.dir.join("sync").join(name)
+}
+
+fn load_ancestor(dir: &std::path::Path) -> Snapshot {
+    let path = dir.join("ancestor.json");
+    match std::fs::read(&path) {
+        Ok(b) => serde_json::from_slice(&b).unwrap_or_else(|e| {
+            // A damaged ancestor only costs a full reconciliation, never content: with an
+            // empty ancestor nothing counts as deleted.
+            tracing::error!(path = %path.display(), error = %e, "unreadable ancestor; starting from scratch");
+            Snapshot::default()
+        }),
+        Err(_) => Snapshot::default(),
+    }
+}
+
+fn save_ancestor(dir: &std::path::Path, a: &Snapshot) -> Result<(), String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let path = dir.join("ancestor.json");
+    let bytes = serde_json::to_vec(a).map_err(|e| e.to_string())?;
+    cs_transport::identity::write_private(&path, &bytes)
+        .map_err(|e| format!("cannot save {}: {e}", path.display()))
+}
+
+/// Runs a session until it is terminated.
+pub async fn run(
+    spec: SyncSpec,
+    dir: PathBuf,
+    shared: Rc<Shared>,
+    mut control: mpsc::Receiver<Control>,
+    hub: Addr<Hub>,
+    home: CsHome,
+) {
+    let mut s = Session {
+        ignorer: match cs_sync::ignore::Ignorer::new(
+            &spec.ignore.patterns,
+            spec.ignore.vcs,
+            spec.ignore.gitignored,
+        ) {
+            Ok(i) => i,
+            Err(e) => {
+                shared.state("error");
+                shared.error(&e.to_string());
+                return;
+            }
+        },
+        ancestor: load_ancestor(&dir),
+        cache: HashCache::new(),
+        dir,
+        paused: spec.paused,
+        halted: false,
+        created: false,
+        spec,
+        shared,
+    };
+    let mut watcher = local::Watcher::new(&s.spec.local);
+    if let Err(e) = &watcher {
+        s.shared.error(&format!(
+            "cannot watch {}: {e}; relying on rescans",
+            s.spec.local.display()
+        ));
+    }
+    let mut failures = 0u32;
+    loop {
+        if s.paused || s.halted {
+            s.shared.state(if s.paused { "paused" } else { "halted" });
+            match control.recv().await {
+                None | Some(Control::Terminate) => return,
+                Some(c) => s.control(c),
+            }
+            continue;
+        }
+        s.shared.state("connecting");
+        let mut remote = match Remote::open(&s.spec, &hub, &home, !s.created).await {
+            Ok(r) => {
+                failures = 0;
+                s.created = true;
+                r
+            }
+            Err(e) => {
+                s.shared.error(&e);
+                s.shared
+                    .answer_flushes(Err(format!("cannot reach the workspace: {e}")));
+                failures += 1;
+                let delay = (RETRY_DELAY_MS_MIN << failures.min(16)).min(RETRY_DELAY_MS_MAX);
+                tokio::select! {
+                    biased;
+                    c = control.recv() => match c {
+                        None | Some(Control::Terminate) => return,
+                        Some(c) => s.control(c),
+                    },
+                    _ = tokio::time::sleep(Duration::from_millis(delay)) => {}
+                }
+                continue;
+            }
+        };
+        // Connected: cycle until the stream breaks or a command interrupts.
+        loop {
+            match s.cycle(&mut remote).await {
+                Ok(Outcome::Quiet) => {
+                    s.shared.status.borrow_mut().last_error = None;
+                    s.shared.answer_flushes(Ok(()));
+                }
+                Ok(Outcome::Moved { failed: false }) => continue,
+                Ok(Outcome::Moved { failed: true }) => {}
+                Ok(Outcome::Halted(why)) => {
+                    s.halted = true;
+                    s.shared.status.borrow_mut().halted = Some(why.clone());
+                    s.shared.answer_flushes(Err(why));
+                    break;
+                }
+                Err(CycleError::Local(e)) => {
+                    s.shared.error(&e);
+                }
+                Err(CycleError::Stream(e)) => {
+                    s.shared.error(&e);
+                    break;
+                }
+            }
+            s.shared.state("watching");
+            let stop = tokio::select! {
+                biased;
+                c = control.recv() => match c {
+                    None | Some(Control::Terminate) => return,
+                    Some(c) => { s.control(c); s.paused || s.halted }
+                },
+                _ = remote.changed.notified() => false,
+                _ = local::next_event(&mut watcher) => false,
+                _ = tokio::time::sleep(Duration::from_millis(RESCAN_MS)) => false,
+                _ = remote.lost.notified() => {
+                    s.shared.error("the connection to the workspace was lost");
+                    true
+                }
+            };
+            if stop {
+                break;
+            }
+            // Let a burst of events settle into one cycle.
+            tokio::time::sleep(Duration::from_millis(COALESCE_MS)).await;
+            local::drain_events(&mut watcher);
+        }
+    }
+}
+
+/// How a cycle ended.
+enum Outcome {
+    /// Both sides agreed: nothing moved.
+    Quiet,
+    /// Changes moved; run again to confirm, unless some failed (then wait for a change).
+    Moved { failed: bool },
+    /// A side was wiped; sync stopped instead of propagating it.
+    Halted(String),
+}
+
+enum CycleError {
+    /// The stream to the workspace broke.
+    Stream(String),
+    /// Something on the laptop failed (the local root cannot be scanned...).
+    Local(String),
+}
+
+struct Session {
+    spec: SyncSpec,
+    dir: PathBuf,
+    shared: Rc<Shared>,
+    ignorer: cs_sync::ignore::Ignorer,
+    ancestor: Snapshot,
+    cache: HashCache,
+    paused: bool,
+    halted: bool,
+    /// The workspace root was created (or found) by a first successful open.
+    created: bool,
+}
+
+impl Session {
+    fn control(&mut self, c: Control) {
+        match c {
+            Control::Wake | Control::Terminate => {}
+            Control::Pause => self.paused = true,
+            Control::Resume => {
+                self.paused = false;
+                self.halted = false;
+                self.shared.status.borrow_mut().halted = None;
+            }
+            Control::Reset => {
+                self.ancestor = Snapshot::default();
+                if let Err(e) = save_ancestor(&self.dir, &self.ancestor) {
+                    self.shared.error(&e);
+                }
+                self.halted = false;
+                self.shared.status.borrow_mut().halted = None;
+            }
+        }
+    }
+
+    async fn cycle(&mut self, remote: &mut Remote) -> Result<Outcome, CycleError> {
+        self.shared.state("scanning");
+        let (alpha, cache, local_problems) = local::scan(
+            self.spec.local.clone(),
+            self.ignorer.clone(),
+            self.cache.clone(),
+        )
+        .await
+        .map_err(CycleError::Local)?;
+        self.cache = cache;
+        let (beta, remote_problems) = remote.scan().await.map_err(CycleError::Stream)?;
+        self.shared.state("reconciling");
+        let plan = match cs_sync::reconcile(&self.ancestor, &alpha, &beta, self.spec.mode) {
+            Ok(p) => p,
+            Err(halt) => {
+                return Ok(Outcome::Halted(format!(
+                    "{halt}; restore it, or run `cs sync reset {}` to sync it from the other side",
+                    self.spec.name
+                )))
+            }
+        };
+        {
+            let mut st = self.shared.status.borrow_mut();
+            st.conflicts = plan.conflicts.len();
+            st.problems = plan.problems.len() + local_problems + remote_problems;
+        }
+        *self.shared.conflicts.borrow_mut() = plan.conflicts.clone();
+        if plan.is_empty() {
+            self.finish_cycle(&alpha);
+            return Ok(Outcome::Quiet);
+        }
+        self.shared.state("transferring");
+        let to_beta = self.send_to_beta(remote, &plan).await?;
+        let to_alpha = self.fetch_to_alpha(remote, &plan).await?;
+        let failed = to_beta.iter().chain(&to_alpha).any(|ok| !ok);
+        let applied = Applied { to_alpha, to_beta };
+        self.ancestor = cs_sync::ancestor_after(&self.ancestor, &plan, &applied);
+        save_ancestor(&self.dir, &self.ancestor).map_err(CycleError::Local)?;
+        self.finish_cycle(&alpha);
+        let moved = !plan.to_alpha.is_empty() || !plan.to_beta.is_empty();
+        Ok(if moved {
+            Outcome::Moved { failed }
+        } else {
+            Outcome::Quiet
+        })
+    }
+
+    fn finish_cycle(&self, alpha: &Snapshot) {
+        let mut st = self.shared.status.borrow_mut();
+        st.cycles += 1;
+        st.entries = alpha.len();
+    }
+
+    /// Sends beta's ops with their content. Returns which were applied.
+    async fn send_to_beta(
+        &mut self,
+        remote: &mut Remote,
+        plan: &Plan,
+    ) -> Result<Vec<bool>, CycleError> {
+        let mut applied = Vec::with_capacity(plan.to_beta.len());
+        for batch in plan.to_beta.chunks(OPS_PER_BATCH_MAX) {
+            remote
+                .send(&SyncRequest::Apply {
+                    ops: batch.to_vec(),
+                    deltas: Vec::new(),
+                })
+                .await?;
+            for op in batch {
+                if needs_content(op) {
+                    let path = op.path().to_fs_path(&self.spec.local);
+                    let sent = remote.send_file(path).await?;
+                    let mut st = self.shared.status.borrow_mut();
+                    st.files_to_beta += 1;
+                    st.bytes_to_beta += sent;
+                }
+            }
+            match remote.reply().await? {
+                SyncReply::Applied { errors } if errors.len() == batch.len() => {
+                    for (op, e) in batch.iter().zip(&errors) {
+                        if let Some(e) = e {
+                            tracing::info!(session = %self.spec.name, path = %op.path(), error = %e, "not applied in the workspace");
+                            self.shared.status.borrow_mut().last_error = Some(e.clone());
+                        }
+                    }
+                    applied.extend(errors.iter().map(Option::is_none));
+                }
+                other => return Err(unexpected(&other)),
+            }
+        }
+        Ok(applied)
+    }
+
+    /// Fetches the content alpha's ops need and applies them, in order.
+    async fn fetch_to_alpha(
+        &mut self,
+        remote: &mut Remote,
+        plan: &Plan,
+    ) -> Result<Vec<bool>, CycleError> {
+        let mut applied = Vec::with_capacity(plan.to_alpha.len());
+        for batch in plan.to_alpha.chunks(OPS_PER_BATCH_MAX) {
+            let files: Vec<_> = batch
+                .iter()
+                .filter(|op| needs_content(op))
+                .map(|op| (op.path().clone(), None))
+                .collect();
+            if !files.is_empty() {
+                remote.send(&SyncRequest::Read { files }).await?;
+            }
+            for op in batch {
+                let result = if needs_content(op) {
+                    match remote.reply().await? {
+                        SyncReply::File(Ok(())) => {
+                            let (tx, task) =
+                                local::apply_streaming(self.spec.local.clone(), op.clone());
+                            let bytes = remote.receive_file(tx).await?;
+                            let r = task.await;
+                            if r.is_ok() {
+                                let mut st = self.shared.status.borrow_mut();
+                                st.files_to_alpha += 1;
+                                st.bytes_to_alpha += bytes;
+                            }
+                            r
+                        }
+                        SyncReply::File(Err(e)) => Err(e),
+                        other => return Err(unexpected(&other)),
+                    }
+                } else {
+                    local::apply(self.spec.local.clone(), op.clone()).await
+                };
+                if let Err(e) = &result {
+                    tracing::info!(session = %self.spec.name, path = %op.path(), error = %e, "not applied on the laptop");
+                    self.shared.status.borrow_mut().last_error = Some(e.clone());
+                }
+                applied.push(result.is_ok());
+            }
+        }
+        Ok(applied)
+    }
+}
+
+/// Whether an op carries file content (an executable-bit change does not).
+pub fn needs_content(op: &Op) -> bool {
+    match op {
+        Op::Create {
+            entry: Entry::File { .. },
+            ..
+        } => true,
+        Op::Replace {
+            expected,
+            entry: Entry::File { hash, .. },
+            ..
+        } => !matches!(expected, Entry::File { hash: old, .. } if old == hash),
+        _ => false,
+    }
+}
+
+fn unexpected(r: &SyncReply) -> CycleError {
+    let kind = match r {
+        SyncReply::Ready { .. } => "Ready",
+        SyncReply::Refused { .. } => "Refused",
+        SyncReply::Entries { .. } => "Entries",
+        SyncReply::Applied { .. } => "Applied",
+        SyncReply::Signatures { .. } => "Signatures",
+        SyncReply::File(_) => "File",
+        SyncReply::Data(_) => "Data",
+        SyncReply::Delta(_) => "Delta",
+        SyncReply::Changed => "Changed",
+    };
+    CycleError::Stream(format!("the workspace answered out of turn ({kind})"))
+}
+
+/// The workspace side of a session, over one stream.
+struct Remote {
+    send: quinn::SendStream,
+    replies: mpsc::Receiver<SyncReply>,
+    changed: Rc<Notify>,
+    lost: Rc<Notify>,
+}
+
+impl Remote {
+    async fn open(
+        spec: &SyncSpec,
+        hub: &Addr<Hub>,
+        home: &CsHome,
+        first: bool,
+    ) -> Result<Self, String> {
+        let (link, name, addr) = link_for(hub, home, &spec.workspace).await?;
+        let open = StreamOpen::Sync(SyncOpen {
+            session: spec.name.clone(),
+            root: spec.remote.clone(),
+            create: first,
+            ignore: spec.ignore.clone(),
+        });
+        let opened = crate::link::open_on_link(&link, &name, &addr, &open).await?;
+        let payload = &opened.first_frame[cs_protocol::codec::FRAME_HEADER_BYTES..];
+        match cs_protocol::decode::<SyncReply>(payload).map_err(|e| e.to_string())? {
+            SyncReply::Ready { root } => {
+                tracing::info!(session = %spec.name, %root, "sync stream open");
+            }
+            SyncReply::Refused { reason } => return Err(reason),
+            _ => return Err("the workspace did not acknowledge the sync stream".into()),
+        }
+        let (tx, replies) = mpsc::channel(REPLIES_QUEUED_MAX);
+        let changed = Rc::new(Notify::new());
+        let lost = Rc::new(Notify::new());
+        let (c, l) = (changed.clone(), lost.clone());
+        let mut recv = opened.recv;
+        tokio::task::spawn_local(async move {
+            loop {
+                match read_frame::<_, SyncReply>(&mut recv).await {
+                    Ok(Some(SyncReply::Changed)) => c.notify_one(),
+                    Ok(Some(r)) => {
+                        if tx.send(r).await.is_err() {
+                            break;
+                        }
+                    }
+                    Ok(None) | Err(_) => break,
+                }
+            }
+            l.notify_one();
+        });
+        Ok(Self {
+            send: opened.send,
+            replies,
+            changed,
+            lost,
+        })
+    }
+
+    async fn send(&mut self, r: &SyncRequest) -> Result<(), CycleError> {
+        write_frame(&mut self.send, r)
+            .await
+            .map_err(|e| CycleError::Stream(format!("sending to the workspace: {e}")))
+    }
+
+    async fn reply(&mut self) -> Result<SyncReply, CycleError> {
+        self.replies
+            .recv()
+            .await
+            .ok_or_else(|| CycleError::Stream("the workspace closed the sync stream".into()))
+    }
+
+    /// Asks for a scan and gathers the snapshot. Returns it and the number of problems.
+    async fn scan(&mut self) -> Result<(Snapshot, usize), String> {
+        let wrap = |e: CycleError| match e {
+            CycleError::Stream(s) | CycleError::Local(s) => s,
+        };
+        self.send(&SyncRequest::Scan).await.map_err(wrap)?;
+        let mut entries = Vec::new();
+        let mut problems = 0;
+        loop {
+            match self.reply().await.map_err(wrap)? {
+                SyncReply::Entries {
+                    entries: e,
+                    problems: p,
+                    last,
+                } => {
+                    entries.extend(e);
+                    problems += p.len();
+                    if entries.len() > SNAPSHOT_ENTRIES_MAX {
+                        return Err(format!(
+                            "the workspace tree has more than {SNAPSHOT_ENTRIES_MAX} entries"
+                        ));
+                    }
+                    if last {
+                        break;
+                    }
+                }
+                other => return Err(wrap(unexpected(&other))),
+            }
+        }
+        let snapshot = Snapshot::from_entries(entries)
+            .map_err(|e| format!("the workspace sent an invalid tree: {e}"))?;
+        Ok((snapshot, problems))
+    }
+
+    /// Sends a local file as `Data` chunks and the empty end chunk. Returns its size. A file
+    /// that cannot be read is sent as empty: the workspace refuses it (wrong hash).
+    async fn send_file(&mut self, path: PathBuf) -> Result<u64, CycleError> {
+        let mut chunks = cs_transport::chunks::read_chunks(path, DATA_CHUNK_BYTES_MAX);
+        let mut sent = 0u64;
+        while let Some(c) = chunks.recv().await {
+            match c {
+                Ok(data) => {
+                    sent += data.len() as u64;
+                    self.send(&SyncRequest::Data(data)).await?;
+                }
+                Err(e) => {
+                    tracing::info!(error = %e, "cannot read a file to send; the workspace will refuse it");
+                    break;
+                }
+            }
+        }
+        self.send(&SyncRequest::Data(Vec::new())).await?;
+        Ok(sent)
+    }
+
+    /// Receives `Data` chunks up to the empty one into `tx`. Returns the bytes received.
+    async fn receive_file(&mut self, tx: mpsc::Sender<Vec<u8>>) -> Result<u64, CycleError> {
+        let mut got = 0u64;
+        let mut tx = Some(tx);
+        loop {
+            match self.reply().await? {
+                SyncReply::Data(d) if d.is_empty() => return Ok(got),
+                SyncReply::Data(d) => {
+                    got += d.len() as u64;
+                    // The applier may have given up (a refused op): keep draining.
+                    if let Some(t) = &tx {
+                        if t.send(d).await.is_err() {
+                            tx = None;
+                        }
+                    }
+                }
+                other => return Err(unexpected(&other)),
+            }
+        }
+    }
+}

@@ -1,0 +1,123 @@
+//! Bridges between async streams of byte chunks and the blocking `std::io` world of the
+//! filesystem shells: [`ChunkReader`] is a `Read` over chunks arriving on a channel (for
+//! applying a file while it is still arriving), [`read_chunks`] reads a file on a blocking
+//! thread into a channel of chunks (for sending one). Both channels are bounded, so a slow
+//! side slows the other instead of buffering.
+
+use std::io::{self, Read};
+use std::path::PathBuf;
+
+use tokio::sync::mpsc;
+
+/// Chunks in flight between the two sides of a bridge.
+pub const CHUNKS_IN_FLIGHT_MAX: usize = 8;
+
+/// A blocking `Read` over chunks sent on a channel; the end of the channel is the end of the
+/// data. Use it only on a blocking thread (`spawn_blocking`).
+#[derive(Debug)]
+pub struct ChunkReader {
+    rx: mpsc::Receiver<Vec<u8>>,
+    cur: Vec<u8>,
+    pos: usize,
+}
+
+impl ChunkReader {
+    /// A reader and the sender that feeds it.
+    pub fn channel() -> (mpsc::Sender<Vec<u8>>, Self) {
+        let (tx, rx) = mpsc::channel(CHUNKS_IN_FLIGHT_MAX);
+        (
+            tx,
+            Self {
+                rx,
+                cur: Vec::new(),
+                pos: 0,
+            },
+        )
+    }
+}
+
+impl Read for ChunkReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.pos == self.cur.len() {
+            match self.rx.blocking_recv() {
+                Some(c) => {
+                    self.cur = c;
+                    self.pos = 0;
+                }
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.cur.len() - self.pos);
+        buf[..n].copy_from_slice(&self.cur[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+/// Reads the file at `path` (not following a final symlink) on a blocking thread, in chunks
+/// of at most `chunk_bytes`; an error ends the stream with that error.
+pub fn read_chunks(path: PathBuf, chunk_bytes: usize) -> mpsc::Receiver<io::Result<Vec<u8>>> {
+    let (tx, rx) = mpsc::channel(CHUNKS_IN_FLIGHT_MAX);
+    tokio::task::spawn_blocking(move || {
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path);
+        let mut file = match file {
+            Ok(f) => f,
+            Err(e) => {
+                let _ = tx.blocking_send(Err(e));
+                return;
+            }
+        };
+        loop {
+            let mut buf = vec![0u8; chunk_bytes];
+            match file.read(&mut buf) {
+                Ok(0) => return,
+                Ok(n) => {
+                    buf.truncate(n);
+                    if tx.blocking_send(Ok(buf)).is_err() {
+                        return;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(e));
+                    return;
+                }
+            }
+        }
+    });
+    rx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_file_goes_through_both_bridges_unchanged() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&path, &data).unwrap();
+        let mut chunks = read_chunks(path, 7_000);
+        let (tx, mut reader) = ChunkReader::channel();
+        let sink = tokio::task::spawn_blocking(move || {
+            let mut out = Vec::new();
+            reader.read_to_end(&mut out).map(|_| out)
+        });
+        while let Some(c) = chunks.recv().await {
+            tx.send(c.unwrap()).await.unwrap();
+        }
+        drop(tx);
+        assert_eq!(sink.await.unwrap().unwrap(), data);
+    }
+
+    #[tokio::test]
+    async fn a_missing_file_is_an_error_not_an_empty_file() {
+        let mut chunks = read_chunks("/nonexistent/cs-test".into(), 10);
+        assert!(chunks.recv().await.unwrap().is_err());
+    }
+}
