@@ -235,6 +235,13 @@ impl Handler<GetStatus> for Link {
             LinkState::Connected { .. } => "connected",
             LinkState::Retrying(_) => "retrying",
         };
+        let (udp_tx_bytes, udp_rx_bytes) = match &self.state {
+            LinkState::Connected { conn, .. } => {
+                let st = conn.stats();
+                (st.udp_tx.bytes, st.udp_rx.bytes)
+            }
+            _ => (0, 0),
+        };
         MessageResult(LinkStatus {
             workspace: self.name.clone(),
             addr: self.addr.clone(),
@@ -242,6 +249,8 @@ impl Handler<GetStatus> for Link {
             last_error: self.last_error.clone(),
             streams_opened: self.streams_opened,
             connects: self.connects,
+            udp_tx_bytes,
+            udp_rx_bytes,
         })
     }
 }

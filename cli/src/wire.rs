@@ -85,6 +85,12 @@ pub struct LinkStatus {
     pub streams_opened: u64,
     /// Connections established since the daemon started.
     pub connects: u64,
+    /// UDP payload bytes sent and received on the current connection (0 without one): what
+    /// went over the wire, headers, retransmissions and encryption included.
+    #[serde(default)]
+    pub udp_tx_bytes: u64,
+    #[serde(default)]
+    pub udp_rx_bytes: u64,
 }
 
 /// Identifies this build of cs, so that a daemon left over from another build is replaced.
