@@ -6,7 +6,10 @@
 
 use std::path::{Path, PathBuf};
 
-use cs_protocol::sync::{SyncOpen, SyncReply, SyncRequest, ENTRIES_CHUNK_BYTES};
+use cs_protocol::sync::{
+    split_delta, DeltaAssembler, SyncOpen, SyncReply, SyncRequest, DELTA_FILE_BYTES_MAX,
+    DELTA_OPS_MAX, ENTRIES_CHUNK_BYTES,
+};
 use cs_protocol::DATA_CHUNK_BYTES_MAX;
 use cs_sync::ignore::Ignorer;
 use cs_sync::scan::HashCache;
@@ -82,13 +85,7 @@ where
             SyncRequest::Scan => scan(&root, &ignorer, &mut cache, &tx).await,
             SyncRequest::Apply { ops, deltas } => apply(&root, ops, &deltas, &mut recv, &tx).await,
             SyncRequest::Read { files } => read(&root, files, &tx).await,
-            SyncRequest::Signatures { paths } => {
-                // Deltas are not used by this laptop version yet: say so per file.
-                let signatures = paths.iter().map(|_| None).collect();
-                tx.send(SyncReply::Signatures { signatures })
-                    .await
-                    .map_err(|_| "writer gone".to_string())
-            }
+            SyncRequest::Signatures { paths } => signatures(&root, paths, &tx).await,
             SyncRequest::Data(_) | SyncRequest::Delta(_) => {
                 Err("content outside an Apply".to_string())
             }
@@ -206,13 +203,15 @@ async fn apply<R: AsyncRead + Unpin>(
             ops.len()
         ));
     }
-    if !deltas.is_empty() {
-        return Err("delta content is not supported by this agent".into());
-    }
     let mut errors = Vec::with_capacity(ops.len());
-    for op in ops {
+    for (i, op) in ops.into_iter().enumerate() {
         let root_buf = root.to_owned();
-        let result = if needs_content(&op) {
+        let result = if deltas.contains(&(i as u32)) {
+            let delta = receive_delta(recv).await?;
+            tokio::task::spawn_blocking(move || apply_delta(&root_buf, &op, delta))
+                .await
+                .map_err(|e| format!("apply task failed: {e}"))?
+        } else if needs_content(&op) {
             let (chunks, mut reader) = cs_transport::chunks::ChunkReader::channel();
             let task = tokio::task::spawn_blocking(move || {
                 let r = cs_sync::apply::apply(&root_buf, &op, Some(&mut reader));
@@ -237,13 +236,16 @@ async fn apply<R: AsyncRead + Unpin>(
                 }
             }
             drop(chunks);
-            task.await.map_err(|e| format!("apply task failed: {e}"))?
+            task.await
+                .map_err(|e| format!("apply task failed: {e}"))?
+                .map_err(|e| e.to_string())
         } else {
             tokio::task::spawn_blocking(move || cs_sync::apply::apply(&root_buf, &op, None))
                 .await
                 .map_err(|e| format!("apply task failed: {e}"))?
+                .map_err(|e| e.to_string())
         };
-        errors.push(result.err().map(|e| e.to_string()));
+        errors.push(result.err());
     }
     tx.send(SyncReply::Applied { errors })
         .await
@@ -256,11 +258,34 @@ async fn read(
     tx: &mpsc::Sender<SyncReply>,
 ) -> Result<(), String> {
     let gone = |_| "writer gone".to_string();
-    for (path, _signature) in files {
+    for (path, signature) in files {
         let fs_path = path.to_fs_path(root);
         // Never read through a symlinked parent: the path must stay inside the root.
         if let Err(e) = parents_are_dirs(root, &path) {
             tx.send(SyncReply::File(Err(e))).await.map_err(gone)?;
+            continue;
+        }
+        if let Some(sig) = signature {
+            // The laptop has a basis: answer with a delta against it.
+            let p = fs_path.clone();
+            let made = tokio::task::spawn_blocking(move || {
+                read_small(&p).map(|data| cs_sync::delta::delta(&sig, &data))
+            })
+            .await
+            .map_err(|e| format!("delta task failed: {e}"))?;
+            match made {
+                Ok(d) => {
+                    tx.send(SyncReply::File(Ok(()))).await.map_err(gone)?;
+                    for part in split_delta(d) {
+                        tx.send(SyncReply::Delta(part)).await.map_err(gone)?;
+                    }
+                }
+                Err(e) => {
+                    tx.send(SyncReply::File(Err(format!("{path}: {e}"))))
+                        .await
+                        .map_err(gone)?;
+                }
+            }
             continue;
         }
         let mut chunks = cs_transport::chunks::read_chunks(fs_path, DATA_CHUNK_BYTES_MAX);
@@ -285,6 +310,70 @@ async fn read(
         tx.send(SyncReply::Data(Vec::new())).await.map_err(gone)?;
     }
     Ok(())
+}
+
+fn read_small(path: &Path) -> Result<Vec<u8>, String> {
+    cs_transport::chunks::read_file_max(path, DELTA_FILE_BYTES_MAX)
+}
+
+async fn signatures(
+    root: &Path,
+    paths: Vec<RelPath>,
+    tx: &mpsc::Sender<SyncReply>,
+) -> Result<(), String> {
+    if paths.len() > OPS_PER_APPLY_MAX {
+        return Err(format!("signatures of {} files asked at once", paths.len()));
+    }
+    let root = root.to_owned();
+    let signatures = tokio::task::spawn_blocking(move || {
+        paths
+            .iter()
+            .map(|p| {
+                parents_are_dirs(&root, p).ok()?;
+                read_small(&p.to_fs_path(&root))
+                    .ok()
+                    .map(|d| cs_sync::delta::signature(&d))
+            })
+            .collect()
+    })
+    .await
+    .map_err(|e| format!("signature task failed: {e}"))?;
+    tx.send(SyncReply::Signatures { signatures })
+        .await
+        .map_err(|_| "writer gone".into())
+}
+
+async fn receive_delta<R: AsyncRead + Unpin>(
+    recv: &mut R,
+) -> Result<cs_sync::delta::Delta, String> {
+    let mut a = DeltaAssembler::default();
+    loop {
+        match read_frame::<_, SyncRequest>(recv).await {
+            Ok(Some(SyncRequest::Delta(part))) => {
+                if let Some(d) = a
+                    .push(part, DELTA_OPS_MAX, DELTA_FILE_BYTES_MAX)
+                    .map_err(|e| e.to_string())?
+                {
+                    return Ok(d);
+                }
+            }
+            Ok(Some(_)) => return Err("expected a delta in an Apply".into()),
+            Ok(None) => return Err("stream ended inside a delta".into()),
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}
+
+/// Rebuilds the op's new content from the file it replaces and applies it (which re-checks
+/// that file against the op's `expected`).
+fn apply_delta(root: &Path, op: &Op, delta: cs_sync::delta::Delta) -> Result<(), String> {
+    parents_are_dirs(root, op.path())?;
+    let basis =
+        read_small(&op.path().to_fs_path(root)).map_err(|e| format!("{}: {e}", op.path()))?;
+    let data = cs_sync::delta::patch(&basis, &delta, DELTA_FILE_BYTES_MAX)
+        .map_err(|e| format!("{}: {e}", op.path()))?;
+    cs_sync::apply::apply(root, op, Some(&mut std::io::Cursor::new(data)))
+        .map_err(|e| e.to_string())
 }
 
 fn parents_are_dirs(root: &Path, path: &RelPath) -> Result<(), String> {

@@ -244,3 +244,94 @@ fn bad_input_is_refused_with_the_bad_value() {
     let out = l.run(&["sync", "create", d, "demo/dev:q", "--name", "m1"]);
     assert!(text(&out.stderr).contains("m1"), "{}", text(&out.stderr));
 }
+
+fn link_bytes(l: &Laptop) -> u64 {
+    let v: serde_json::Value =
+        serde_json::from_str(&l.ok(&["daemon", "status", "--json"])).unwrap();
+    v["links"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["udp_tx_bytes"].as_u64().unwrap() + l["udp_rx_bytes"].as_u64().unwrap())
+        .sum()
+}
+
+fn pattern(n: usize, seed: u32) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(2654435761) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect()
+}
+
+#[test]
+fn a_small_edit_in_a_large_file_moves_as_a_delta_both_ways() {
+    let big = pattern(16 << 20, 7);
+    let s = Synced::new(|a| std::fs::write(a.join("big.bin"), &big).unwrap(), &[]);
+    assert_eq!(std::fs::read(s.beta.join("big.bin")).unwrap(), big);
+    // 1 KiB changed in the middle, on the laptop.
+    let mut edited = big.clone();
+    edited[8 << 20..(8 << 20) + 1024].copy_from_slice(&pattern(1024, 9));
+    let before = link_bytes(&s.l);
+    std::fs::write(s.alpha.join("big.bin"), &edited).unwrap();
+    s.flush();
+    let wire = link_bytes(&s.l) - before;
+    assert_eq!(std::fs::read(s.beta.join("big.bin")).unwrap(), edited);
+    assert!(
+        wire < 1 << 20,
+        "{wire} bytes on the wire for a 1 KiB edit of 16 MiB"
+    );
+    // And the other way: the workspace edits, the laptop pulls a delta.
+    let mut again = edited.clone();
+    again[100..1124].copy_from_slice(&pattern(1024, 11));
+    let before = link_bytes(&s.l);
+    std::fs::write(s.beta.join("big.bin"), &again).unwrap();
+    assert!(wait_until(Duration::from_secs(10), || {
+        s.flush();
+        std::fs::read(s.alpha.join("big.bin")).unwrap() == again
+    }));
+    let wire = link_bytes(&s.l) - before;
+    assert!(
+        wire < 1 << 20,
+        "{wire} bytes on the wire for a 1 KiB edit of 16 MiB"
+    );
+}
+
+#[test]
+fn killing_the_agent_mid_transfer_leaves_no_torn_file_and_the_session_resumes() {
+    let big = pattern(200 << 20, 3);
+    let l = Laptop::new();
+    l.sandbox("demo");
+    let alpha = l.dir.path().join("alpha");
+    std::fs::create_dir_all(&alpha).unwrap();
+    std::fs::write(alpha.join("huge.bin"), &big).unwrap();
+    let beta = PathBuf::from(l.show("demo")[0]["home"].as_str().unwrap()).join("proj");
+    l.ok(&["sync", "create", alpha.to_str().unwrap(), "demo/dev:proj"]);
+    // Wait until the transfer is under way (its temporary file exists), then kill -9.
+    let staging = || {
+        std::fs::read_dir(&beta).ok().is_some_and(|d| {
+            d.flatten()
+                .any(|e| e.file_name().to_string_lossy().starts_with(".cs-sync-tmp."))
+        })
+    };
+    assert!(
+        wait_until(Duration::from_secs(30), staging),
+        "no transfer started"
+    );
+    let pid = l.agent_pid("demo", "dev");
+    // SAFETY: kill(2) on the agent this test started.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    // Never a torn file: the name appears only with its whole content.
+    if let Ok(data) = std::fs::read(beta.join("huge.bin")) {
+        assert_eq!(data.len(), big.len(), "a torn file is visible");
+    }
+    assert!(wait_until(Duration::from_secs(60), || {
+        let _ = l.run(&["sync", "flush", "alpha"]);
+        std::fs::metadata(beta.join("huge.bin")).is_ok_and(|m| m.len() == big.len() as u64)
+    }));
+    assert!(std::fs::read(beta.join("huge.bin")).unwrap() == big);
+}

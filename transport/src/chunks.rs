@@ -92,6 +92,25 @@ pub fn read_chunks(path: PathBuf, chunk_bytes: usize) -> mpsc::Receiver<io::Resu
     rx
 }
 
+/// Reads a whole regular file of at most `max` bytes, never through a final symlink (for
+/// deltas, which need the whole basis and target in memory).
+pub fn read_file_max(path: &std::path::Path, max: u64) -> Result<Vec<u8>, String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut data = Vec::new();
+    f.take(max + 1)
+        .read_to_end(&mut data)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    if data.len() as u64 > max {
+        return Err(format!("{}: larger than {max} bytes", path.display()));
+    }
+    Ok(data)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -99,3 +99,159 @@ pub struct DeltaPart {
 
 /// Entries per `Entries` chunk are limited by their encoded size, about this many bytes.
 pub const ENTRIES_CHUNK_BYTES: usize = 256 * 1024;
+
+/// Files smaller than this move whole: a delta would not save a round trip's worth.
+pub const DELTA_FILE_BYTES_MIN: u64 = 64 * 1024;
+/// Files larger than this move whole, streamed: a delta holds basis and target in memory.
+pub const DELTA_FILE_BYTES_MAX: u64 = 256 * 1024 * 1024;
+/// Ops one assembled delta may have (a 256 MiB target in 700-byte copies fits).
+pub const DELTA_OPS_MAX: usize = 1 << 20;
+
+/// Whether an op's content should move as a delta: a file replaced by other content, both
+/// within the delta size range.
+pub fn wants_delta(op: &Op) -> bool {
+    match op {
+        Op::Replace {
+            expected:
+                Entry::File {
+                    size: old,
+                    hash: old_hash,
+                    ..
+                },
+            entry: Entry::File {
+                size: new, hash, ..
+            },
+            ..
+        } => {
+            old_hash != hash
+                && (DELTA_FILE_BYTES_MIN..=DELTA_FILE_BYTES_MAX).contains(old)
+                && *new <= DELTA_FILE_BYTES_MAX
+        }
+        _ => false,
+    }
+}
+
+/// Literal bytes one [`DeltaPart`] carries at most (well under the frame limit).
+pub const DELTA_PART_LITERAL_BYTES_MAX: usize = 512 * 1024;
+/// Ops one [`DeltaPart`] carries at most.
+pub const DELTA_PART_OPS_MAX: usize = 8192;
+
+/// Splits a delta into parts that each fit a frame; the last part carries its end.
+pub fn split_delta(d: cs_sync::delta::Delta) -> Vec<DeltaPart> {
+    let mut parts = Vec::new();
+    let mut cur = Vec::new();
+    let mut literal = 0usize;
+    for op in d.ops {
+        let len = match &op {
+            DeltaOp::Literal(b) => b.len(),
+            DeltaOp::Copy { .. } => 0,
+        };
+        if !cur.is_empty()
+            && (literal + len > DELTA_PART_LITERAL_BYTES_MAX || cur.len() >= DELTA_PART_OPS_MAX)
+        {
+            parts.push(DeltaPart {
+                ops: std::mem::take(&mut cur),
+                end: None,
+            });
+            literal = 0;
+        }
+        literal += len;
+        cur.push(op);
+    }
+    parts.push(DeltaPart {
+        ops: cur,
+        end: Some((d.target_bytes, d.target_hash)),
+    });
+    parts
+}
+
+/// Gathers [`DeltaPart`]s back into a delta, refusing one that grows past `ops_max` ops or
+/// announces a target over `target_bytes_max`.
+#[derive(Debug, Default)]
+pub struct DeltaAssembler {
+    ops: Vec<DeltaOp>,
+}
+
+/// Why parts could not be assembled: a peer sent too much.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AssembleError {
+    #[error("delta has more than {0} ops")]
+    TooManyOps(usize),
+    #[error("delta target of {0} bytes is over the limit of {1}")]
+    TooLarge(u64, u64),
+}
+
+impl DeltaAssembler {
+    /// Adds a part; returns the whole delta after the last one.
+    pub fn push(
+        &mut self,
+        part: DeltaPart,
+        ops_max: usize,
+        target_bytes_max: u64,
+    ) -> Result<Option<cs_sync::delta::Delta>, AssembleError> {
+        if self.ops.len() + part.ops.len() > ops_max {
+            return Err(AssembleError::TooManyOps(ops_max));
+        }
+        self.ops.extend(part.ops);
+        match part.end {
+            None => Ok(None),
+            Some((bytes, _)) if bytes > target_bytes_max => {
+                Err(AssembleError::TooLarge(bytes, target_bytes_max))
+            }
+            Some((target_bytes, target_hash)) => Ok(Some(cs_sync::delta::Delta {
+                ops: std::mem::take(&mut self.ops),
+                target_bytes,
+                target_hash,
+            })),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_delta_splits_into_frame_sized_parts_and_comes_back_whole() {
+        let basis: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 253) as u8).collect();
+        let mut target = basis.clone();
+        for i in (0..target.len()).step_by(40_000) {
+            target[i] ^= 0xff;
+        }
+        let target: Vec<u8> = target
+            .into_iter()
+            .chain((0..900_000u32).map(|i| (i % 241) as u8))
+            .collect();
+        let d = cs_sync::delta::delta(&cs_sync::delta::signature(&basis), &target);
+        let parts = split_delta(d.clone());
+        assert!(parts.len() > 1);
+        for p in &parts {
+            let bytes = crate::encode_frame(&SyncRequest::Delta(p.clone())).unwrap();
+            assert!(bytes.len() <= crate::FRAME_BYTES_MAX, "{}", bytes.len());
+        }
+        let mut a = DeltaAssembler::default();
+        let mut out = None;
+        for p in parts {
+            out = a.push(p, 1 << 20, 1 << 30).unwrap();
+        }
+        let out = out.unwrap();
+        assert_eq!(out, d);
+        assert_eq!(
+            cs_sync::delta::patch(&basis, &out, 1 << 30).unwrap(),
+            target
+        );
+    }
+
+    #[test]
+    fn an_oversized_delta_is_refused() {
+        let mut a = DeltaAssembler::default();
+        let part = DeltaPart {
+            ops: vec![],
+            end: Some((u64::MAX, [0; 32])),
+        };
+        assert_eq!(
+            a.push(part, 10, 1 << 20),
+            Err(AssembleError::TooLarge(u64::MAX, 1 << 20))
+        );
+    }
+}

@@ -61,6 +61,25 @@ pub fn apply_streaming(
     )
 }
 
+/// Rebuilds a file op's content from the laptop's copy and a delta, and applies it (which
+/// re-checks that copy against the op's `expected`).
+pub async fn apply_delta(
+    root: PathBuf,
+    op: Op,
+    delta: cs_sync::delta::Delta,
+) -> Result<(), String> {
+    tokio::task::spawn_blocking(move || {
+        let max = cs_protocol::sync::DELTA_FILE_BYTES_MAX;
+        let basis = cs_transport::chunks::read_file_max(&op.path().to_fs_path(&root), max)?;
+        let data = cs_sync::delta::patch(&basis, &delta, max)
+            .map_err(|e| format!("{}: {e}", op.path()))?;
+        cs_sync::apply::apply(&root, &op, Some(&mut std::io::Cursor::new(data)))
+            .map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| format!("apply task failed: {e}"))?
+}
+
 /// Watches a root recursively; each burst of events becomes one wake-up.
 #[derive(Debug)]
 pub struct Watcher {

@@ -12,8 +12,14 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use actix::Addr;
-use cs_protocol::sync::{SyncOpen, SyncReply, SyncRequest};
+use std::collections::BTreeMap;
+
+use cs_protocol::sync::{
+    split_delta, wants_delta, DeltaAssembler, SyncOpen, SyncReply, SyncRequest,
+    DELTA_FILE_BYTES_MAX, DELTA_OPS_MAX,
+};
 use cs_protocol::{StreamOpen, DATA_CHUNK_BYTES_MAX};
+use cs_sync::delta::Signature;
 use cs_sync::scan::HashCache;
 use cs_sync::{Applied, Entry, Op, Plan, Snapshot};
 use cs_transport::{read_frame, write_frame};
@@ -335,14 +341,55 @@ impl Session {
     ) -> Result<Vec<bool>, CycleError> {
         let mut applied = Vec::with_capacity(plan.to_beta.len());
         for batch in plan.to_beta.chunks(OPS_PER_BATCH_MAX) {
+            // Changed large files move as deltas against what the workspace has.
+            let want: Vec<usize> = (0..batch.len())
+                .filter(|i| wants_delta(&batch[*i]))
+                .collect();
+            let mut sigs: BTreeMap<usize, Signature> = BTreeMap::new();
+            if !want.is_empty() {
+                let paths = want.iter().map(|i| batch[*i].path().clone()).collect();
+                remote.send(&SyncRequest::Signatures { paths }).await?;
+                match remote.reply().await? {
+                    SyncReply::Signatures { signatures } if signatures.len() == want.len() => {
+                        for (i, sig) in want.iter().zip(signatures) {
+                            if let Some(sig) = sig {
+                                sigs.insert(*i, sig);
+                            }
+                        }
+                    }
+                    other => return Err(unexpected(&other)),
+                }
+            }
             remote
                 .send(&SyncRequest::Apply {
                     ops: batch.to_vec(),
-                    deltas: Vec::new(),
+                    deltas: sigs.keys().map(|i| *i as u32).collect(),
                 })
                 .await?;
-            for op in batch {
-                if needs_content(op) {
+            for (i, op) in batch.iter().enumerate() {
+                if let Some(sig) = sigs.remove(&i) {
+                    let path = op.path().to_fs_path(&self.spec.local);
+                    let made = tokio::task::spawn_blocking(move || {
+                        cs_transport::chunks::read_file_max(&path, DELTA_FILE_BYTES_MAX)
+                            .map(|data| cs_sync::delta::delta(&sig, &data))
+                    })
+                    .await
+                    .map_err(|e| CycleError::Local(format!("delta task failed: {e}")))?;
+                    // A file that cannot be read now still gets an (empty, wrong) delta, which
+                    // the workspace refuses by its hash: the next cycle sees the new state.
+                    let d = made.unwrap_or_else(|_| cs_sync::delta::Delta {
+                        ops: Vec::new(),
+                        target_bytes: 0,
+                        target_hash: [0; 32],
+                    });
+                    let literal = d.literal_bytes();
+                    for part in split_delta(d) {
+                        remote.send(&SyncRequest::Delta(part)).await?;
+                    }
+                    let mut st = self.shared.status.borrow_mut();
+                    st.files_to_beta += 1;
+                    st.bytes_to_beta += literal;
+                } else if needs_content(op) {
                     let path = op.path().to_fs_path(&self.spec.local);
                     let sent = remote.send_file(path).await?;
                     let mut st = self.shared.status.borrow_mut();
@@ -374,29 +421,57 @@ impl Session {
     ) -> Result<Vec<bool>, CycleError> {
         let mut applied = Vec::with_capacity(plan.to_alpha.len());
         for batch in plan.to_alpha.chunks(OPS_PER_BATCH_MAX) {
-            let files: Vec<_> = batch
-                .iter()
-                .filter(|op| needs_content(op))
-                .map(|op| (op.path().clone(), None))
-                .collect();
+            // For a changed large file, send the signature of the laptop's copy: the
+            // workspace answers with a delta against it.
+            let mut files = Vec::new();
+            for op in batch.iter().filter(|op| needs_content(op)) {
+                let sig = if wants_delta(op) {
+                    let path = op.path().to_fs_path(&self.spec.local);
+                    tokio::task::spawn_blocking(move || {
+                        cs_transport::chunks::read_file_max(&path, DELTA_FILE_BYTES_MAX)
+                            .ok()
+                            .map(|d| cs_sync::delta::signature(&d))
+                    })
+                    .await
+                    .map_err(|e| CycleError::Local(format!("signature task failed: {e}")))?
+                } else {
+                    None
+                };
+                files.push((op.path().clone(), sig));
+            }
             if !files.is_empty() {
                 remote.send(&SyncRequest::Read { files }).await?;
             }
             for op in batch {
                 let result = if needs_content(op) {
                     match remote.reply().await? {
-                        SyncReply::File(Ok(())) => {
-                            let (tx, task) =
-                                local::apply_streaming(self.spec.local.clone(), op.clone());
-                            let bytes = remote.receive_file(tx).await?;
-                            let r = task.await;
-                            if r.is_ok() {
-                                let mut st = self.shared.status.borrow_mut();
-                                st.files_to_alpha += 1;
-                                st.bytes_to_alpha += bytes;
+                        SyncReply::File(Ok(())) => match remote.reply().await? {
+                            SyncReply::Delta(first) => {
+                                let d = remote.receive_delta(first).await?;
+                                let literal = d.literal_bytes();
+                                let r = local::apply_delta(self.spec.local.clone(), op.clone(), d)
+                                    .await;
+                                if r.is_ok() {
+                                    let mut st = self.shared.status.borrow_mut();
+                                    st.files_to_alpha += 1;
+                                    st.bytes_to_alpha += literal;
+                                }
+                                r
                             }
-                            r
-                        }
+                            SyncReply::Data(first) => {
+                                let (tx, task) =
+                                    local::apply_streaming(self.spec.local.clone(), op.clone());
+                                let bytes = remote.receive_file(first, tx).await?;
+                                let r = task.await;
+                                if r.is_ok() {
+                                    let mut st = self.shared.status.borrow_mut();
+                                    st.files_to_alpha += 1;
+                                    st.bytes_to_alpha += bytes;
+                                }
+                                r
+                            }
+                            other => return Err(unexpected(&other)),
+                        },
                         SyncReply::File(Err(e)) => Err(e),
                         other => return Err(unexpected(&other)),
                     }
@@ -571,23 +646,57 @@ impl Remote {
         Ok(sent)
     }
 
-    /// Receives `Data` chunks up to the empty one into `tx`. Returns the bytes received.
-    async fn receive_file(&mut self, tx: mpsc::Sender<Vec<u8>>) -> Result<u64, CycleError> {
+    /// Receives `Data` chunks, starting with `first`, up to the empty one into `tx`. Returns
+    /// the bytes received.
+    async fn receive_file(
+        &mut self,
+        first: Vec<u8>,
+        tx: mpsc::Sender<Vec<u8>>,
+    ) -> Result<u64, CycleError> {
         let mut got = 0u64;
         let mut tx = Some(tx);
+        let mut next = Some(first);
         loop {
-            match self.reply().await? {
-                SyncReply::Data(d) if d.is_empty() => return Ok(got),
-                SyncReply::Data(d) => {
-                    got += d.len() as u64;
-                    // The applier may have given up (a refused op): keep draining.
-                    if let Some(t) = &tx {
-                        if t.send(d).await.is_err() {
-                            tx = None;
-                        }
-                    }
+            let d = match next.take() {
+                Some(d) => d,
+                None => match self.reply().await? {
+                    SyncReply::Data(d) => d,
+                    other => return Err(unexpected(&other)),
+                },
+            };
+            if d.is_empty() {
+                return Ok(got);
+            }
+            got += d.len() as u64;
+            // The applier may have given up (a refused op): keep draining.
+            if let Some(t) = &tx {
+                if t.send(d).await.is_err() {
+                    tx = None;
                 }
-                other => return Err(unexpected(&other)),
+            }
+        }
+    }
+
+    /// Gathers a delta's parts, starting with `first`.
+    async fn receive_delta(
+        &mut self,
+        first: cs_protocol::sync::DeltaPart,
+    ) -> Result<cs_sync::delta::Delta, CycleError> {
+        let mut a = DeltaAssembler::default();
+        let mut next = Some(first);
+        loop {
+            let part = match next.take() {
+                Some(p) => p,
+                None => match self.reply().await? {
+                    SyncReply::Delta(p) => p,
+                    other => return Err(unexpected(&other)),
+                },
+            };
+            if let Some(d) = a
+                .push(part, DELTA_OPS_MAX, DELTA_FILE_BYTES_MAX)
+                .map_err(|e| CycleError::Stream(format!("the workspace sent a bad delta: {e}")))?
+            {
+                return Ok(d);
             }
         }
     }
