@@ -5,14 +5,16 @@
 //! (cs-sync's `apply`), and no path leaves the root.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use cs_protocol::sync::{
     split_delta, DeltaAssembler, SyncOpen, SyncReply, SyncRequest, DELTA_FILE_BYTES_MAX,
     DELTA_OPS_MAX, ENTRIES_CHUNK_BYTES,
 };
 use cs_protocol::DATA_CHUNK_BYTES_MAX;
+use cs_sync::changes::ChangeSet;
 use cs_sync::ignore::Ignorer;
-use cs_sync::scan::HashCache;
+use cs_sync::scan::{HashCache, ScanOutput};
 use cs_sync::{Entry, Op, RelPath};
 use cs_transport::{read_frame, write_frame};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -70,8 +72,9 @@ where
             root: root.display().to_string(),
         })
         .await;
-    let watcher = watch(&root, tx.clone());
-    let mut cache = HashCache::new();
+    let changes = Arc::new(Mutex::new(ChangeSet::default()));
+    let watcher = watch(&root, tx.clone(), changes.clone());
+    let mut prev: Option<ScanOutput> = None;
     loop {
         let req = match read_frame::<_, SyncRequest>(&mut recv).await {
             Ok(Some(r)) => r,
@@ -82,7 +85,11 @@ where
             }
         };
         let r = match req {
-            SyncRequest::Scan => scan(&root, &ignorer, &mut cache, &tx).await,
+            SyncRequest::Scan { full } => {
+                // Without a watcher, every scan is a full one.
+                let changed = lock(&changes).take().filter(|_| !full && watcher.is_some());
+                scan(&root, &ignorer, &mut prev, changed, &tx).await
+            }
             SyncRequest::Apply { ops, deltas } => apply(&root, ops, &deltas, &mut recv, &tx).await,
             SyncRequest::Read { files } => read(&root, files, &tx).await,
             SyncRequest::Signatures { paths } => signatures(&root, paths, &tx).await,
@@ -116,16 +123,23 @@ fn prepare(open: &SyncOpen, home: &Path) -> Result<(PathBuf, Ignorer), String> {
     Ok((root, ignorer))
 }
 
+/// Scans (or, with `changed` and a previous scan, rescans those paths) and sends the whole
+/// snapshot.
 async fn scan(
     root: &Path,
     ignorer: &Ignorer,
-    cache: &mut HashCache,
+    prev: &mut Option<ScanOutput>,
+    changed: Option<Vec<RelPath>>,
     tx: &mpsc::Sender<SyncReply>,
 ) -> Result<(), String> {
-    let (root_buf, ig, c) = (root.to_owned(), ignorer.clone(), std::mem::take(cache));
-    let out = tokio::task::spawn_blocking(move || cs_sync::scan::scan(&root_buf, &ig, &c))
-        .await
-        .map_err(|e| format!("scan task failed: {e}"))?;
+    let (root_buf, ig, before) = (root.to_owned(), ignorer.clone(), prev.take());
+    let out = tokio::task::spawn_blocking(move || match (before, changed) {
+        (Some(p), Some(c)) => cs_sync::scan::rescan(&root_buf, &ig, &p, &c),
+        (Some(p), None) => cs_sync::scan::scan(&root_buf, &ig, &p.cache),
+        (None, _) => cs_sync::scan::scan(&root_buf, &ig, &HashCache::new()),
+    })
+    .await
+    .map_err(|e| format!("scan task failed: {e}"))?;
     let out = match out {
         Ok(o) => o,
         Err(e) => {
@@ -142,7 +156,6 @@ async fn scan(
                 .map_err(|_| "writer gone".into());
         }
     };
-    *cache = out.cache;
     let problems: Vec<(RelPath, String)> = out
         .problems
         .iter()
@@ -165,6 +178,7 @@ async fn scan(
             bytes = 0;
         }
     }
+    *prev = Some(out);
     tx.send(SyncReply::Entries {
         entries: chunk,
         problems: problems.take().unwrap_or_default(),
@@ -172,6 +186,11 @@ async fn scan(
     })
     .await
     .map_err(|_| "writer gone".into())
+}
+
+fn lock(c: &Mutex<ChangeSet>) -> std::sync::MutexGuard<'_, ChangeSet> {
+    // Poisoned only if a watcher callback panicked; the set itself stays consistent.
+    c.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Whether the laptop sends content after this op (see `SyncRequest::Apply`).
@@ -397,14 +416,25 @@ fn parents_are_dirs(root: &Path, path: &RelPath) -> Result<(), String> {
 
 /// Watches the root; each burst of changes becomes one `Changed`. `None` if the root cannot
 /// be watched (the laptop's periodic rescans still find changes).
-fn watch(root: &Path, tx: mpsc::Sender<SyncReply>) -> Option<notify::RecommendedWatcher> {
+fn watch(
+    root: &Path,
+    tx: mpsc::Sender<SyncReply>,
+    changes: Arc<Mutex<ChangeSet>>,
+) -> Option<notify::RecommendedWatcher> {
     use notify::Watcher as _;
     let (ev_tx, mut ev_rx) = mpsc::channel::<()>(1);
+    let root_buf = root.to_owned();
     let mut w = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
-        if let Ok(e) = &ev {
-            if matches!(e.kind, notify::EventKind::Access(_)) {
-                return;
+        match &ev {
+            Ok(e) if matches!(e.kind, notify::EventKind::Access(_)) => return,
+            Ok(e) if !e.need_rescan() => {
+                let mut c = lock(&changes);
+                for p in &e.paths {
+                    c.note(&root_buf, p);
+                }
             }
+            // Lost events: only a full scan can be trusted.
+            _ => lock(&changes).note_everything(),
         }
         let _ = ev_tx.try_send(());
     })

@@ -38,8 +38,10 @@ pub struct IgnoreSpec {
 /// The laptop to the endpoint.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SyncRequest {
-    /// Scan the root. Answered by `Entries` chunks, the last with `last: true`.
-    Scan,
+    /// Scan the root: all of it when `full`, else what its filesystem events say changed
+    /// since the last scan of this stream. Answered by `Entries` chunks (always the whole
+    /// snapshot), the last with `last: true`.
+    Scan { full: bool },
     /// Apply these ops, in order. Each `Create`/`Replace` of a file is followed by its content:
     /// `Data` chunks totalling the file's size, or, when `deltas` names the op's index,
     /// `Delta` parts against the file the endpoint has there. Answered by `Applied`.

@@ -8,12 +8,14 @@
 //! - [`symlink`]: which symlink targets are portable.
 //! - [`ignore`]: gitignore-syntax ignores, VCS directories, nested `.gitignore` files.
 //! - [`delta`]: rsync-style signatures, deltas and bounded patching.
+//! - [`changes`]: which paths filesystem events say changed, or "rescan everything".
 //!
 //! Shells (real filesystem; never called from simulated code):
 //! - [`scan`]: walk a root into a `Snapshot`, with a content-hash cache and parallel hashing.
 //! - [`apply`]: apply one op to a root atomically, re-checking what it replaces or deletes.
 
 pub mod apply;
+pub mod changes;
 pub mod delta;
 pub mod ignore;
 pub mod path;

@@ -5,26 +5,33 @@
 use std::path::{Path, PathBuf};
 
 use cs_sync::ignore::Ignorer;
-use cs_sync::scan::HashCache;
-use cs_sync::{Op, Snapshot};
+use std::sync::{Arc, Mutex};
+
+use cs_sync::changes::ChangeSet;
+use cs_sync::scan::{HashCache, ScanOutput};
+use cs_sync::{Op, RelPath};
 use futures_util::future::LocalBoxFuture;
 use tokio::sync::mpsc;
 
 /// Wake-ups queued from the watcher; more are merged (one is enough to start a cycle).
 const EVENTS_QUEUED_MAX: usize = 1;
 
-/// Scans `root`. Returns the snapshot, the cache for the next scan and how many problems the
-/// scan reported.
+/// Scans `root`: the paths in `changed` on top of `prev`, or all of it (without `prev` or
+/// `changed`). Returns the scan (with the cache for the next one).
 pub async fn scan(
     root: PathBuf,
     ignorer: Ignorer,
-    cache: HashCache,
-) -> Result<(Snapshot, HashCache, usize), String> {
-    tokio::task::spawn_blocking(move || cs_sync::scan::scan(&root, &ignorer, &cache))
-        .await
-        .map_err(|e| format!("scan task failed: {e}"))?
-        .map(|o| (o.snapshot, o.cache, o.problems.len()))
-        .map_err(|e| e.to_string())
+    prev: Option<ScanOutput>,
+    changed: Option<Vec<RelPath>>,
+) -> Result<ScanOutput, String> {
+    tokio::task::spawn_blocking(move || match (prev, changed) {
+        (Some(p), Some(c)) => cs_sync::scan::rescan(&root, &ignorer, &p, &c),
+        (Some(p), None) => cs_sync::scan::scan(&root, &ignorer, &p.cache),
+        (None, _) => cs_sync::scan::scan(&root, &ignorer, &HashCache::new()),
+    })
+    .await
+    .map_err(|e| format!("scan task failed: {e}"))?
+    .map_err(|e| e.to_string())
 }
 
 /// Applies an op that needs no content.
@@ -80,30 +87,58 @@ pub async fn apply_delta(
     .map_err(|e| format!("apply task failed: {e}"))?
 }
 
-/// Watches a root recursively; each burst of events becomes one wake-up.
+/// Watches a root recursively: notes what changed in a [`ChangeSet`], and turns each burst of
+/// events into one wake-up.
 #[derive(Debug)]
 pub struct Watcher {
     _inner: notify::RecommendedWatcher,
     rx: mpsc::Receiver<()>,
+    changes: Arc<Mutex<ChangeSet>>,
 }
 
 impl Watcher {
     pub fn new(root: &Path) -> Result<Self, String> {
         use notify::Watcher as _;
         let (tx, rx) = mpsc::channel(EVENTS_QUEUED_MAX);
+        let changes = Arc::new(Mutex::new(ChangeSet::default()));
+        let (c, root_buf) = (changes.clone(), root.to_owned());
         let mut w = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
-            // Access events (reads, opens) change nothing.
-            if let Ok(e) = &ev {
-                if matches!(e.kind, notify::EventKind::Access(_)) {
-                    return;
+            match &ev {
+                // Access events (reads, opens) change nothing.
+                Ok(e) if matches!(e.kind, notify::EventKind::Access(_)) => return,
+                Ok(e) if !e.need_rescan() => {
+                    let mut c = lock(&c);
+                    for p in &e.paths {
+                        c.note(&root_buf, p);
+                    }
                 }
+                // Lost events: only a full scan can be trusted.
+                _ => lock(&c).note_everything(),
             }
             let _ = tx.try_send(());
         })
         .map_err(|e| e.to_string())?;
         w.watch(root, notify::RecursiveMode::Recursive)
             .map_err(|e| e.to_string())?;
-        Ok(Self { _inner: w, rx })
+        Ok(Self {
+            _inner: w,
+            rx,
+            changes,
+        })
+    }
+}
+
+fn lock(c: &Mutex<ChangeSet>) -> std::sync::MutexGuard<'_, ChangeSet> {
+    // Poisoned only if a watcher callback panicked; the set itself stays consistent.
+    c.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What changed since the last call: `None` means scan everything (no watcher, lost events,
+/// or `full` asked for).
+pub fn take_changes(w: &Result<Watcher, String>, full: bool) -> Option<Vec<RelPath>> {
+    match w {
+        Ok(w) => lock(&w.changes).take().filter(|_| !full),
+        Err(_) => None,
     }
 }
 

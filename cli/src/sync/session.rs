@@ -20,7 +20,7 @@ use cs_protocol::sync::{
 };
 use cs_protocol::{StreamOpen, DATA_CHUNK_BYTES_MAX};
 use cs_sync::delta::Signature;
-use cs_sync::scan::HashCache;
+use cs_sync::scan::ScanOutput;
 use cs_sync::{Applied, Entry, Op, Plan, Snapshot};
 use cs_transport::{read_frame, write_frame};
 use tokio::sync::{mpsc, oneshot, Notify};
@@ -132,7 +132,8 @@ pub async fn run(
             }
         },
         ancestor: load_ancestor(&dir),
-        cache: HashCache::new(),
+        prev: None,
+        full_due: true,
         dir,
         paused: spec.paused,
         halted: false,
@@ -183,7 +184,7 @@ pub async fn run(
         };
         // Connected: cycle until the stream breaks or a command interrupts.
         loop {
-            match s.cycle(&mut remote).await {
+            match s.cycle(&mut remote, &watcher).await {
                 Ok(Outcome::Quiet) => {
                     s.shared.status.borrow_mut().last_error = None;
                     s.shared.answer_flushes(Ok(()));
@@ -213,7 +214,10 @@ pub async fn run(
                 },
                 _ = remote.changed.notified() => false,
                 _ = local::next_event(&mut watcher) => false,
-                _ = tokio::time::sleep(Duration::from_millis(RESCAN_MS)) => false,
+                _ = tokio::time::sleep(Duration::from_millis(RESCAN_MS)) => {
+                    s.full_due = true;
+                    false
+                }
                 _ = remote.lost.notified() => {
                     s.shared.error("the connection to the workspace was lost");
                     true
@@ -252,7 +256,10 @@ struct Session {
     shared: Rc<Shared>,
     ignorer: cs_sync::ignore::Ignorer,
     ancestor: Snapshot,
-    cache: HashCache,
+    /// The last local scan, the basis of the next incremental one.
+    prev: Option<ScanOutput>,
+    /// The next cycle scans everything on both sides (first cycle, periodic safety net).
+    full_due: bool,
     paused: bool,
     halted: bool,
     /// The workspace root was created (or found) by a first successful open.
@@ -280,17 +287,26 @@ impl Session {
         }
     }
 
-    async fn cycle(&mut self, remote: &mut Remote) -> Result<Outcome, CycleError> {
+    async fn cycle(
+        &mut self,
+        remote: &mut Remote,
+        watcher: &Result<local::Watcher, String>,
+    ) -> Result<Outcome, CycleError> {
         self.shared.state("scanning");
-        let (alpha, cache, local_problems) = local::scan(
+        let full = std::mem::replace(&mut self.full_due, false);
+        let changed = local::take_changes(watcher, full);
+        let scanned = local::scan(
             self.spec.local.clone(),
             self.ignorer.clone(),
-            self.cache.clone(),
+            self.prev.take(),
+            changed,
         )
         .await
         .map_err(CycleError::Local)?;
-        self.cache = cache;
-        let (beta, remote_problems) = remote.scan().await.map_err(CycleError::Stream)?;
+        let alpha = scanned.snapshot.clone();
+        let local_problems = scanned.problems.len();
+        self.prev = Some(scanned);
+        let (beta, remote_problems) = remote.scan(full).await.map_err(CycleError::Stream)?;
         self.shared.state("reconciling");
         let plan = match cs_sync::reconcile(&self.ancestor, &alpha, &beta, self.spec.mode) {
             Ok(p) => p,
@@ -592,11 +608,11 @@ impl Remote {
     }
 
     /// Asks for a scan and gathers the snapshot. Returns it and the number of problems.
-    async fn scan(&mut self) -> Result<(Snapshot, usize), String> {
+    async fn scan(&mut self, full: bool) -> Result<(Snapshot, usize), String> {
         let wrap = |e: CycleError| match e {
             CycleError::Stream(s) | CycleError::Local(s) => s,
         };
-        self.send(&SyncRequest::Scan).await.map_err(wrap)?;
+        self.send(&SyncRequest::Scan { full }).await.map_err(wrap)?;
         let mut entries = Vec::new();
         let mut problems = 0;
         loop {
