@@ -282,7 +282,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
             workspace,
             trust: trust.clone(),
             exec: exec.clone(),
-            home,
+            roots: Arc::new(crate::sync::HomeRoots { home }),
             sync_permits: Arc::new(tokio::sync::Semaphore::new(crate::sync::SYNC_STREAMS_MAX)),
         };
         let accept = tokio::spawn(accept_loop(endpoint.clone(), served));

@@ -67,8 +67,8 @@ pub struct Served {
     pub workspace: String,
     pub trust: Arc<dyn Trust>,
     pub exec: Addr<ExecActor>,
-    /// The workspace home: sync roots are resolved inside it.
-    pub home: std::path::PathBuf,
+    /// Where sync roots live (the workspace home).
+    pub roots: Arc<dyn crate::sync::Roots>,
     /// Sync streams served at once ([`crate::sync::SYNC_STREAMS_MAX`]).
     pub sync_permits: Arc<tokio::sync::Semaphore>,
 }
@@ -143,9 +143,9 @@ async fn serve_connection(conn: quinn::Connection, served: Served) {
             Ok(Ok(Some(StreamOpen::Sync(open)))) => {
                 match served.sync_permits.clone().try_acquire_owned() {
                     Ok(permit) => {
-                        let home = served.home.clone();
+                        let roots = served.roots.clone();
                         tokio::spawn(async move {
-                            crate::sync::serve(open, home, send, recv).await;
+                            crate::sync::serve(open, roots, send, recv).await;
                             drop(permit);
                         });
                     }

@@ -1,21 +1,25 @@
 //! The workspace side of a sync session (beta): serves one sync stream. It scans its root
 //! when asked, applies the laptop's ops with the content that follows them, sends files the
 //! laptop asks for, and says when its root changed. The decisions are the laptop's; every op
-//! is re-checked here against what the scan saw before anything is replaced or deleted
-//! (cs-sync's `apply`), and no path leaves the root.
+//! is re-checked against what the scan saw before anything is replaced or deleted (the
+//! root's `apply`), and no path leaves the root.
+//!
+//! The root comes from [`Roots`]: the workspace home on the real filesystem ([`HomeRoots`]),
+//! or the simulation's in-memory trees.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use cs_protocol::sync::{
     split_delta, DeltaAssembler, SyncOpen, SyncReply, SyncRequest, DELTA_FILE_BYTES_MAX,
     DELTA_OPS_MAX, ENTRIES_CHUNK_BYTES,
 };
 use cs_protocol::DATA_CHUNK_BYTES_MAX;
-use cs_sync::changes::ChangeSet;
+use cs_sync::fs::{OsRoot, RootFs, Watch};
 use cs_sync::ignore::Ignorer;
-use cs_sync::scan::{HashCache, ScanOutput};
+use cs_sync::scan::ScanOutput;
 use cs_sync::{Entry, Op, RelPath};
+use cs_transport::chunks::{off_thread, read_chunks, ChunkReader};
 use cs_transport::{read_frame, write_frame};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
@@ -24,10 +28,52 @@ use tokio::sync::mpsc;
 pub const SYNC_STREAMS_MAX: usize = 64;
 /// Replies queued for the writer.
 const REPLIES_QUEUED_MAX: usize = 64;
-/// Ops one `Apply` may carry.
+/// Ops one `Apply` may carry, and signatures one request may ask for.
 const OPS_PER_APPLY_MAX: usize = 4096;
 /// How long filesystem events are gathered into one `Changed`.
 const CHANGED_COALESCE_MS: u64 = 5;
+
+/// A root opened for a stream: its filesystem, what watches it (`None`: no events, so every
+/// scan is full), and whatever must live as long as the stream (a real watcher).
+pub struct OpenedRoot {
+    pub fs: Arc<dyn RootFs>,
+    pub watch: Option<Watch>,
+    pub guard: Option<Box<dyn Send>>,
+}
+
+/// Where a workspace's sync roots live.
+pub trait Roots: Send + Sync {
+    /// The root a stream names, created if `open.create`.
+    fn open(&self, open: &SyncOpen) -> Result<OpenedRoot, String>;
+}
+
+/// Roots inside the workspace home on the real filesystem.
+#[derive(Debug, Clone)]
+pub struct HomeRoots {
+    pub home: PathBuf,
+}
+
+impl Roots for HomeRoots {
+    fn open(&self, open: &SyncOpen) -> Result<OpenedRoot, String> {
+        let root = resolve_root(&self.home, &open.root)?;
+        let fs = OsRoot::new(root.clone());
+        if open.create {
+            fs.create_root()?;
+        }
+        let (guard, watch) = match cs_sync::fs::os_watch(&root) {
+            Ok((w, watch)) => (Some(Box::new(w) as Box<dyn Send>), Some(watch)),
+            Err(e) => {
+                tracing::warn!(root = %root.display(), error = %e, "no filesystem events; every scan will be full");
+                (None, None)
+            }
+        };
+        Ok(OpenedRoot {
+            fs: Arc::new(fs),
+            watch,
+            guard,
+        })
+    }
+}
 
 /// Resolves a session root against the workspace home: relative, or `~/...`; never outside.
 pub fn resolve_root(home: &Path, root: &str) -> Result<PathBuf, String> {
@@ -43,12 +89,18 @@ pub fn resolve_root(home: &Path, root: &str) -> Result<PathBuf, String> {
 }
 
 /// Serves one sync stream until the laptop closes it.
-pub async fn serve<W, R>(open: SyncOpen, home: PathBuf, mut send: W, mut recv: R)
+pub async fn serve<W, R>(open: SyncOpen, roots: Arc<dyn Roots>, mut send: W, mut recv: R)
 where
     W: AsyncWrite + Unpin + Send + 'static,
     R: AsyncRead + Unpin + Send,
 {
-    let prepared = prepare(&open, &home);
+    let prepared = Ignorer::new(
+        &open.ignore.patterns,
+        open.ignore.vcs,
+        open.ignore.gitignored,
+    )
+    .map_err(|e| e.to_string())
+    .and_then(|ig| roots.open(&open).map(|r| (r, ig)));
     let (root, ignorer) = match prepared {
         Ok(p) => p,
         Err(reason) => {
@@ -57,7 +109,8 @@ where
             return;
         }
     };
-    tracing::info!(session = %open.session, root = %root.display(), "sync stream open");
+    let fs = root.fs.clone();
+    tracing::info!(session = %open.session, root = %fs.describe(), "sync stream open");
     // One writer task owns the stream's send half: replies and `Changed` share it.
     let (tx, mut rx) = mpsc::channel::<SyncReply>(REPLIES_QUEUED_MAX);
     let writer = tokio::spawn(async move {
@@ -69,11 +122,21 @@ where
     });
     let _ = tx
         .send(SyncReply::Ready {
-            root: root.display().to_string(),
+            root: fs.describe(),
         })
         .await;
-    let changes = Arc::new(Mutex::new(ChangeSet::default()));
-    let watcher = watch(&root, tx.clone(), changes.clone());
+    let pusher = root.watch.clone().map(|w| {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            loop {
+                w.changed().await;
+                tokio::time::sleep(std::time::Duration::from_millis(CHANGED_COALESCE_MS)).await;
+                if tx.send(SyncReply::Changed).await.is_err() {
+                    break;
+                }
+            }
+        })
+    });
     let mut prev: Option<ScanOutput> = None;
     loop {
         let req = match read_frame::<_, SyncRequest>(&mut recv).await {
@@ -87,12 +150,12 @@ where
         let r = match req {
             SyncRequest::Scan { full } => {
                 // Without a watcher, every scan is a full one.
-                let changed = lock(&changes).take().filter(|_| !full && watcher.is_some());
-                scan(&root, &ignorer, &mut prev, changed, &tx).await
+                let changed = root.watch.as_ref().and_then(|w| w.take(full));
+                scan(&fs, &ignorer, &mut prev, changed, &tx).await
             }
-            SyncRequest::Apply { ops, deltas } => apply(&root, ops, &deltas, &mut recv, &tx).await,
-            SyncRequest::Read { files } => read(&root, files, &tx).await,
-            SyncRequest::Signatures { paths } => signatures(&root, paths, &tx).await,
+            SyncRequest::Apply { ops, deltas } => apply(&fs, ops, &deltas, &mut recv, &tx).await,
+            SyncRequest::Read { files } => read(&fs, files, &tx).await,
+            SyncRequest::Signatures { paths } => signatures(&fs, paths, &tx).await,
             SyncRequest::Data(_) | SyncRequest::Delta(_) => {
                 Err("content outside an Apply".to_string())
             }
@@ -102,50 +165,33 @@ where
             break;
         }
     }
-    // The watcher's task holds a sender: stop it first, so the writer sees the end.
-    drop(watcher);
+    if let Some(p) = pusher {
+        p.abort();
+    }
     drop(tx);
     let _ = writer.await;
+    drop(root);
 }
 
-fn prepare(open: &SyncOpen, home: &Path) -> Result<(PathBuf, Ignorer), String> {
-    let root = resolve_root(home, &open.root)?;
-    let ignorer = Ignorer::new(
-        &open.ignore.patterns,
-        open.ignore.vcs,
-        open.ignore.gitignored,
-    )
-    .map_err(|e| e.to_string())?;
-    if open.create {
-        std::fs::create_dir_all(&root)
-            .map_err(|e| format!("cannot create sync root {}: {e}", root.display()))?;
-    }
-    Ok((root, ignorer))
-}
+const GONE: &str = "the stream's writer stopped";
 
 /// Scans (or, with `changed` and a previous scan, rescans those paths) and sends the whole
 /// snapshot.
 async fn scan(
-    root: &Path,
+    fs: &Arc<dyn RootFs>,
     ignorer: &Ignorer,
     prev: &mut Option<ScanOutput>,
     changed: Option<Vec<RelPath>>,
     tx: &mpsc::Sender<SyncReply>,
 ) -> Result<(), String> {
-    let (root_buf, ig, before) = (root.to_owned(), ignorer.clone(), prev.take());
-    let out = tokio::task::spawn_blocking(move || match (before, changed) {
-        (Some(p), Some(c)) => cs_sync::scan::rescan(&root_buf, &ig, &p, &c),
-        (Some(p), None) => cs_sync::scan::scan(&root_buf, &ig, &p.cache),
-        (None, _) => cs_sync::scan::scan(&root_buf, &ig, &HashCache::new()),
-    })
-    .await
-    .map_err(|e| format!("scan task failed: {e}"))?;
+    let (f, ig, before) = (fs.clone(), ignorer.clone(), prev.take());
+    let out = off_thread(fs.blocking(), move || f.scan(&ig, before, changed)).await?;
     let out = match out {
         Ok(o) => o,
         Err(e) => {
             // The root cannot be examined: report it as a problem of an empty scan, which the
             // laptop's safety checks turn into a halt rather than a wipe.
-            let problems = vec![(RelPath::root(), e.to_string())];
+            let problems = vec![(RelPath::root(), e)];
             return tx
                 .send(SyncReply::Entries {
                     entries: Vec::new(),
@@ -153,7 +199,7 @@ async fn scan(
                     last: true,
                 })
                 .await
-                .map_err(|_| "writer gone".into());
+                .map_err(|_| GONE.into());
         }
     };
     let problems: Vec<(RelPath, String)> = out
@@ -163,7 +209,6 @@ async fn scan(
         .collect();
     let mut chunk = Vec::new();
     let mut bytes = 0usize;
-    let mut problems = Some(problems);
     for (path, entry) in out.snapshot.iter() {
         bytes += path.as_str().len() + 64;
         chunk.push((path.clone(), entry.clone()));
@@ -174,27 +219,22 @@ async fn scan(
                 last: false,
             })
             .await
-            .map_err(|_| "writer gone".to_string())?;
+            .map_err(|_| GONE.to_string())?;
             bytes = 0;
         }
     }
     *prev = Some(out);
     tx.send(SyncReply::Entries {
         entries: chunk,
-        problems: problems.take().unwrap_or_default(),
+        problems,
         last: true,
     })
     .await
-    .map_err(|_| "writer gone".into())
-}
-
-fn lock(c: &Mutex<ChangeSet>) -> std::sync::MutexGuard<'_, ChangeSet> {
-    // Poisoned only if a watcher callback panicked; the set itself stays consistent.
-    c.lock().unwrap_or_else(|p| p.into_inner())
+    .map_err(|_| GONE.into())
 }
 
 /// Whether the laptop sends content after this op (see `SyncRequest::Apply`).
-fn needs_content(op: &Op) -> bool {
+pub fn needs_content(op: &Op) -> bool {
     match op {
         Op::Create {
             entry: Entry::File { .. },
@@ -210,7 +250,7 @@ fn needs_content(op: &Op) -> bool {
 }
 
 async fn apply<R: AsyncRead + Unpin>(
-    root: &Path,
+    fs: &Arc<dyn RootFs>,
     ops: Vec<Op>,
     deltas: &[u32],
     recv: &mut R,
@@ -224,74 +264,98 @@ async fn apply<R: AsyncRead + Unpin>(
     }
     let mut errors = Vec::with_capacity(ops.len());
     for (i, op) in ops.into_iter().enumerate() {
-        let root_buf = root.to_owned();
+        let f = fs.clone();
         let result = if deltas.contains(&(i as u32)) {
             let delta = receive_delta(recv).await?;
-            tokio::task::spawn_blocking(move || apply_delta(&root_buf, &op, delta))
-                .await
-                .map_err(|e| format!("apply task failed: {e}"))?
+            off_thread(fs.blocking(), move || {
+                cs_sync::fs::apply_delta(&*f, &op, delta, DELTA_FILE_BYTES_MAX)
+            })
+            .await?
         } else if needs_content(&op) {
-            let (chunks, mut reader) = cs_transport::chunks::ChunkReader::channel();
-            let task = tokio::task::spawn_blocking(move || {
-                let r = cs_sync::apply::apply(&root_buf, &op, Some(&mut reader));
-                // Drain the rest so the stream keeps flowing after a refusal.
-                let _ = std::io::copy(&mut reader, &mut std::io::sink());
-                r
-            });
-            let mut chunks = Some(chunks);
-            loop {
-                match read_frame::<_, SyncRequest>(recv).await {
-                    Ok(Some(SyncRequest::Data(d))) if d.is_empty() => break,
-                    Ok(Some(SyncRequest::Data(d))) => {
-                        if let Some(c) = &chunks {
-                            if c.send(d).await.is_err() {
-                                chunks = None;
-                            }
-                        }
-                    }
-                    Ok(Some(_)) => return Err("expected file content in an Apply".into()),
-                    Ok(None) => return Err("stream ended inside a file".into()),
-                    Err(e) => return Err(e.to_string()),
-                }
-            }
-            drop(chunks);
-            task.await
-                .map_err(|e| format!("apply task failed: {e}"))?
-                .map_err(|e| e.to_string())
+            apply_streamed(fs, op, recv).await?
         } else {
-            tokio::task::spawn_blocking(move || cs_sync::apply::apply(&root_buf, &op, None))
-                .await
-                .map_err(|e| format!("apply task failed: {e}"))?
-                .map_err(|e| e.to_string())
+            off_thread(fs.blocking(), move || f.apply(&op, None)).await?
         };
         errors.push(result.err());
     }
     tx.send(SyncReply::Applied { errors })
         .await
-        .map_err(|_| "writer gone".into())
+        .map_err(|_| GONE.into())
+}
+
+/// Applies a file op whose content follows on the stream as `Data` chunks. On a real root the
+/// chunks stream into the blocking apply; in memory they are gathered first.
+async fn apply_streamed<R: AsyncRead + Unpin>(
+    fs: &Arc<dyn RootFs>,
+    op: Op,
+    recv: &mut R,
+) -> Result<Result<(), String>, String> {
+    if !fs.blocking() {
+        let mut data = Vec::new();
+        loop {
+            let d = next_data(recv).await?;
+            if d.is_empty() {
+                break;
+            }
+            if data.len() as u64 + d.len() as u64 > DELTA_FILE_BYTES_MAX {
+                return Err("a file over the in-memory limit".into());
+            }
+            data.extend_from_slice(&d);
+        }
+        return Ok(fs.apply(&op, Some(&mut std::io::Cursor::new(data))));
+    }
+    let (chunks, mut reader) = ChunkReader::channel();
+    let f = fs.clone();
+    let task = tokio::task::spawn_blocking(move || {
+        let r = f.apply(&op, Some(&mut reader));
+        // Drain the rest so the stream keeps flowing after a refusal.
+        let _ = std::io::copy(&mut reader, &mut std::io::sink());
+        r
+    });
+    let mut chunks = Some(chunks);
+    loop {
+        let d = next_data(recv).await?;
+        if d.is_empty() {
+            break;
+        }
+        if let Some(c) = &chunks {
+            if c.send(d).await.is_err() {
+                chunks = None;
+            }
+        }
+    }
+    drop(chunks);
+    task.await.map_err(|e| format!("apply task failed: {e}"))
+}
+
+/// The next `Data` chunk of a file in an `Apply`.
+async fn next_data<R: AsyncRead + Unpin>(recv: &mut R) -> Result<Vec<u8>, String> {
+    match read_frame::<_, SyncRequest>(recv).await {
+        Ok(Some(SyncRequest::Data(d))) => Ok(d),
+        Ok(Some(_)) => Err("expected file content in an Apply".to_string()),
+        Ok(None) => Err("stream ended inside a file".to_string()),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 async fn read(
-    root: &Path,
+    fs: &Arc<dyn RootFs>,
     files: Vec<(RelPath, Option<cs_sync::delta::Signature>)>,
     tx: &mpsc::Sender<SyncReply>,
 ) -> Result<(), String> {
-    let gone = |_| "writer gone".to_string();
+    let gone = |_| GONE.to_string();
+    if files.len() > OPS_PER_APPLY_MAX {
+        return Err(format!("a Read of {} files", files.len()));
+    }
     for (path, signature) in files {
-        let fs_path = path.to_fs_path(root);
-        // Never read through a symlinked parent: the path must stay inside the root.
-        if let Err(e) = parents_are_dirs(root, &path) {
-            tx.send(SyncReply::File(Err(e))).await.map_err(gone)?;
-            continue;
-        }
         if let Some(sig) = signature {
             // The laptop has a basis: answer with a delta against it.
-            let p = fs_path.clone();
-            let made = tokio::task::spawn_blocking(move || {
-                read_small(&p).map(|data| cs_sync::delta::delta(&sig, &data))
+            let (f, p) = (fs.clone(), path.clone());
+            let made = off_thread(fs.blocking(), move || {
+                f.read(&p, DELTA_FILE_BYTES_MAX)
+                    .map(|data| cs_sync::delta::delta(&sig, &data))
             })
-            .await
-            .map_err(|e| format!("delta task failed: {e}"))?;
+            .await?;
             match made {
                 Ok(d) => {
                     tx.send(SyncReply::File(Ok(()))).await.map_err(gone)?;
@@ -299,19 +363,29 @@ async fn read(
                         tx.send(SyncReply::Delta(part)).await.map_err(gone)?;
                     }
                 }
-                Err(e) => {
-                    tx.send(SyncReply::File(Err(format!("{path}: {e}"))))
-                        .await
-                        .map_err(gone)?;
-                }
+                Err(e) => tx.send(SyncReply::File(Err(e))).await.map_err(gone)?,
             }
             continue;
         }
-        let mut chunks = cs_transport::chunks::read_chunks(fs_path, DATA_CHUNK_BYTES_MAX);
-        let first = chunks.recv().await;
-        match first {
+        if !fs.blocking() {
+            match fs.read(&path, DELTA_FILE_BYTES_MAX) {
+                Ok(data) => {
+                    tx.send(SyncReply::File(Ok(()))).await.map_err(gone)?;
+                    for c in data.chunks(DATA_CHUNK_BYTES_MAX) {
+                        tx.send(SyncReply::Data(c.to_vec())).await.map_err(gone)?;
+                    }
+                    tx.send(SyncReply::Data(Vec::new())).await.map_err(gone)?;
+                }
+                Err(e) => tx.send(SyncReply::File(Err(e))).await.map_err(gone)?,
+            }
+            continue;
+        }
+        let (f, p) = (fs.clone(), path.clone());
+        let open = move || f.open(&p).map_err(std::io::Error::other);
+        let mut chunks = read_chunks(open, DATA_CHUNK_BYTES_MAX);
+        match chunks.recv().await {
             Some(Err(e)) => {
-                tx.send(SyncReply::File(Err(format!("{path}: {e}"))))
+                tx.send(SyncReply::File(Err(e.to_string())))
                     .await
                     .map_err(gone)?;
                 continue;
@@ -331,35 +405,29 @@ async fn read(
     Ok(())
 }
 
-fn read_small(path: &Path) -> Result<Vec<u8>, String> {
-    cs_transport::chunks::read_file_max(path, DELTA_FILE_BYTES_MAX)
-}
-
 async fn signatures(
-    root: &Path,
+    fs: &Arc<dyn RootFs>,
     paths: Vec<RelPath>,
     tx: &mpsc::Sender<SyncReply>,
 ) -> Result<(), String> {
     if paths.len() > OPS_PER_APPLY_MAX {
         return Err(format!("signatures of {} files asked at once", paths.len()));
     }
-    let root = root.to_owned();
-    let signatures = tokio::task::spawn_blocking(move || {
+    let f = fs.clone();
+    let signatures = off_thread(fs.blocking(), move || {
         paths
             .iter()
             .map(|p| {
-                parents_are_dirs(&root, p).ok()?;
-                read_small(&p.to_fs_path(&root))
+                f.read(p, DELTA_FILE_BYTES_MAX)
                     .ok()
                     .map(|d| cs_sync::delta::signature(&d))
             })
             .collect()
     })
-    .await
-    .map_err(|e| format!("signature task failed: {e}"))?;
+    .await?;
     tx.send(SyncReply::Signatures { signatures })
         .await
-        .map_err(|_| "writer gone".into())
+        .map_err(|_| GONE.into())
 }
 
 async fn receive_delta<R: AsyncRead + Unpin>(
@@ -381,78 +449,6 @@ async fn receive_delta<R: AsyncRead + Unpin>(
             Err(e) => return Err(e.to_string()),
         }
     }
-}
-
-/// Rebuilds the op's new content from the file it replaces and applies it (which re-checks
-/// that file against the op's `expected`).
-fn apply_delta(root: &Path, op: &Op, delta: cs_sync::delta::Delta) -> Result<(), String> {
-    parents_are_dirs(root, op.path())?;
-    let basis =
-        read_small(&op.path().to_fs_path(root)).map_err(|e| format!("{}: {e}", op.path()))?;
-    let data = cs_sync::delta::patch(&basis, &delta, DELTA_FILE_BYTES_MAX)
-        .map_err(|e| format!("{}: {e}", op.path()))?;
-    cs_sync::apply::apply(root, op, Some(&mut std::io::Cursor::new(data)))
-        .map_err(|e| e.to_string())
-}
-
-fn parents_are_dirs(root: &Path, path: &RelPath) -> Result<(), String> {
-    let mut dir = root.to_owned();
-    let comps: Vec<&str> = path.components().collect();
-    for c in comps.iter().take(comps.len().saturating_sub(1)) {
-        dir.push(c);
-        match std::fs::symlink_metadata(&dir) {
-            Ok(m) if m.is_dir() => {}
-            Ok(_) => {
-                return Err(format!(
-                    "{path}: parent {} is not a directory",
-                    dir.display()
-                ))
-            }
-            Err(e) => return Err(format!("{path}: {e}")),
-        }
-    }
-    Ok(())
-}
-
-/// Watches the root; each burst of changes becomes one `Changed`. `None` if the root cannot
-/// be watched (the laptop's periodic rescans still find changes).
-fn watch(
-    root: &Path,
-    tx: mpsc::Sender<SyncReply>,
-    changes: Arc<Mutex<ChangeSet>>,
-) -> Option<notify::RecommendedWatcher> {
-    use notify::Watcher as _;
-    let (ev_tx, mut ev_rx) = mpsc::channel::<()>(1);
-    let root_buf = root.to_owned();
-    let mut w = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
-        match &ev {
-            Ok(e) if matches!(e.kind, notify::EventKind::Access(_)) => return,
-            Ok(e) if !e.need_rescan() => {
-                let mut c = lock(&changes);
-                for p in &e.paths {
-                    c.note(&root_buf, p);
-                }
-            }
-            // Lost events: only a full scan can be trusted.
-            _ => lock(&changes).note_everything(),
-        }
-        let _ = ev_tx.try_send(());
-    })
-    .ok()?;
-    if let Err(e) = w.watch(root, notify::RecursiveMode::Recursive) {
-        tracing::warn!(root = %root.display(), error = %e, "cannot watch the sync root");
-        return None;
-    }
-    tokio::spawn(async move {
-        while ev_rx.recv().await.is_some() {
-            tokio::time::sleep(std::time::Duration::from_millis(CHANGED_COALESCE_MS)).await;
-            while ev_rx.try_recv().is_ok() {}
-            if tx.send(SyncReply::Changed).await.is_err() {
-                break;
-            }
-        }
-    });
-    Some(w)
 }
 
 #[cfg(test)]

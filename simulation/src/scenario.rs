@@ -374,7 +374,9 @@ fn run_seed_inner(seed: u64, trace: Trace) -> Result<Outcome, String> {
                         workspace: ws_host(ws),
                         trust,
                         exec,
-                        home: std::path::PathBuf::from("/nonexistent/sim-home"),
+                        roots: Arc::new(cs_agent::sync::HomeRoots {
+                            home: std::path::PathBuf::from("/nonexistent/sim-home"),
+                        }),
                         sync_permits: Arc::new(tokio::sync::Semaphore::new(1)),
                     },
                 )

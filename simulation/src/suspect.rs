@@ -106,7 +106,9 @@ pub fn lost_finished(
                         workspace: "dev".into(),
                         trust,
                         exec,
-                        home: std::path::PathBuf::from("/nonexistent/sim-home"),
+                        roots: Arc::new(cs_agent::sync::HomeRoots {
+                            home: std::path::PathBuf::from("/nonexistent/sim-home"),
+                        }),
                         sync_permits: Arc::new(tokio::sync::Semaphore::new(1)),
                     },
                 )

@@ -5,7 +5,6 @@
 //! side slows the other instead of buffering.
 
 use std::io::{self, Read};
-use std::path::PathBuf;
 
 use tokio::sync::mpsc;
 
@@ -54,17 +53,15 @@ impl Read for ChunkReader {
     }
 }
 
-/// Reads the file at `path` (not following a final symlink) on a blocking thread, in chunks
-/// of at most `chunk_bytes`; an error ends the stream with that error.
-pub fn read_chunks(path: PathBuf, chunk_bytes: usize) -> mpsc::Receiver<io::Result<Vec<u8>>> {
+/// Reads what `open` opens on a blocking thread, in chunks of at most `chunk_bytes`; an error
+/// ends the stream with that error.
+pub fn read_chunks<F>(open: F, chunk_bytes: usize) -> mpsc::Receiver<io::Result<Vec<u8>>>
+where
+    F: FnOnce() -> io::Result<Box<dyn Read + Send>> + Send + 'static,
+{
     let (tx, rx) = mpsc::channel(CHUNKS_IN_FLIGHT_MAX);
     tokio::task::spawn_blocking(move || {
-        use std::os::unix::fs::OpenOptionsExt;
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&path);
-        let mut file = match file {
+        let mut file = match open() {
             Ok(f) => f,
             Err(e) => {
                 let _ = tx.blocking_send(Err(e));
@@ -90,6 +87,22 @@ pub fn read_chunks(path: PathBuf, chunk_bytes: usize) -> mpsc::Receiver<io::Resu
         }
     });
     rx
+}
+
+/// Runs `f` on a blocking thread when `blocking` (a real filesystem), else right here (an
+/// in-memory one, in the simulation, where another thread would freeze virtual time).
+pub async fn off_thread<T, F>(blocking: bool, f: F) -> Result<T, String>
+where
+    T: Send + 'static,
+    F: FnOnce() -> T + Send + 'static,
+{
+    if blocking {
+        tokio::task::spawn_blocking(f)
+            .await
+            .map_err(|e| format!("blocking task failed: {e}"))
+    } else {
+        Ok(f())
+    }
 }
 
 /// Reads a whole regular file of at most `max` bytes, never through a final symlink (for
@@ -121,7 +134,8 @@ mod tests {
         let path = dir.path().join("f");
         let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
         std::fs::write(&path, &data).unwrap();
-        let mut chunks = read_chunks(path, 7_000);
+        let open = move || std::fs::File::open(path).map(|f| Box::new(f) as Box<dyn Read + Send>);
+        let mut chunks = read_chunks(open, 7_000);
         let (tx, mut reader) = ChunkReader::channel();
         let sink = tokio::task::spawn_blocking(move || {
             let mut out = Vec::new();
@@ -136,7 +150,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_missing_file_is_an_error_not_an_empty_file() {
-        let mut chunks = read_chunks("/nonexistent/cs-test".into(), 10);
+        let open = || {
+            std::fs::File::open("/nonexistent/cs-test").map(|f| Box::new(f) as Box<dyn Read + Send>)
+        };
+        let mut chunks = read_chunks(open, 10);
         assert!(chunks.recv().await.unwrap().is_err());
     }
 }

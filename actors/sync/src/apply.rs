@@ -198,7 +198,7 @@ fn file_permissions(exec: bool) -> Permissions {
 }
 
 /// Every parent of `path` below the root must be a real directory.
-fn check_parents(root: &Path, path: &RelPath) -> Result<(), ApplyError> {
+pub fn check_parents(root: &Path, path: &RelPath) -> Result<(), ApplyError> {
     for parent in path.ancestors().into_iter().filter(|p| !p.is_root()) {
         let fs_path = parent.to_fs_path(root);
         match fs::symlink_metadata(&fs_path) {

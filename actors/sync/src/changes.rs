@@ -46,6 +46,18 @@ impl ChangeSet {
         }
     }
 
+    /// Notes that `path` (relative to the root) changed.
+    pub fn note_rel(&mut self, path: RelPath) {
+        if self.full {
+            return;
+        }
+        if self.paths.len() < CHANGED_PATHS_MAX {
+            self.paths.insert(path);
+        } else {
+            self.note_everything();
+        }
+    }
+
     /// Notes that anything may have changed (events were lost, or a periodic rescan is due).
     pub fn note_everything(&mut self) {
         self.full = true;

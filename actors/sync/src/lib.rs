@@ -13,10 +13,13 @@
 //! Shells (real filesystem; never called from simulated code):
 //! - [`scan`]: walk a root into a `Snapshot`, with a content-hash cache and parallel hashing.
 //! - [`apply`]: apply one op to a root atomically, re-checking what it replaces or deletes.
+//! - [`fs`]: `RootFs`, the seam the session and endpoint use (`OsRoot` here; the simulation
+//!   has one in memory).
 
 pub mod apply;
 pub mod changes;
 pub mod delta;
+pub mod fs;
 pub mod ignore;
 pub mod path;
 pub mod reconcile;

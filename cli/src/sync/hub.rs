@@ -11,8 +11,9 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::session::{self, Control, Shared};
 use super::{mode_name, ConflictView, SyncSpec, SyncStatus, SESSIONS_MAX};
-use crate::daemon::Hub;
+use crate::daemon::{link_for, Hub};
 use crate::home::CsHome;
+use crate::link::open_on_link;
 use crate::wire::{SyncAnswer, SyncCommand};
 
 /// Control messages queued per session.
@@ -81,14 +82,30 @@ impl SyncHub {
         });
         let (tx, rx) = mpsc::channel(CONTROL_QUEUE_MAX);
         let dir = session::session_dir(&self.home, &spec.name);
-        actix::spawn(session::run(
-            spec.clone(),
-            dir,
-            shared.clone(),
-            rx,
-            self.hub.clone(),
-            self.home.clone(),
-        ));
+        let (guard, watch) = match cs_sync::fs::os_watch(&spec.local) {
+            Ok((w, watch)) => (Some(Box::new(w) as Box<dyn std::any::Any>), Some(watch)),
+            Err(e) => {
+                shared.status.borrow_mut().last_error =
+                    Some(format!("{e}; relying on periodic rescans"));
+                (None, None)
+            }
+        };
+        let (hub, home, workspace) = (self.hub.clone(), self.home.clone(), spec.workspace.clone());
+        let open: session::Opener = Rc::new(move |open| {
+            let (hub, home, workspace) = (hub.clone(), home.clone(), workspace.clone());
+            Box::pin(async move {
+                let (link, name, addr) = link_for(&hub, &home, &workspace).await?;
+                open_on_link(&link, &name, &addr, &open).await
+            })
+        });
+        let env = session::Env {
+            fs: std::sync::Arc::new(cs_sync::fs::OsRoot::new(spec.local.clone())),
+            watch,
+            open,
+            store: Rc::new(session::FileStore(dir)),
+            guard,
+        };
+        actix::spawn(session::run(spec.clone(), env, shared.clone(), rx));
         self.sessions.insert(
             spec.name.clone(),
             Running {

@@ -5,7 +5,6 @@
 
 pub mod commands;
 pub mod hub;
-pub mod local;
 pub mod session;
 
 use std::path::PathBuf;

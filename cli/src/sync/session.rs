@@ -9,9 +9,9 @@
 use std::cell::RefCell;
 use std::path::PathBuf;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::Duration;
 
-use actix::Addr;
 use std::collections::BTreeMap;
 
 use cs_protocol::sync::{
@@ -20,16 +20,17 @@ use cs_protocol::sync::{
 };
 use cs_protocol::{StreamOpen, DATA_CHUNK_BYTES_MAX};
 use cs_sync::delta::Signature;
+use cs_sync::fs::{RootFs, Watch};
 use cs_sync::scan::ScanOutput;
-use cs_sync::{Applied, Entry, Op, Plan, Snapshot};
+use cs_sync::{Applied, Entry, Op, Plan, RelPath, Snapshot};
+use cs_transport::chunks::off_thread;
 use cs_transport::{read_frame, write_frame};
 use tokio::sync::{mpsc, oneshot, Notify};
 
-use super::local;
 use super::SyncSpec;
 use super::SyncStatus;
-use crate::daemon::{link_for, Hub};
 use crate::home::CsHome;
+use crate::link::Opened;
 
 /// The periodic full rescan, in case an event was missed.
 pub const RESCAN_MS: u64 = 30_000;
@@ -88,35 +89,62 @@ pub fn session_dir(home: &CsHome, name: &str) -> PathBuf {
     home.dir.join("sync").join(name)
 }
 
-fn load_ancestor(dir: &std::path::Path) -> Snapshot {
-    let path = dir.join("ancestor.json");
-    match std::fs::read(&path) {
-        Ok(b) => serde_json::from_slice(&b).unwrap_or_else(|e| {
-            // A damaged ancestor only costs a full reconciliation, never content: with an
-            // empty ancestor nothing counts as deleted.
-            tracing::error!(path = %path.display(), error = %e, "unreadable ancestor; starting from scratch");
-            Snapshot::default()
-        }),
-        Err(_) => Snapshot::default(),
+/// Where a session keeps its ancestor.
+pub trait AncestorStore {
+    fn load(&self) -> Snapshot;
+    fn save(&self, a: &Snapshot) -> Result<(), String>;
+}
+
+/// The ancestor in a file under the session's directory.
+#[derive(Debug)]
+pub struct FileStore(pub PathBuf);
+
+impl AncestorStore for FileStore {
+    fn load(&self) -> Snapshot {
+        let path = self.0.join("ancestor.json");
+        match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b).unwrap_or_else(|e| {
+                // A damaged ancestor only costs a full reconciliation, never content: with an
+                // empty ancestor nothing counts as deleted.
+                tracing::error!(path = %path.display(), error = %e, "unreadable ancestor; starting from scratch");
+                Snapshot::default()
+            }),
+            Err(_) => Snapshot::default(),
+        }
+    }
+
+    fn save(&self, a: &Snapshot) -> Result<(), String> {
+        let dir = &self.0;
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let path = dir.join("ancestor.json");
+        let bytes = serde_json::to_vec(a).map_err(|e| e.to_string())?;
+        cs_transport::identity::write_private(&path, &bytes)
+            .map_err(|e| format!("cannot save {}: {e}", path.display()))
     }
 }
 
-fn save_ancestor(dir: &std::path::Path, a: &Snapshot) -> Result<(), String> {
-    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let path = dir.join("ancestor.json");
-    let bytes = serde_json::to_vec(a).map_err(|e| e.to_string())?;
-    cs_transport::identity::write_private(&path, &bytes)
-        .map_err(|e| format!("cannot save {}: {e}", path.display()))
+/// Opens a stream to the session's workspace (the daemon's link, or the simulation's).
+pub type Opener =
+    Rc<dyn Fn(StreamOpen) -> futures_util::future::LocalBoxFuture<'static, Result<Opened, String>>>;
+
+/// What a session needs from the world.
+pub struct Env {
+    /// Alpha's root.
+    pub fs: Arc<dyn RootFs>,
+    /// Alpha's filesystem events (`None`: every scan is full).
+    pub watch: Option<Watch>,
+    pub open: Opener,
+    pub store: Rc<dyn AncestorStore>,
+    /// Kept alive as long as the session (a real watcher).
+    pub guard: Option<Box<dyn std::any::Any>>,
 }
 
 /// Runs a session until it is terminated.
 pub async fn run(
     spec: SyncSpec,
-    dir: PathBuf,
+    env: Env,
     shared: Rc<Shared>,
     mut control: mpsc::Receiver<Control>,
-    hub: Addr<Hub>,
-    home: CsHome,
 ) {
     let mut s = Session {
         ignorer: match cs_sync::ignore::Ignorer::new(
@@ -131,23 +159,19 @@ pub async fn run(
                 return;
             }
         },
-        ancestor: load_ancestor(&dir),
+        ancestor: env.store.load(),
         prev: None,
         full_due: true,
-        dir,
+        fs: env.fs.clone(),
+        watch: env.watch.clone(),
+        store: env.store.clone(),
         paused: spec.paused,
         halted: false,
         created: false,
         spec,
         shared,
     };
-    let mut watcher = local::Watcher::new(&s.spec.local);
-    if let Err(e) = &watcher {
-        s.shared.error(&format!(
-            "cannot watch {}: {e}; relying on rescans",
-            s.spec.local.display()
-        ));
-    }
+    let _guard = env.guard;
     let mut failures = 0u32;
     loop {
         if s.paused || s.halted {
@@ -159,7 +183,7 @@ pub async fn run(
             continue;
         }
         s.shared.state("connecting");
-        let mut remote = match Remote::open(&s.spec, &hub, &home, !s.created).await {
+        let mut remote = match Remote::open(&s.spec, &env.open, !s.created).await {
             Ok(r) => {
                 failures = 0;
                 s.created = true;
@@ -184,7 +208,7 @@ pub async fn run(
         };
         // Connected: cycle until the stream breaks or a command interrupts.
         loop {
-            match s.cycle(&mut remote, &watcher).await {
+            match s.cycle(&mut remote).await {
                 Ok(Outcome::Quiet) => {
                     s.shared.status.borrow_mut().last_error = None;
                     s.shared.answer_flushes(Ok(()));
@@ -213,7 +237,7 @@ pub async fn run(
                     Some(c) => { s.control(c); s.paused || s.halted }
                 },
                 _ = remote.changed.notified() => false,
-                _ = local::next_event(&mut watcher) => false,
+                _ = local_changed(&s.watch) => false,
                 _ = tokio::time::sleep(Duration::from_millis(RESCAN_MS)) => {
                     s.full_due = true;
                     false
@@ -228,7 +252,6 @@ pub async fn run(
             }
             // Let a burst of events settle into one cycle.
             tokio::time::sleep(Duration::from_millis(COALESCE_MS)).await;
-            local::drain_events(&mut watcher);
         }
     }
 }
@@ -250,9 +273,19 @@ enum CycleError {
     Local(String),
 }
 
+/// Waits for an event under alpha's root; forever without a watch (rescans still run).
+async fn local_changed(w: &Option<Watch>) {
+    match w {
+        Some(w) => w.changed().await,
+        None => std::future::pending().await,
+    }
+}
+
 struct Session {
     spec: SyncSpec,
-    dir: PathBuf,
+    fs: Arc<dyn RootFs>,
+    watch: Option<Watch>,
+    store: Rc<dyn AncestorStore>,
     shared: Rc<Shared>,
     ignorer: cs_sync::ignore::Ignorer,
     ancestor: Snapshot,
@@ -278,7 +311,7 @@ impl Session {
             }
             Control::Reset => {
                 self.ancestor = Snapshot::default();
-                if let Err(e) = save_ancestor(&self.dir, &self.ancestor) {
+                if let Err(e) = self.store.save(&self.ancestor) {
                     self.shared.error(&e);
                 }
                 self.halted = false;
@@ -287,22 +320,16 @@ impl Session {
         }
     }
 
-    async fn cycle(
-        &mut self,
-        remote: &mut Remote,
-        watcher: &Result<local::Watcher, String>,
-    ) -> Result<Outcome, CycleError> {
+    async fn cycle(&mut self, remote: &mut Remote) -> Result<Outcome, CycleError> {
         self.shared.state("scanning");
         let full = std::mem::replace(&mut self.full_due, false);
-        let changed = local::take_changes(watcher, full);
-        let scanned = local::scan(
-            self.spec.local.clone(),
-            self.ignorer.clone(),
-            self.prev.take(),
-            changed,
-        )
-        .await
-        .map_err(CycleError::Local)?;
+        // Without a watch every scan is full.
+        let changed = self.watch.as_ref().and_then(|w| w.take(full));
+        let (f, ig, prev) = (self.fs.clone(), self.ignorer.clone(), self.prev.take());
+        let scanned = off_thread(self.fs.blocking(), move || f.scan(&ig, prev, changed))
+            .await
+            .map_err(CycleError::Local)?
+            .map_err(CycleError::Local)?;
         let alpha = scanned.snapshot.clone();
         let local_problems = scanned.problems.len();
         self.prev = Some(scanned);
@@ -333,7 +360,7 @@ impl Session {
         let failed = to_beta.iter().chain(&to_alpha).any(|ok| !ok);
         let applied = Applied { to_alpha, to_beta };
         self.ancestor = cs_sync::ancestor_after(&self.ancestor, &plan, &applied);
-        save_ancestor(&self.dir, &self.ancestor).map_err(CycleError::Local)?;
+        self.store.save(&self.ancestor).map_err(CycleError::Local)?;
         self.finish_cycle(&alpha);
         let moved = !plan.to_alpha.is_empty() || !plan.to_beta.is_empty();
         Ok(if moved {
@@ -384,13 +411,13 @@ impl Session {
                 .await?;
             for (i, op) in batch.iter().enumerate() {
                 if let Some(sig) = sigs.remove(&i) {
-                    let path = op.path().to_fs_path(&self.spec.local);
-                    let made = tokio::task::spawn_blocking(move || {
-                        cs_transport::chunks::read_file_max(&path, DELTA_FILE_BYTES_MAX)
+                    let (f, p) = (self.fs.clone(), op.path().clone());
+                    let made = off_thread(self.fs.blocking(), move || {
+                        f.read(&p, DELTA_FILE_BYTES_MAX)
                             .map(|data| cs_sync::delta::delta(&sig, &data))
                     })
                     .await
-                    .map_err(|e| CycleError::Local(format!("delta task failed: {e}")))?;
+                    .map_err(CycleError::Local)?;
                     // A file that cannot be read now still gets an (empty, wrong) delta, which
                     // the workspace refuses by its hash: the next cycle sees the new state.
                     let d = made.unwrap_or_else(|_| cs_sync::delta::Delta {
@@ -406,8 +433,7 @@ impl Session {
                     st.files_to_beta += 1;
                     st.bytes_to_beta += literal;
                 } else if needs_content(op) {
-                    let path = op.path().to_fs_path(&self.spec.local);
-                    let sent = remote.send_file(path).await?;
+                    let sent = remote.send_file(&self.fs, op.path()).await?;
                     let mut st = self.shared.status.borrow_mut();
                     st.files_to_beta += 1;
                     st.bytes_to_beta += sent;
@@ -442,14 +468,14 @@ impl Session {
             let mut files = Vec::new();
             for op in batch.iter().filter(|op| needs_content(op)) {
                 let sig = if wants_delta(op) {
-                    let path = op.path().to_fs_path(&self.spec.local);
-                    tokio::task::spawn_blocking(move || {
-                        cs_transport::chunks::read_file_max(&path, DELTA_FILE_BYTES_MAX)
+                    let (f, p) = (self.fs.clone(), op.path().clone());
+                    off_thread(self.fs.blocking(), move || {
+                        f.read(&p, DELTA_FILE_BYTES_MAX)
                             .ok()
                             .map(|d| cs_sync::delta::signature(&d))
                     })
                     .await
-                    .map_err(|e| CycleError::Local(format!("signature task failed: {e}")))?
+                    .map_err(CycleError::Local)?
                 } else {
                     None
                 };
@@ -465,8 +491,12 @@ impl Session {
                             SyncReply::Delta(first) => {
                                 let d = remote.receive_delta(first).await?;
                                 let literal = d.literal_bytes();
-                                let r = local::apply_delta(self.spec.local.clone(), op.clone(), d)
-                                    .await;
+                                let (f, o) = (self.fs.clone(), op.clone());
+                                let r = off_thread(self.fs.blocking(), move || {
+                                    cs_sync::fs::apply_delta(&*f, &o, d, DELTA_FILE_BYTES_MAX)
+                                })
+                                .await
+                                .and_then(|r| r);
                                 if r.is_ok() {
                                     let mut st = self.shared.status.borrow_mut();
                                     st.files_to_alpha += 1;
@@ -475,10 +505,8 @@ impl Session {
                                 r
                             }
                             SyncReply::Data(first) => {
-                                let (tx, task) =
-                                    local::apply_streaming(self.spec.local.clone(), op.clone());
-                                let bytes = remote.receive_file(first, tx).await?;
-                                let r = task.await;
+                                let (bytes, r) =
+                                    remote.receive_and_apply(&self.fs, op, first).await?;
                                 if r.is_ok() {
                                     let mut st = self.shared.status.borrow_mut();
                                     st.files_to_alpha += 1;
@@ -492,7 +520,10 @@ impl Session {
                         other => return Err(unexpected(&other)),
                     }
                 } else {
-                    local::apply(self.spec.local.clone(), op.clone()).await
+                    let (f, o) = (self.fs.clone(), op.clone());
+                    off_thread(self.fs.blocking(), move || f.apply(&o, None))
+                        .await
+                        .and_then(|r| r)
                 };
                 if let Err(e) = &result {
                     tracing::info!(session = %self.spec.name, path = %op.path(), error = %e, "not applied on the laptop");
@@ -545,20 +576,14 @@ struct Remote {
 }
 
 impl Remote {
-    async fn open(
-        spec: &SyncSpec,
-        hub: &Addr<Hub>,
-        home: &CsHome,
-        first: bool,
-    ) -> Result<Self, String> {
-        let (link, name, addr) = link_for(hub, home, &spec.workspace).await?;
+    async fn open(spec: &SyncSpec, opener: &Opener, first: bool) -> Result<Self, String> {
         let open = StreamOpen::Sync(SyncOpen {
             session: spec.name.clone(),
             root: spec.remote.clone(),
             create: first,
             ignore: spec.ignore.clone(),
         });
-        let opened = crate::link::open_on_link(&link, &name, &addr, &open).await?;
+        let opened = opener(open).await?;
         let payload = &opened.first_frame[cs_protocol::codec::FRAME_HEADER_BYTES..];
         match cs_protocol::decode::<SyncReply>(payload).map_err(|e| e.to_string())? {
             SyncReply::Ready { root } => {
@@ -642,24 +667,72 @@ impl Remote {
     }
 
     /// Sends a local file as `Data` chunks and the empty end chunk. Returns its size. A file
-    /// that cannot be read is sent as empty: the workspace refuses it (wrong hash).
-    async fn send_file(&mut self, path: PathBuf) -> Result<u64, CycleError> {
-        let mut chunks = cs_transport::chunks::read_chunks(path, DATA_CHUNK_BYTES_MAX);
+    /// that cannot be read is sent short: the workspace refuses it (wrong size or hash).
+    async fn send_file(&mut self, fs: &Arc<dyn RootFs>, path: &RelPath) -> Result<u64, CycleError> {
         let mut sent = 0u64;
-        while let Some(c) = chunks.recv().await {
-            match c {
-                Ok(data) => {
-                    sent += data.len() as u64;
-                    self.send(&SyncRequest::Data(data)).await?;
-                }
-                Err(e) => {
-                    tracing::info!(error = %e, "cannot read a file to send; the workspace will refuse it");
-                    break;
+        if !fs.blocking() {
+            let data = fs.read(path, DELTA_FILE_BYTES_MAX).unwrap_or_default();
+            for c in data.chunks(DATA_CHUNK_BYTES_MAX) {
+                sent += c.len() as u64;
+                self.send(&SyncRequest::Data(c.to_vec())).await?;
+            }
+        } else {
+            let (f, p) = (fs.clone(), path.clone());
+            let open = move || f.open(&p).map_err(std::io::Error::other);
+            let mut chunks = cs_transport::chunks::read_chunks(open, DATA_CHUNK_BYTES_MAX);
+            while let Some(c) = chunks.recv().await {
+                match c {
+                    Ok(data) => {
+                        sent += data.len() as u64;
+                        self.send(&SyncRequest::Data(data)).await?;
+                    }
+                    Err(e) => {
+                        tracing::info!(error = %e, "cannot read a file to send; the workspace will refuse it");
+                        break;
+                    }
                 }
             }
         }
         self.send(&SyncRequest::Data(Vec::new())).await?;
         Ok(sent)
+    }
+
+    /// Receives a file's `Data` chunks (starting with `first`, up to the empty one) and applies
+    /// `op` with them: streamed into the blocking apply on a real root, gathered first in
+    /// memory. Returns the bytes received and the apply's result.
+    async fn receive_and_apply(
+        &mut self,
+        fs: &Arc<dyn RootFs>,
+        op: &Op,
+        first: Vec<u8>,
+    ) -> Result<(u64, Result<(), String>), CycleError> {
+        if !fs.blocking() {
+            let mut data = first;
+            let mut done = data.is_empty();
+            while !done {
+                match self.reply().await? {
+                    SyncReply::Data(d) if d.is_empty() => done = true,
+                    SyncReply::Data(d) => data.extend_from_slice(&d),
+                    other => return Err(unexpected(&other)),
+                }
+            }
+            let n = data.len() as u64;
+            return Ok((n, fs.apply(op, Some(&mut std::io::Cursor::new(data)))));
+        }
+        let (tx, mut reader) = cs_transport::chunks::ChunkReader::channel();
+        let (f, o) = (fs.clone(), op.clone());
+        let task = tokio::task::spawn_blocking(move || {
+            let r = f.apply(&o, Some(&mut reader));
+            // Drain what is left so the sender never blocks on a refused op.
+            let _ = std::io::copy(&mut reader, &mut std::io::sink());
+            r
+        });
+        let bytes = self.receive_file(first, tx).await?;
+        let r = task
+            .await
+            .map_err(|e| format!("apply task failed: {e}"))
+            .and_then(|r| r);
+        Ok((bytes, r))
     }
 
     /// Receives `Data` chunks, starting with `first`, up to the empty one into `tx`. Returns
