@@ -24,10 +24,30 @@ pub const MARKERS: &[&str] = &[
     "path: stream retried on a fresh connection",
 ];
 
+/// The sync scenario's markers (it reaches most of [`MARKERS`]' fault classes too).
+pub const SYNC_MARKERS: &[&str] = &[
+    "fault: datagram lost",
+    "fault: partition",
+    "fault: agent crashed",
+    "fault: laptop crashed",
+    "fault: laptop slept",
+    "sync: conflict reported",
+    "sync: files sent to the workspace",
+    "sync: files fetched from the workspace",
+];
+
 /// The markers of `MARKERS` that are not in `reached`.
 pub fn missing<'a>(reached: impl IntoIterator<Item = &'a &'static str>) -> Vec<&'static str> {
+    missing_of(MARKERS, reached)
+}
+
+/// The markers of `markers` that are not in `reached`.
+pub fn missing_of<'a>(
+    markers: &[&'static str],
+    reached: impl IntoIterator<Item = &'a &'static str>,
+) -> Vec<&'static str> {
     let reached: std::collections::BTreeSet<&str> = reached.into_iter().copied().collect();
-    MARKERS
+    markers
         .iter()
         .copied()
         .filter(|m| !reached.contains(m))

@@ -15,14 +15,17 @@
 pub mod clock;
 pub mod coverage;
 pub mod faults;
+pub mod memfs;
 pub mod net;
 pub mod scenario;
 pub mod script;
 pub mod suspect;
+pub mod sync_scenario;
 pub mod trace;
 
 pub use faults::Options;
 pub use scenario::{run_seed, Failure, Outcome};
+pub use sync_scenario::run_sync_seed;
 
 /// Parses a canary's name as the runner's `--canary` takes it.
 pub fn parse_canary(name: &str) -> Result<cs_protocol::Canary, String> {
@@ -30,8 +33,9 @@ pub fn parse_canary(name: &str) -> Result<cs_protocol::Canary, String> {
         "reconnect-skipped" => Ok(cs_protocol::Canary::ReconnectSkipped),
         "stream-end-trusted" => Ok(cs_protocol::Canary::StreamEndTrusted),
         "hangup-skipped" => Ok(cs_protocol::Canary::HangupSkipped),
+        "delete-wins" => Ok(cs_protocol::Canary::DeleteWins),
         other => Err(format!(
-            "unknown canary '{other}': expected reconnect-skipped, stream-end-trusted or hangup-skipped"
+            "unknown canary '{other}': expected reconnect-skipped, stream-end-trusted, hangup-skipped or delete-wins"
         )),
     }
 }

@@ -2,7 +2,7 @@
 //!
 //! `cargo run --release -p cs-simulation -- --seed N` replays one seed (printing its options,
 //! outcome and trace hash); `--seeds A..B` runs a range on `--threads` threads (default: the
-//! machine's cores); `--regressions` adds the seeds of `simulation/regressions.txt`; `--trace`
+//! machine's cores); `--scenario sync` runs the sync scenario instead of exec; `--regressions` adds the seeds of `simulation/regressions.txt`; `--trace`
 //! prints the trace of every seed run; `--canary NAME` switches a deliberate bug on. Exits 1 if
 //! any seed failed.
 
@@ -36,6 +36,7 @@ fn main() -> anyhow::Result<()> {
     let mut print_trace = false;
     let mut canaries = Vec::new();
     let mut threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut sync = false;
     while let Some(a) = args.next() {
         match a.as_str() {
             "--seed" => {
@@ -53,6 +54,14 @@ fn main() -> anyhow::Result<()> {
             }
             "--regressions" => seeds.extend(cs_simulation::regression_seeds()),
             "--trace" => print_trace = true,
+            "--scenario" => {
+                let v = args.next().context("--scenario needs exec or sync")?;
+                sync = match v.as_str() {
+                    "exec" => false,
+                    "sync" => true,
+                    other => bail!("unknown scenario '{other}': expected exec or sync"),
+                };
+            }
             "--suspect" => return suspect(),
             "--threads" => {
                 let v = args.next().context("--threads needs a number")?;
@@ -67,7 +76,7 @@ fn main() -> anyhow::Result<()> {
                 canaries.push(cs_simulation::parse_canary(&v).map_err(anyhow::Error::msg)?);
             }
             other => bail!(
-                "unknown option '{other}': expected --seed N, --seeds A..B, --regressions, --threads N, --canary NAME, --trace or --suspect"
+                "unknown option '{other}': expected --seed N, --seeds A..B, --regressions, --threads N, --canary NAME, --scenario exec|sync, --trace or --suspect"
             ),
         }
     }
@@ -90,13 +99,28 @@ fn main() -> anyhow::Result<()> {
                 } else {
                     Trace::default()
                 };
-                let opts = Options::draw(seed);
+                let opts = if sync {
+                    cs_simulation::sync_scenario::SyncOptions::draw(seed).to_string()
+                } else {
+                    Options::draw(seed).to_string()
+                };
+                let run = if sync {
+                    cs_simulation::run_sync_seed
+                } else {
+                    cs_simulation::run_seed
+                };
                 let (line, failed, virtual_ms, reached) =
-                    match cs_simulation::run_seed(seed, trace.clone(), &canaries) {
+                    match run(seed, trace.clone(), &canaries) {
                         Ok(o) => (
                             format!(
-                                "seed {seed}: ok hash {:016x} events {} commands ok {} failed {} virtual {} ms; {}",
-                                o.hash, o.events, o.commands_ok, o.commands_failed, o.virtual_ms, o.options
+                                "seed {seed}: ok hash {:016x} events {} {} ok {} {} {} virtual {} ms; {opts}",
+                                o.hash,
+                                o.events,
+                                if sync { "cycles" } else { "commands" },
+                                o.commands_ok,
+                                if sync { "conflicts" } else { "failed" },
+                                o.commands_failed,
+                                o.virtual_ms
                             ),
                             false,
                             o.virtual_ms,
@@ -142,7 +166,12 @@ fn main() -> anyhow::Result<()> {
         virtual_ms as f64 / 1e3 / secs
     );
     if n > 1 {
-        let missing = coverage::missing(results.iter().flat_map(|r| r.3.iter()));
+        let markers = if sync {
+            coverage::SYNC_MARKERS
+        } else {
+            coverage::MARKERS
+        };
+        let missing = coverage::missing_of(markers, results.iter().flat_map(|r| r.3.iter()));
         if missing.is_empty() {
             out!("coverage: every marker reached");
         } else {

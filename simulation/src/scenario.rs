@@ -130,7 +130,7 @@ struct World {
     laptop_incarnation: u64,
 }
 
-fn quinn_seed(seed: u64, node: u8, incarnation: u64) -> [u8; 32] {
+pub(crate) fn quinn_seed(seed: u64, node: u8, incarnation: u64) -> [u8; 32] {
     let mut out = [node; 32];
     out[..8].copy_from_slice(&seed.to_le_bytes());
     out[8..16].copy_from_slice(&incarnation.to_le_bytes());
@@ -189,7 +189,10 @@ impl quinn::ConnectionIdGenerator for SeededCids {
     }
 }
 
-fn endpoint_config(mut cfg: quinn::EndpointConfig, seed: [u8; 32]) -> quinn::EndpointConfig {
+pub(crate) fn endpoint_config(
+    mut cfg: quinn::EndpointConfig,
+    seed: [u8; 32],
+) -> quinn::EndpointConfig {
     // Not quinn's own seed: the same sequence would make the client's first connection ID
     // equal the initial destination ID it draws from that seed, and the peers then answer
     // each other's packets with stateless resets.
@@ -216,14 +219,14 @@ fn endpoint_config(mut cfg: quinn::EndpointConfig, seed: [u8; 32]) -> quinn::End
     cfg
 }
 
-static PANICS: Mutex<Vec<String>> = Mutex::new(Vec::new());
+pub(crate) static PANICS: Mutex<Vec<String>> = Mutex::new(Vec::new());
 
 thread_local! {
-    static PANICKED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    pub(crate) static PANICKED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 /// Tasks and actors swallow panics; this hook records them so that the seed fails.
-fn install_panic_hook() {
+pub(crate) fn install_panic_hook() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         let default = std::panic::take_hook();
@@ -242,10 +245,22 @@ fn install_panic_hook() {
 /// Runs one seed with `canaries` switched on. `Err` is a violated invariant, a panic or a
 /// missed deadline.
 pub fn run_seed(seed: u64, trace: Trace, canaries: &[Canary]) -> Result<Outcome, Failure> {
+    guarded(seed, &trace, canaries, || {
+        run_seed_inner(seed, trace.clone())
+    })
+}
+
+/// Runs one seed of a scenario with `canaries` on, turning panics into failures.
+pub(crate) fn guarded(
+    seed: u64,
+    trace: &Trace,
+    canaries: &[Canary],
+    run: impl FnOnce() -> Result<Outcome, String>,
+) -> Result<Outcome, Failure> {
     install_panic_hook();
     PANICKED.with(|p| p.set(false));
     cs_protocol::canary::set(canaries);
-    let outcome = run_seed_inner(seed, trace.clone());
+    let outcome = run();
     cs_protocol::canary::set(&[]);
     let panicked = PANICKED.with(|p| p.replace(false));
     let hash = trace.hash();
@@ -271,7 +286,7 @@ pub fn run_seed(seed: u64, trace: Trace, canaries: &[Canary]) -> Result<Outcome,
     }
 }
 
-fn ws_host(ws: usize) -> String {
+pub(crate) fn ws_host(ws: usize) -> String {
     format!("agent{ws}")
 }
 
@@ -421,7 +436,7 @@ fn run_seed_inner(seed: u64, trace: Trace) -> Result<Outcome, String> {
     })
 }
 
-fn node_name(ws: usize) -> &'static str {
+pub(crate) fn node_name(ws: usize) -> &'static str {
     ["agent0", "agent1", "agent2", "agent3"][ws.min(3)]
 }
 
@@ -433,31 +448,7 @@ fn drive(
     world: &Rc<RefCell<World>>,
     sleep: &Arc<Sleep>,
 ) -> Result<(), String> {
-    // (time, action) pairs: each fault's start and end.
-    #[derive(Debug, Clone, Copy)]
-    enum Act {
-        Start(FaultKind),
-        End(FaultKind),
-    }
-    let mut plan: Vec<(u64, Act)> = Vec::new();
-    for e in &opts.events {
-        plan.push((e.at_ms, Act::Start(e.kind)));
-        let len = match e.kind {
-            FaultKind::Partition { len_ms, .. }
-            | FaultKind::PartitionOneWay { len_ms, .. }
-            | FaultKind::Clog { len_ms, .. }
-            | FaultKind::LaptopSleep { len_ms } => Some(len_ms),
-            FaultKind::AgentCrash { down_ms, .. } => Some(down_ms),
-            FaultKind::LaptopCrash => None,
-        };
-        if let Some(len) = len {
-            // Every fault ends by the heal at the latest.
-            plan.push(((e.at_ms + len).min(opts.safety_ms), Act::End(e.kind)));
-        }
-    }
-    plan.sort_by_key(|(t, _)| *t);
-    let mut plan = plan.into_iter().peekable();
-    let laptop = "laptop";
+    let mut faults = FaultDriver::new(opts);
     // The watchdog measures real time on purpose: virtual time is what it guards.
     #[allow(clippy::disallowed_methods)]
     let wall = std::time::Instant::now();
@@ -470,82 +461,12 @@ fn drive(
             ));
         }
         let now_ms = sim.elapsed().as_millis() as u64;
-        while let Some((_, act)) = plan.next_if(|(t, _)| *t <= now_ms) {
-            match act {
-                Act::Start(k) => {
-                    trace.event_at(
-                        u128::from(now_ms) * 1000,
-                        "net",
-                        &format!("fault.start {k:?}"),
-                        0,
-                    );
-                    match k {
-                        FaultKind::Partition { ws, .. } => {
-                            trace.sometimes("fault: partition");
-                            sim.partition(laptop, ws_host(ws));
-                        }
-                        FaultKind::PartitionOneWay { ws, to_laptop, .. } => {
-                            trace.sometimes("fault: one-way partition");
-                            if to_laptop {
-                                sim.partition_oneway(ws_host(ws), laptop);
-                            } else {
-                                sim.partition_oneway(laptop, ws_host(ws));
-                            }
-                        }
-                        FaultKind::Clog { ws, .. } => {
-                            trace.sometimes("fault: link clogged");
-                            sim.hold(laptop, ws_host(ws));
-                        }
-                        FaultKind::AgentCrash { ws, .. } => {
-                            trace.sometimes("fault: agent crashed");
-                            world.borrow_mut().active[ws] = None;
-                            sim.crash(ws_host(ws));
-                        }
-                        FaultKind::LaptopCrash => {
-                            trace.sometimes("fault: laptop crashed");
-                            sim.bounce(laptop);
-                        }
-                        FaultKind::LaptopSleep { .. } => {
-                            trace.sometimes("fault: laptop slept");
-                            sleep.begin(sim.elapsed());
-                        }
-                    }
-                }
-                Act::End(k) => {
-                    trace.event_at(
-                        u128::from(now_ms) * 1000,
-                        "net",
-                        &format!("fault.end {k:?}"),
-                        0,
-                    );
-                    match k {
-                        FaultKind::Partition { ws, .. } | FaultKind::PartitionOneWay { ws, .. } => {
-                            sim.repair(laptop, ws_host(ws))
-                        }
-                        FaultKind::Clog { ws, .. } => sim.release(laptop, ws_host(ws)),
-                        FaultKind::AgentCrash { ws, .. } => {
-                            if !sim.is_host_running(ws_host(ws)) {
-                                sim.bounce(ws_host(ws));
-                            }
-                        }
-                        FaultKind::LaptopSleep { .. } => sleep.end(sim.elapsed()),
-                        FaultKind::LaptopCrash => {}
-                    }
-                }
-            }
+        for ws in faults.apply_due(sim, now_ms, trace, sleep) {
+            world.borrow_mut().active[ws] = None;
         }
         if !healed && now_ms >= opts.safety_ms {
             healed = true;
-            trace.event_at(u128::from(now_ms) * 1000, "net", "heal", 0);
-            for ws in 0..opts.workspaces {
-                sim.repair(laptop, ws_host(ws));
-                sim.release(laptop, ws_host(ws));
-                if !sim.is_host_running(ws_host(ws)) {
-                    sim.bounce(ws_host(ws));
-                }
-            }
-            sleep.end(sim.elapsed());
-            crate::net::heal_all();
+            heal(sim, opts.workspaces, now_ms, trace, sleep);
             world.borrow_mut().phase = Phase::Liveness;
         }
         {
@@ -592,13 +513,138 @@ fn drive(
     }
 }
 
+/// Heals every fault: links repaired and released, crashed agents restarted, the laptop
+/// awake, datagram faults off.
+pub(crate) fn heal(
+    sim: &mut turmoil::Sim<'_>,
+    workspaces: usize,
+    now_ms: u64,
+    trace: &Trace,
+    sleep: &Sleep,
+) {
+    trace.event_at(u128::from(now_ms) * 1000, "net", "heal", 0);
+    for ws in 0..workspaces {
+        sim.repair("laptop", ws_host(ws));
+        sim.release("laptop", ws_host(ws));
+        if !sim.is_host_running(ws_host(ws)) {
+            sim.bounce(ws_host(ws));
+        }
+    }
+    sleep.end(sim.elapsed());
+    crate::net::heal_all();
+}
+
+/// The seed's fault schedule, applied as virtual time passes.
+pub(crate) struct FaultDriver {
+    plan: std::iter::Peekable<std::vec::IntoIter<(u64, Act)>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Act {
+    Start(FaultKind),
+    End(FaultKind),
+}
+
+impl FaultDriver {
+    pub(crate) fn new(opts: &Options) -> Self {
+        let mut plan: Vec<(u64, Act)> = Vec::new();
+        for e in &opts.events {
+            plan.push((e.at_ms, Act::Start(e.kind)));
+            let len = match e.kind {
+                FaultKind::Partition { len_ms, .. }
+                | FaultKind::PartitionOneWay { len_ms, .. }
+                | FaultKind::Clog { len_ms, .. }
+                | FaultKind::LaptopSleep { len_ms } => Some(len_ms),
+                FaultKind::AgentCrash { down_ms, .. } => Some(down_ms),
+                FaultKind::LaptopCrash => None,
+            };
+            if let Some(len) = len {
+                // Every fault ends by the heal at the latest.
+                plan.push(((e.at_ms + len).min(opts.safety_ms), Act::End(e.kind)));
+            }
+        }
+        plan.sort_by_key(|(t, _)| *t);
+        Self {
+            plan: plan.into_iter().peekable(),
+        }
+    }
+
+    /// Applies every fault due by `now_ms`. Returns the workspaces whose agent crashed.
+    pub(crate) fn apply_due(
+        &mut self,
+        sim: &mut turmoil::Sim<'_>,
+        now_ms: u64,
+        trace: &Trace,
+        sleep: &Sleep,
+    ) -> Vec<usize> {
+        let laptop = "laptop";
+        let mut crashed = Vec::new();
+        while let Some((_, act)) = self.plan.next_if(|(t, _)| *t <= now_ms) {
+            let at = u128::from(now_ms) * 1000;
+            match act {
+                Act::Start(k) => {
+                    trace.event_at(at, "net", &format!("fault.start {k:?}"), 0);
+                    match k {
+                        FaultKind::Partition { ws, .. } => {
+                            trace.sometimes("fault: partition");
+                            sim.partition(laptop, ws_host(ws));
+                        }
+                        FaultKind::PartitionOneWay { ws, to_laptop, .. } => {
+                            trace.sometimes("fault: one-way partition");
+                            if to_laptop {
+                                sim.partition_oneway(ws_host(ws), laptop);
+                            } else {
+                                sim.partition_oneway(laptop, ws_host(ws));
+                            }
+                        }
+                        FaultKind::Clog { ws, .. } => {
+                            trace.sometimes("fault: link clogged");
+                            sim.hold(laptop, ws_host(ws));
+                        }
+                        FaultKind::AgentCrash { ws, .. } => {
+                            trace.sometimes("fault: agent crashed");
+                            crashed.push(ws);
+                            sim.crash(ws_host(ws));
+                        }
+                        FaultKind::LaptopCrash => {
+                            trace.sometimes("fault: laptop crashed");
+                            sim.bounce(laptop);
+                        }
+                        FaultKind::LaptopSleep { .. } => {
+                            trace.sometimes("fault: laptop slept");
+                            sleep.begin(sim.elapsed());
+                        }
+                    }
+                }
+                Act::End(k) => {
+                    trace.event_at(at, "net", &format!("fault.end {k:?}"), 0);
+                    match k {
+                        FaultKind::Partition { ws, .. } | FaultKind::PartitionOneWay { ws, .. } => {
+                            sim.repair(laptop, ws_host(ws))
+                        }
+                        FaultKind::Clog { ws, .. } => sim.release(laptop, ws_host(ws)),
+                        FaultKind::AgentCrash { ws, .. } => {
+                            if !sim.is_host_running(ws_host(ws)) {
+                                sim.bounce(ws_host(ws));
+                            }
+                        }
+                        FaultKind::LaptopSleep { .. } => sleep.end(sim.elapsed()),
+                        FaultKind::LaptopCrash => {}
+                    }
+                }
+            }
+        }
+        crashed
+    }
+}
+
 /// Connects over the simulated network with the daemon's own hello code.
-struct SimConnector {
-    endpoint: quinn::Endpoint,
-    me: Identity,
-    addr: SocketAddr,
-    pinned: Fingerprint,
-    trace: Trace,
+pub(crate) struct SimConnector {
+    pub(crate) endpoint: quinn::Endpoint,
+    pub(crate) me: Identity,
+    pub(crate) addr: SocketAddr,
+    pub(crate) pinned: Fingerprint,
+    pub(crate) trace: Trace,
 }
 
 impl Connector for SimConnector {

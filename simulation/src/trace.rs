@@ -62,7 +62,8 @@ impl Trace {
     /// runner reports every marker of [`crate::coverage::MARKERS`] that no seed reached.
     pub fn sometimes(&self, marker: &'static str) {
         debug_assert!(
-            crate::coverage::MARKERS.contains(&marker),
+            crate::coverage::MARKERS.contains(&marker)
+                || crate::coverage::SYNC_MARKERS.contains(&marker),
             "unknown coverage marker '{marker}'"
         );
         self.0

@@ -43,3 +43,16 @@ fn a_command_left_running_after_its_laptop_went_is_caught_as_an_orphan() {
     );
     run_seed(seed, Trace::default(), &[]).unwrap_or_else(|f| panic!("{f}"));
 }
+
+#[test]
+fn sync_letting_a_deletion_beat_an_edit_is_caught_as_a_lost_write() {
+    let (seed, message) = (0..SEEDS_MAX)
+        .find_map(|seed| {
+            cs_simulation::run_sync_seed(seed, Trace::default(), &[Canary::DeleteWins])
+                .err()
+                .map(|f| (seed, f.message))
+        })
+        .expect("DeleteWins went unnoticed for 1,000 seeds");
+    assert!(message.contains("last write"), "seed {seed}: {message}");
+    cs_simulation::run_sync_seed(seed, Trace::default(), &[]).unwrap_or_else(|f| panic!("{f}"));
+}

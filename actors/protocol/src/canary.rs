@@ -18,6 +18,8 @@ pub enum Canary {
     /// The agent keeps a command running after the laptop closed its stream (an orphaned
     /// process, the bug the simulation found in the first `cs ssh`).
     HangupSkipped = 4,
+    /// Sync's reconciliation lets a deletion beat a concurrent edit (a lost write).
+    DeleteWins = 8,
 }
 
 thread_local! {
@@ -27,6 +29,7 @@ thread_local! {
 /// Switches the canaries on this thread to exactly `on`.
 pub fn set(on: &[Canary]) {
     ACTIVE.with(|a| a.set(on.iter().fold(0, |m, c| m | *c as u32)));
+    cs_sync::canary::set_delete_wins(on.contains(&Canary::DeleteWins));
 }
 
 /// Whether `c` is switched on for this thread.

@@ -145,77 +145,88 @@ mod tests {
     }
 }
 
-/// What changed under a root since the last scan, and a wake-up when something does. Fed by
-/// [`os_watch`] on a real root, by the in-memory root itself in the simulation.
-#[derive(Clone, Debug)]
-pub struct Watch {
-    changes: std::sync::Arc<std::sync::Mutex<crate::changes::ChangeSet>>,
-    wake: std::sync::Arc<tokio::sync::Notify>,
-}
+#[cfg(feature = "watch")]
+pub use watch::{os_watch, Watch};
 
-impl Default for Watch {
-    fn default() -> Self {
-        Self {
-            changes: Default::default(),
-            wake: std::sync::Arc::new(tokio::sync::Notify::new()),
-        }
-    }
-}
+#[cfg(feature = "watch")]
+mod watch {
+    use std::path::{Path, PathBuf};
 
-impl Watch {
-    fn lock(&self) -> std::sync::MutexGuard<'_, crate::changes::ChangeSet> {
-        // Poisoned only if a watcher callback panicked; the set itself stays consistent.
-        self.changes.lock().unwrap_or_else(|p| p.into_inner())
+    use crate::path::RelPath;
+
+    /// What changed under a root since the last scan, and a wake-up when something does. Fed by
+    /// [`os_watch`] on a real root, by the in-memory root itself in the simulation.
+    #[derive(Clone, Debug)]
+    pub struct Watch {
+        changes: std::sync::Arc<std::sync::Mutex<crate::changes::ChangeSet>>,
+        wake: std::sync::Arc<tokio::sync::Notify>,
     }
 
-    /// Notes changed paths (absolute, as events name them) under `root`, and wakes.
-    pub fn note_fs(&self, root: &Path, paths: &[PathBuf]) {
-        {
-            let mut c = self.lock();
-            for p in paths {
-                c.note(root, p);
+    impl Default for Watch {
+        fn default() -> Self {
+            Self {
+                changes: Default::default(),
+                wake: std::sync::Arc::new(tokio::sync::Notify::new()),
             }
         }
-        self.wake.notify_one();
     }
 
-    /// Notes a changed path relative to the root, and wakes.
-    pub fn note(&self, path: RelPath) {
-        self.lock().note_rel(path);
-        self.wake.notify_one();
+    impl Watch {
+        fn lock(&self) -> std::sync::MutexGuard<'_, crate::changes::ChangeSet> {
+            // Poisoned only if a watcher callback panicked; the set itself stays consistent.
+            self.changes.lock().unwrap_or_else(|p| p.into_inner())
+        }
+
+        /// Notes changed paths (absolute, as events name them) under `root`, and wakes.
+        pub fn note_fs(&self, root: &Path, paths: &[PathBuf]) {
+            {
+                let mut c = self.lock();
+                for p in paths {
+                    c.note(root, p);
+                }
+            }
+            self.wake.notify_one();
+        }
+
+        /// Notes a changed path relative to the root, and wakes.
+        pub fn note(&self, path: RelPath) {
+            self.lock().note_rel(path);
+            self.wake.notify_one();
+        }
+
+        /// Notes that anything may have changed (events were lost), and wakes.
+        pub fn note_everything(&self) {
+            self.lock().note_everything();
+            self.wake.notify_one();
+        }
+
+        /// The paths to rescan, or `None` for a full scan (also when `full` is asked for).
+        pub fn take(&self, full: bool) -> Option<Vec<RelPath>> {
+            self.lock().take().filter(|_| !full)
+        }
+
+        /// Waits until something changed since the last wait.
+        pub async fn changed(&self) {
+            self.wake.notified().await
+        }
     }
 
-    /// Notes that anything may have changed (events were lost), and wakes.
-    pub fn note_everything(&self) {
-        self.lock().note_everything();
-        self.wake.notify_one();
+    /// Watches a real root recursively into a [`Watch`]; keep the returned watcher alive.
+    pub fn os_watch(root: &Path) -> Result<(notify::RecommendedWatcher, Watch), String> {
+        use notify::Watcher as _;
+        let watch = Watch::default();
+        let (w2, root_buf) = (watch.clone(), root.to_owned());
+        let mut w =
+            notify::recommended_watcher(move |ev: notify::Result<notify::Event>| match &ev {
+                // Access events (reads, opens) change nothing.
+                Ok(e) if matches!(e.kind, notify::EventKind::Access(_)) => {}
+                Ok(e) if !e.need_rescan() => w2.note_fs(&root_buf, &e.paths),
+                // Lost events: only a full scan can be trusted.
+                _ => w2.note_everything(),
+            })
+            .map_err(|e| e.to_string())?;
+        w.watch(root, notify::RecursiveMode::Recursive)
+            .map_err(|e| format!("cannot watch {}: {e}", root.display()))?;
+        Ok((w, watch))
     }
-
-    /// The paths to rescan, or `None` for a full scan (also when `full` is asked for).
-    pub fn take(&self, full: bool) -> Option<Vec<RelPath>> {
-        self.lock().take().filter(|_| !full)
-    }
-
-    /// Waits until something changed since the last wait.
-    pub async fn changed(&self) {
-        self.wake.notified().await
-    }
-}
-
-/// Watches a real root recursively into a [`Watch`]; keep the returned watcher alive.
-pub fn os_watch(root: &Path) -> Result<(notify::RecommendedWatcher, Watch), String> {
-    use notify::Watcher as _;
-    let watch = Watch::default();
-    let (w2, root_buf) = (watch.clone(), root.to_owned());
-    let mut w = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| match &ev {
-        // Access events (reads, opens) change nothing.
-        Ok(e) if matches!(e.kind, notify::EventKind::Access(_)) => {}
-        Ok(e) if !e.need_rescan() => w2.note_fs(&root_buf, &e.paths),
-        // Lost events: only a full scan can be trusted.
-        _ => w2.note_everything(),
-    })
-    .map_err(|e| e.to_string())?;
-    w.watch(root, notify::RecursiveMode::Recursive)
-        .map_err(|e| format!("cannot watch {}: {e}", root.display()))?;
-    Ok((w, watch))
 }

@@ -17,6 +17,7 @@
 //!   has one in memory).
 
 pub mod apply;
+pub mod canary;
 pub mod changes;
 pub mod delta;
 pub mod fs;

@@ -514,6 +514,9 @@ impl Reconciler<'_> {
             // Both only deleted, one of them everything: the fuller deletion wins.
             (false, false) if self.alpha.get(path).is_none() => self.propagate(Side::Beta, path),
             (false, false) => self.propagate(Side::Alpha, path),
+            // Canary (simulation only): the deletion wins, losing the edit.
+            (true, false) if crate::canary::delete_wins() => self.propagate(Side::Alpha, path),
+            (false, true) if crate::canary::delete_wins() => self.propagate(Side::Beta, path),
             // Deletion against an edit: the edit wins.
             (true, false) => self.propagate(Side::Beta, path),
             (false, true) => self.propagate(Side::Alpha, path),

@@ -1,0 +1,271 @@
+//! A sync root in memory, for the simulation: a [`Snapshot`] plus the content of its files,
+//! implementing cs-sync's `RootFs` with the same re-checks as the real root (through the
+//! core's `apply_to_snapshot`) and feeding its `Watch` on every change, as inotify would.
+//! It lives outside the nodes, so it survives their crashes: it is the node's disk. Writes are
+//! durable at once (the real `apply` fsyncs before it renames).
+//!
+//! The scenario's users edit it directly ([`MemRoot::user_write`] and friends); every user
+//! action is logged for the checker.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::sync::{Arc, Mutex};
+
+use cs_sync::fs::{RootFs, Watch};
+use cs_sync::ignore::Ignorer;
+use cs_sync::scan::ScanOutput;
+use cs_sync::{apply_to_snapshot, ContentHash, Entry, Op, RelPath, Snapshot};
+
+/// Largest file a simulated root holds.
+pub const FILE_BYTES_MAX: u64 = 1 << 20;
+
+#[derive(Debug, Default)]
+struct State {
+    tree: Snapshot,
+    contents: BTreeMap<ContentHash, Vec<u8>>,
+}
+
+/// One root in memory.
+#[derive(Debug, Default)]
+pub struct MemRoot {
+    name: String,
+    state: Mutex<State>,
+    watch: Watch,
+}
+
+impl MemRoot {
+    pub fn new(name: &str) -> Arc<Self> {
+        Arc::new(Self {
+            name: name.to_string(),
+            state: Mutex::default(),
+            watch: Watch::default(),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // Poisoned only by a panic on this single thread; the seed fails anyway.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn watch(&self) -> Watch {
+        self.watch.clone()
+    }
+
+    /// The tree now.
+    pub fn tree(&self) -> Snapshot {
+        self.lock().tree.clone()
+    }
+
+    /// A user creates or overwrites the file at `path` (creating parent directories and
+    /// removing whatever is in the way, as `mkdir -p` and `rm -rf` would). Returns what the
+    /// user removed or overwrote on the way.
+    pub fn user_write(&self, path: &RelPath, data: &[u8], exec: bool) -> Vec<(RelPath, Entry)> {
+        let mut removed = self.user_make_parents(path);
+        removed.extend(self.user_remove_if(path, |e| !matches!(e, Entry::File { .. })));
+        if let Some(old) = self.lock().tree.get(path).cloned() {
+            removed.push((path.clone(), old));
+        }
+        let hash = cs_sync::content_hash(data);
+        let mut s = self.lock();
+        s.contents.insert(hash, data.to_vec());
+        let entry = Entry::File {
+            size: data.len() as u64,
+            exec,
+            hash,
+        };
+        // Parents exist now: the insert cannot fail.
+        let _ = s.tree.insert(path.clone(), entry);
+        drop(s);
+        self.watch.note(path.clone());
+        removed
+    }
+
+    /// A user creates a relative symlink at `path`.
+    pub fn user_symlink(&self, path: &RelPath, target: &str) -> Vec<(RelPath, Entry)> {
+        let mut removed = self.user_make_parents(path);
+        removed.extend(self.user_remove_if(path, |_| true));
+        let _ = self.lock().tree.insert(
+            path.clone(),
+            Entry::Symlink {
+                target: target.to_string(),
+            },
+        );
+        self.watch.note(path.clone());
+        removed
+    }
+
+    /// A user removes `path` and everything below it (`rm -rf`). Returns what was removed.
+    pub fn user_remove(&self, path: &RelPath) -> Vec<(RelPath, Entry)> {
+        self.user_remove_if(path, |_| true)
+    }
+
+    fn user_remove_if(
+        &self,
+        path: &RelPath,
+        pred: impl Fn(&Entry) -> bool,
+    ) -> Vec<(RelPath, Entry)> {
+        let mut s = self.lock();
+        let Some(e) = s.tree.get(path) else {
+            return Vec::new();
+        };
+        if path.is_root() || !pred(e) {
+            return Vec::new();
+        }
+        let removed: Vec<(RelPath, Entry)> = s
+            .tree
+            .subtree(path)
+            .map(|(p, e)| (p.clone(), e.clone()))
+            .collect();
+        s.tree.remove(path);
+        drop(s);
+        self.watch.note(path.clone());
+        removed
+    }
+
+    /// Makes every parent of `path` a directory, removing files in the way.
+    fn user_make_parents(&self, path: &RelPath) -> Vec<(RelPath, Entry)> {
+        let mut removed = Vec::new();
+        for dir in path.ancestors() {
+            let kind = self.lock().tree.get(&dir).cloned();
+            match kind {
+                Some(Entry::Dir) => continue,
+                Some(_) => removed.extend(self.user_remove(&dir)),
+                None => {}
+            }
+            let _ = self.lock().tree.insert(dir.clone(), Entry::Dir);
+            self.watch.note(dir);
+        }
+        removed
+    }
+}
+
+impl RootFs for MemRoot {
+    fn blocking(&self) -> bool {
+        false
+    }
+
+    fn describe(&self) -> String {
+        format!("memory:{}", self.name)
+    }
+
+    fn create_root(&self) -> Result<(), String> {
+        let mut s = self.lock();
+        if !s.tree.has_root() {
+            let _ = s.tree.insert(RelPath::root(), Entry::Dir);
+        }
+        Ok(())
+    }
+
+    fn scan(
+        &self,
+        _ignorer: &Ignorer,
+        _prev: Option<ScanOutput>,
+        _changed: Option<Vec<RelPath>>,
+    ) -> Result<ScanOutput, String> {
+        // A rescan of changed paths gives the same snapshot as a full one (cs-sync's tests
+        // check that on the real filesystem); in memory the whole tree is at hand.
+        Ok(ScanOutput {
+            snapshot: self.lock().tree.clone(),
+            ..ScanOutput::default()
+        })
+    }
+
+    fn apply(&self, op: &Op, content: Option<&mut dyn Read>) -> Result<(), String> {
+        let mut data = None;
+        if let Some(Entry::File { size, hash, .. }) = op.result() {
+            let same = matches!(op, Op::Replace { expected: Entry::File { hash: old, .. }, .. } if old == hash);
+            if !same {
+                let Some(r) = content else {
+                    return Err(format!("no content supplied for file {}", op.path()));
+                };
+                let mut buf = Vec::new();
+                r.take(FILE_BYTES_MAX + 1)
+                    .read_to_end(&mut buf)
+                    .map_err(|e| e.to_string())?;
+                if buf.len() as u64 != *size || cs_sync::content_hash(&buf) != *hash {
+                    return Err(format!("content for {} does not match", op.path()));
+                }
+                data = Some((*hash, buf));
+            }
+        }
+        let mut s = self.lock();
+        apply_to_snapshot(&mut s.tree, op).map_err(|e| e.to_string())?;
+        if let Some((h, d)) = data {
+            s.contents.insert(h, d);
+        }
+        drop(s);
+        self.watch.note(op.path().clone());
+        Ok(())
+    }
+
+    fn open(&self, path: &RelPath) -> Result<Box<dyn Read + Send>, String> {
+        let s = self.lock();
+        match s.tree.get(path) {
+            Some(Entry::File { hash, .. }) => {
+                let data = s.contents.get(hash).cloned().unwrap_or_default();
+                Ok(Box::new(std::io::Cursor::new(data)))
+            }
+            Some(e) => Err(format!("{path} is a {}", e.kind())),
+            None => Err(format!("{path}: not found")),
+        }
+    }
+}
+
+/// The agent's roots in the simulation: one root, whatever the stream names.
+#[derive(Debug)]
+pub struct MemRoots(pub Arc<MemRoot>);
+
+impl cs_agent::sync::Roots for MemRoots {
+    fn open(
+        &self,
+        open: &cs_protocol::sync::SyncOpen,
+    ) -> Result<cs_agent::sync::OpenedRoot, String> {
+        if open.create {
+            self.0.create_root()?;
+        }
+        Ok(cs_agent::sync::OpenedRoot {
+            fs: self.0.clone(),
+            watch: Some(self.0.watch()),
+            guard: None,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(s: &str) -> RelPath {
+        RelPath::parse(s).unwrap()
+    }
+
+    #[test]
+    fn users_edit_and_apply_rechecks_like_the_real_root() {
+        let r = MemRoot::new("t");
+        r.create_root().unwrap();
+        r.user_write(&p("a/b"), b"one", false);
+        let tree = r.tree();
+        assert_eq!(tree.get(&p("a")), Some(&Entry::Dir));
+        let seen = tree.get(&p("a/b")).unwrap().clone();
+        // The user changes the file after the scan: a replace based on the scan is refused.
+        r.user_write(&p("a/b"), b"two", false);
+        let new = Entry::File {
+            size: 3,
+            exec: false,
+            hash: cs_sync::content_hash(b"new"),
+        };
+        let op = Op::Replace {
+            path: p("a/b"),
+            expected: seen,
+            entry: new,
+        };
+        assert!(r.apply(&op, Some(&mut &b"new"[..])).is_err());
+        let mut out = String::new();
+        r.open(&p("a/b")).unwrap().read_to_string(&mut out).unwrap();
+        assert_eq!(out, "two");
+        // Writing a file where a directory is removes the directory first.
+        let removed = r.user_write(&p("a"), b"x", true);
+        let paths: Vec<RelPath> = removed.into_iter().map(|(p, _)| p).collect();
+        assert_eq!(paths, vec![p("a"), p("a/b")]);
+    }
+}
