@@ -11,14 +11,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use cs_protocol::sync::{
-    split_delta, DeltaAssembler, SyncOpen, SyncReply, SyncRequest, DELTA_FILE_BYTES_MAX,
-    DELTA_OPS_MAX, ENTRIES_CHUNK_BYTES,
+    needs_content, split_delta, DeltaAssembler, SyncOpen, SyncReply, SyncRequest,
+    DELTA_FILE_BYTES_MAX, DELTA_OPS_MAX, ENTRIES_CHUNK_BYTES,
 };
 use cs_protocol::DATA_CHUNK_BYTES_MAX;
 use cs_sync::fs::{OsRoot, RootFs, Watch};
 use cs_sync::ignore::Ignorer;
 use cs_sync::scan::ScanOutput;
-use cs_sync::{Entry, Op, RelPath};
+use cs_sync::{Op, RelPath};
 use cs_transport::chunks::{off_thread, read_chunks, ChunkReader};
 use cs_transport::{read_frame, write_frame};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -175,8 +175,8 @@ where
 
 const GONE: &str = "the stream's writer stopped";
 
-/// Scans (or, with `changed` and a previous scan, rescans those paths) and sends the whole
-/// snapshot.
+/// Scans (or, with `changed` and a previous scan, rescans those paths) and sends the
+/// snapshot: whole on the stream's first scan, else as changes against the previous one.
 async fn scan(
     fs: &Arc<dyn RootFs>,
     ignorer: &Ignorer,
@@ -185,8 +185,14 @@ async fn scan(
     tx: &mpsc::Sender<SyncReply>,
 ) -> Result<(), String> {
     let (f, ig, before) = (fs.clone(), ignorer.clone(), prev.take());
-    let out = off_thread(fs.blocking(), move || f.scan(&ig, before, changed)).await?;
-    let out = match out {
+    let out = off_thread(fs.blocking(), move || {
+        f.scan(&ig, before.as_ref(), changed).map(|out| {
+            let changes = before.map(|b| b.snapshot.changes_to(&out.snapshot));
+            (out, changes)
+        })
+    })
+    .await?;
+    let (out, changes) = match out {
         Ok(o) => o,
         Err(e) => {
             // The root cannot be examined: report it as a problem of an empty scan, which the
@@ -207,46 +213,58 @@ async fn scan(
         .iter()
         .map(|p| (RelPath::root(), p.to_string()))
         .collect();
-    let mut chunk = Vec::new();
-    let mut bytes = 0usize;
-    for (path, entry) in out.snapshot.iter() {
-        bytes += path.as_str().len() + 64;
-        chunk.push((path.clone(), entry.clone()));
-        if bytes >= ENTRIES_CHUNK_BYTES {
-            tx.send(SyncReply::Entries {
-                entries: std::mem::take(&mut chunk),
-                problems: Vec::new(),
-                last: false,
+    match changes {
+        Some(changes) => {
+            send_chunked(
+                changes.into_iter(),
+                problems,
+                tx,
+                |changes, problems, last| SyncReply::Changes {
+                    changes,
+                    problems,
+                    last,
+                },
+            )
+            .await?
+        }
+        None => {
+            let entries = out.snapshot.iter().map(|(p, e)| (p.clone(), e.clone()));
+            send_chunked(entries, problems, tx, |entries, problems, last| {
+                SyncReply::Entries {
+                    entries,
+                    problems,
+                    last,
+                }
             })
-            .await
-            .map_err(|_| GONE.to_string())?;
-            bytes = 0;
+            .await?
         }
     }
     *prev = Some(out);
-    tx.send(SyncReply::Entries {
-        entries: chunk,
-        problems,
-        last: true,
-    })
-    .await
-    .map_err(|_| GONE.into())
+    Ok(())
 }
 
-/// Whether the laptop sends content after this op (see `SyncRequest::Apply`).
-pub fn needs_content(op: &Op) -> bool {
-    match op {
-        Op::Create {
-            entry: Entry::File { .. },
-            ..
-        } => true,
-        Op::Replace {
-            expected,
-            entry: Entry::File { hash, .. },
-            ..
-        } => !matches!(expected, Entry::File { hash: old, .. } if old == hash),
-        _ => false,
+/// Sends `items` in chunks of about [`ENTRIES_CHUNK_BYTES`], the problems with the last.
+async fn send_chunked<E>(
+    items: impl Iterator<Item = (RelPath, E)>,
+    problems: Vec<(RelPath, String)>,
+    tx: &mpsc::Sender<SyncReply>,
+    make: impl Fn(Vec<(RelPath, E)>, Vec<(RelPath, String)>, bool) -> SyncReply,
+) -> Result<(), String> {
+    let mut chunk = Vec::new();
+    let mut bytes = 0usize;
+    for item in items {
+        bytes += item.0.as_str().len() + 64;
+        chunk.push(item);
+        if bytes >= ENTRIES_CHUNK_BYTES {
+            tx.send(make(std::mem::take(&mut chunk), Vec::new(), false))
+                .await
+                .map_err(|_| GONE.to_string())?;
+            bytes = 0;
+        }
     }
+    tx.send(make(chunk, problems, true))
+        .await
+        .map_err(|_| GONE.into())
 }
 
 async fn apply<R: AsyncRead + Unpin>(

@@ -159,7 +159,7 @@ impl RootFs for MemRoot {
     fn scan(
         &self,
         _ignorer: &Ignorer,
-        _prev: Option<ScanOutput>,
+        _prev: Option<&ScanOutput>,
         _changed: Option<Vec<RelPath>>,
     ) -> Result<ScanOutput, String> {
         // A rescan of changed paths gives the same snapshot as a full one (cs-sync's tests

@@ -493,27 +493,11 @@ fn deleting_a_sandbox_ends_the_commands_running_in_it() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let pid_file = home.join("pid");
-    assert!(wait_until(Duration::from_secs(10), || {
-        std::fs::read_to_string(&pid_file).is_ok_and(|s| s.ends_with('\n'))
-    }));
-    let pid: i32 = std::fs::read_to_string(&pid_file)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let pid = remote_pid(&home.join("pid"));
     l.ok(&["sandbox", "delete", "demo"]);
-    // SAFETY: kill(pid, 0) only checks for existence.
-    let gone = wait_until(
-        Duration::from_secs(5),
-        || unsafe { libc::kill(pid, 0) } != 0,
-    );
+    let gone = ends_soon(pid);
     let _ = child.kill();
     let _ = child.wait();
-    if !gone {
-        // SAFETY: clean up the process this test started before failing.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
-    }
     assert!(gone, "command {pid} outlived its sandbox");
 }
 
@@ -532,18 +516,27 @@ fn killing_cs_ssh_hangs_up_its_command() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let pid_file = home.join("pid");
-    assert!(wait_until(Duration::from_secs(10), || {
-        std::fs::read_to_string(&pid_file).is_ok_and(|s| s.ends_with('\n'))
-    }));
-    let pid: i32 = std::fs::read_to_string(&pid_file)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let pid = remote_pid(&home.join("pid"));
     // SIGKILL: cs gets no chance to say anything; only its socket to the daemon closes.
     child.kill().unwrap();
     let _ = child.wait();
+    assert!(ends_soon(pid), "command {pid} outlived the killed cs ssh");
+}
+
+/// The pid a remote command wrote to `file` (`echo $$ > file`), once it is there.
+fn remote_pid(file: &std::path::Path) -> i32 {
+    assert!(wait_until(Duration::from_secs(10), || {
+        std::fs::read_to_string(file).is_ok_and(|s| s.ends_with('\n'))
+    }));
+    std::fs::read_to_string(file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Whether process `pid` ended within 5 s; kills it (cleaning up before the test fails) if not.
+fn ends_soon(pid: i32) -> bool {
     // SAFETY: kill(pid, 0) only checks for existence.
     let gone = wait_until(
         Duration::from_secs(5),
@@ -553,5 +546,5 @@ fn killing_cs_ssh_hangs_up_its_command() {
         // SAFETY: clean up the process this test started before failing.
         unsafe { libc::kill(pid, libc::SIGKILL) };
     }
-    assert!(gone, "command {pid} outlived the killed cs ssh");
+    gone
 }

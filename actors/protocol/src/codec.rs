@@ -71,6 +71,23 @@ pub fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, DecodeError> {
     Ok(msg)
 }
 
+/// Encodes a local state file (an ancestor, a cache) the way frames are encoded, without the
+/// frame limit: such files are this machine's own, written and read by the same build.
+pub fn encode_state<T: Serialize>(v: &T) -> Result<Vec<u8>, EncodeError> {
+    bincode::serde::encode_to_vec(v, bincode::config::standard())
+        .map_err(|e| EncodeError::Bincode(e.to_string()))
+}
+
+/// Decodes what [`encode_state`] wrote; the whole input must be one value.
+pub fn decode_state<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, DecodeError> {
+    let (v, used) = bincode::serde::decode_from_slice(bytes, bincode::config::standard())
+        .map_err(|e| DecodeError::Malformed(e.to_string()))?;
+    if used != bytes.len() {
+        return Err(DecodeError::Trailing(bytes.len() - used));
+    }
+    Ok(v)
+}
+
 /// Parses a length prefix, refusing lengths over the limit.
 pub fn frame_len(header: [u8; FRAME_HEADER_BYTES]) -> Result<usize, DecodeError> {
     let announced = u32::from_be_bytes(header) as usize;

@@ -39,8 +39,9 @@ pub struct IgnoreSpec {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SyncRequest {
     /// Scan the root: all of it when `full`, else what its filesystem events say changed
-    /// since the last scan of this stream. Answered by `Entries` chunks (always the whole
-    /// snapshot), the last with `last: true`.
+    /// since the last scan of this stream. The first scan of a stream (and one after a failed
+    /// scan) is answered by `Entries` chunks, the whole snapshot; later ones by `Changes`
+    /// chunks against the snapshot the previous scan sent. The last chunk has `last: true`.
     Scan { full: bool },
     /// Apply these ops, in order. Each `Create`/`Replace` of a file is followed by its content:
     /// `Data` chunks totalling the file's size, or, when `deltas` names the op's index,
@@ -77,6 +78,14 @@ pub enum SyncReply {
         problems: Vec<(RelPath, String)>,
         last: bool,
     },
+    /// A chunk of a scan's snapshot as changes against the previous scan's (see
+    /// `cs_sync::Snapshot::changes_to`), in snapshot order.
+    Changes {
+        changes: Vec<cs_sync::Change>,
+        /// As in `Entries`.
+        problems: Vec<(RelPath, String)>,
+        last: bool,
+    },
     /// The outcome of each op of an `Apply`, in order: `None` when it was applied.
     Applied { errors: Vec<Option<String>> },
     /// The signatures asked for (`None`: the file is not there or not readable).
@@ -108,6 +117,23 @@ pub const DELTA_FILE_BYTES_MIN: u64 = 64 * 1024;
 pub const DELTA_FILE_BYTES_MAX: u64 = 256 * 1024 * 1024;
 /// Ops one assembled delta may have (a 256 MiB target in 700-byte copies fits).
 pub const DELTA_OPS_MAX: usize = 1 << 20;
+
+/// Whether the sender follows this op of an `Apply` (or answers a `Read` for it) with file
+/// content: a file created, or replaced by other content (an executable-bit change is not).
+pub fn needs_content(op: &Op) -> bool {
+    match op {
+        Op::Create {
+            entry: Entry::File { .. },
+            ..
+        } => true,
+        Op::Replace {
+            expected,
+            entry: Entry::File { hash, .. },
+            ..
+        } => !matches!(expected, Entry::File { hash: old, .. } if old == hash),
+        _ => false,
+    }
+}
 
 /// Whether an op's content should move as a delta: a file replaced by other content, both
 /// within the delta size range.

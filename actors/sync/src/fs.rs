@@ -25,7 +25,7 @@ pub trait RootFs: Send + Sync {
     fn scan(
         &self,
         ignorer: &Ignorer,
-        prev: Option<ScanOutput>,
+        prev: Option<&ScanOutput>,
         changed: Option<Vec<RelPath>>,
     ) -> Result<ScanOutput, String>;
     /// Applies one op, re-checking what it replaces or deletes; file content from `content`.
@@ -93,11 +93,11 @@ impl RootFs for OsRoot {
     fn scan(
         &self,
         ignorer: &Ignorer,
-        prev: Option<ScanOutput>,
+        prev: Option<&ScanOutput>,
         changed: Option<Vec<RelPath>>,
     ) -> Result<ScanOutput, String> {
         match (prev, changed) {
-            (Some(p), Some(c)) => rescan(&self.root, ignorer, &p, &c),
+            (Some(p), Some(c)) => rescan(&self.root, ignorer, p, &c),
             (Some(p), None) => scan(&self.root, ignorer, &p.cache),
             (None, _) => scan(&self.root, ignorer, &HashCache::new()),
         }

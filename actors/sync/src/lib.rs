@@ -33,4 +33,4 @@ pub use reconcile::{
     ancestor_after, apply_to_snapshot, reconcile, Applied, Conflict, ConflictReason, Halt,
     HaltReason, Mode, Op, Plan, Problem, ProblemReason, Side,
 };
-pub use tree::{content_hash, ContentHash, Entry, Snapshot, SnapshotError};
+pub use tree::{content_hash, Change, ContentHash, Entry, Snapshot, SnapshotError};

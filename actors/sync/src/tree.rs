@@ -80,6 +80,9 @@ pub enum SnapshotError {
     ParentNotDir { path: RelPath, kind: &'static str },
 }
 
+/// One entry's change between two snapshots: its new entry, or `None` where it went.
+pub type Change = (RelPath, Option<Entry>);
+
 /// A whole tree: path to entry, in component order (parents before children).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(
@@ -199,6 +202,87 @@ impl Snapshot {
             .collect()
     }
 
+    /// What turns `self` into `newer`, entry by entry, in component order: each path whose
+    /// entry differs, with its new entry or `None` where `newer` has none. One merge walk.
+    pub fn changes_to(&self, newer: &Snapshot) -> Vec<Change> {
+        let mut out = Vec::new();
+        let (mut old, mut new) = (
+            self.entries.iter().peekable(),
+            newer.entries.iter().peekable(),
+        );
+        loop {
+            match (old.peek(), new.peek()) {
+                (None, None) => return out,
+                (Some((p, _)), None) => {
+                    out.push(((*p).clone(), None));
+                    old.next();
+                }
+                (None, Some((p, e))) => {
+                    out.push(((*p).clone(), Some((*e).clone())));
+                    new.next();
+                }
+                (Some((po, eo)), Some((pn, en))) => match po.cmp(pn) {
+                    std::cmp::Ordering::Less => {
+                        out.push(((*po).clone(), None));
+                        old.next();
+                    }
+                    std::cmp::Ordering::Greater => {
+                        out.push(((*pn).clone(), Some((*en).clone())));
+                        new.next();
+                    }
+                    std::cmp::Ordering::Equal => {
+                        if eo != en {
+                            out.push(((*pn).clone(), Some((*en).clone())));
+                        }
+                        old.next();
+                        new.next();
+                    }
+                },
+            }
+        }
+    }
+
+    /// Applies changes as [`Snapshot::changes_to`] makes them, then checks the tree invariant
+    /// around every changed path (its parent, and children left under a path that is no
+    /// longer a directory). The changes come from a peer, so they are untrusted: on an error
+    /// the snapshot is left half-changed and must be thrown away.
+    pub fn apply_changes(&mut self, changes: Vec<Change>) -> Result<(), SnapshotError> {
+        let mut touched = Vec::with_capacity(changes.len());
+        for (path, entry) in changes {
+            match entry {
+                Some(e) => {
+                    self.entries.insert(path.clone(), e);
+                }
+                None => {
+                    self.entries.remove(&path);
+                }
+            }
+            touched.push(path);
+        }
+        for path in &touched {
+            if let Some(entry) = self.entries.get(path) {
+                self.check_parent(path, entry)?;
+            }
+            if self.entries.get(path).is_some_and(Entry::is_dir) {
+                continue;
+            }
+            // Not a directory (or gone): nothing may remain below it.
+            use std::ops::Bound::{Excluded, Unbounded};
+            if let Some((child, _)) = self.entries.range((Excluded(path), Unbounded)).next() {
+                if child.starts_with(path) {
+                    return Err(match self.entries.get(path) {
+                        None => SnapshotError::ParentMissing(child.clone()),
+                        Some(e) => SnapshotError::ParentNotDir {
+                            path: child.clone(),
+                            kind: e.kind(),
+                        },
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn check_parent(&self, path: &RelPath, entry: &Entry) -> Result<(), SnapshotError> {
         match path.parent() {
             None if entry.is_dir() => Ok(()),
@@ -312,6 +396,55 @@ mod tests {
         let mut u = s.clone();
         u.insert(p("a"), file(9)).unwrap();
         assert_eq!(u.subtree(&p("a")).count(), 1);
+    }
+
+    #[test]
+    fn changes_carry_one_snapshot_to_another_and_bad_ones_are_refused() {
+        let a = Snapshot::from_entries([
+            (p(""), Entry::Dir),
+            (p("a"), Entry::Dir),
+            (p("a/b"), file(1)),
+            (p("a/c"), file(2)),
+            (p("d"), file(3)),
+        ])
+        .unwrap();
+        let b = Snapshot::from_entries([
+            (p(""), Entry::Dir),
+            (p("a"), file(4)),
+            (p("d"), Entry::Dir),
+            (p("d/e"), file(5)),
+            (p("f"), Entry::Symlink { target: "d".into() }),
+        ])
+        .unwrap();
+        for (from, to) in [
+            (&a, &b),
+            (&b, &a),
+            (&a, &Snapshot::new()),
+            (&Snapshot::new(), &b),
+        ] {
+            let mut x = from.clone();
+            x.apply_changes(from.changes_to(to)).unwrap();
+            assert_eq!(&x, to);
+        }
+        assert!(a.changes_to(&a).is_empty());
+        // A peer's changes that would break the tree: a child left under a file, an orphan.
+        let mut x = a.clone();
+        let err = x.apply_changes(vec![(p("a"), Some(file(9)))]).unwrap_err();
+        assert!(err.to_string().contains("parent of a/b is a file"), "{err}");
+        let mut x = a.clone();
+        let err = x.apply_changes(vec![(p("a"), None)]).unwrap_err();
+        assert!(
+            err.to_string().contains("parent of a/b is missing"),
+            "{err}"
+        );
+        let mut x = a.clone();
+        let err = x
+            .apply_changes(vec![(p("q/r"), Some(file(1)))])
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("parent of q/r is missing"),
+            "{err}"
+        );
     }
 
     #[test]

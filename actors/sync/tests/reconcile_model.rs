@@ -282,6 +282,19 @@ proptest! {
         check_cycle(&ancestor, &build(&ancestor, &ea), &build(&ancestor, &eb), Mode::OneWayReplica);
     }
 
+    /// A scan sent as changes against the previous one rebuilds it exactly.
+    #[test]
+    fn changes_rebuild_the_newer_snapshot(base in edits(), e in edits()) {
+        let older = build(&Snapshot::with_root(), &base);
+        let newer = build(&older, &e);
+        let mut rebuilt = older.clone();
+        rebuilt.apply_changes(older.changes_to(&newer)).unwrap();
+        prop_assert_eq!(&rebuilt, &newer);
+        let mut back = newer.clone();
+        back.apply_changes(newer.changes_to(&older)).unwrap();
+        prop_assert_eq!(back, older);
+    }
+
     /// (c) The same edits on both sides are never a conflict and move nothing.
     #[test]
     fn identical_edits_agree(base in edits(), e in edits(), mode_index in 0usize..4) {

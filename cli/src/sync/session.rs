@@ -15,14 +15,14 @@ use std::time::Duration;
 use std::collections::BTreeMap;
 
 use cs_protocol::sync::{
-    split_delta, wants_delta, DeltaAssembler, SyncOpen, SyncReply, SyncRequest,
+    needs_content, split_delta, wants_delta, DeltaAssembler, SyncOpen, SyncReply, SyncRequest,
     DELTA_FILE_BYTES_MAX, DELTA_OPS_MAX,
 };
 use cs_protocol::{StreamOpen, DATA_CHUNK_BYTES_MAX};
 use cs_sync::delta::Signature;
 use cs_sync::fs::{RootFs, Watch};
 use cs_sync::scan::ScanOutput;
-use cs_sync::{Applied, Entry, Op, Plan, RelPath, Snapshot};
+use cs_sync::{Applied, Op, Plan, RelPath, Snapshot};
 use cs_transport::chunks::off_thread;
 use cs_transport::{read_frame, write_frame};
 use tokio::sync::{mpsc, oneshot, Notify};
@@ -95,30 +95,54 @@ pub trait AncestorStore {
     fn save(&self, a: &Snapshot) -> Result<(), String>;
 }
 
-/// The ancestor in a file under the session's directory.
+/// The ancestor in a file under the session's directory: a magic line, then the snapshot in
+/// the codec's encoding (compact: a 32-byte hash stays 32 bytes).
+///
+/// Saved after every cycle that moved something, through a temporary file and a rename, not
+/// synced to disk: an ancestor older than the trees is always safe (paths that agree need
+/// nothing, so at worst a path both sides changed since looks like a conflict), and a torn
+/// or unreadable one only costs a full reconciliation against an empty ancestor.
 #[derive(Debug)]
 pub struct FileStore(pub PathBuf);
 
+const ANCESTOR_FILE: &str = "ancestor";
+const ANCESTOR_MAGIC: &[u8] = b"cs-ancestor/1\n";
+
 impl AncestorStore for FileStore {
     fn load(&self) -> Snapshot {
-        let path = self.0.join("ancestor.json");
-        match std::fs::read(&path) {
-            Ok(b) => serde_json::from_slice(&b).unwrap_or_else(|e| {
-                // A damaged ancestor only costs a full reconciliation, never content: with an
-                // empty ancestor nothing counts as deleted.
-                tracing::error!(path = %path.display(), error = %e, "unreadable ancestor; starting from scratch");
-                Snapshot::default()
-            }),
-            Err(_) => Snapshot::default(),
-        }
+        let path = self.0.join(ANCESTOR_FILE);
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(_) => return Snapshot::default(),
+        };
+        let decoded = bytes
+            .strip_prefix(ANCESTOR_MAGIC)
+            .ok_or_else(|| "not a cs ancestor file".to_string())
+            .and_then(|b| cs_protocol::codec::decode_state(b).map_err(|e| e.to_string()));
+        decoded.unwrap_or_else(|e| {
+            // With an empty ancestor nothing counts as deleted: content is never lost.
+            tracing::error!(path = %path.display(), error = %e, "unreadable ancestor; starting from scratch");
+            Snapshot::default()
+        })
     }
 
     fn save(&self, a: &Snapshot) -> Result<(), String> {
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
         let dir = &self.0;
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        let path = dir.join("ancestor.json");
-        let bytes = serde_json::to_vec(a).map_err(|e| e.to_string())?;
-        cs_transport::identity::write_private(&path, &bytes)
+        let path = dir.join(ANCESTOR_FILE);
+        let tmp = dir.join(format!("{ANCESTOR_FILE}.tmp"));
+        let mut bytes = ANCESTOR_MAGIC.to_vec();
+        bytes.extend(cs_protocol::codec::encode_state(a).map_err(|e| e.to_string())?);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .and_then(|mut f| f.write_all(&bytes))
+            .and_then(|()| std::fs::rename(&tmp, &path))
             .map_err(|e| format!("cannot save {}: {e}", path.display()))
     }
 }
@@ -290,7 +314,7 @@ struct Session {
     ignorer: cs_sync::ignore::Ignorer,
     ancestor: Snapshot,
     /// The last local scan, the basis of the next incremental one.
-    prev: Option<ScanOutput>,
+    prev: Option<Arc<ScanOutput>>,
     /// The next cycle scans everything on both sides (first cycle, periodic safety net).
     full_due: bool,
     paused: bool,
@@ -326,16 +350,20 @@ impl Session {
         // Without a watch every scan is full.
         let changed = self.watch.as_ref().and_then(|w| w.take(full));
         let (f, ig, prev) = (self.fs.clone(), self.ignorer.clone(), self.prev.take());
-        let scanned = off_thread(self.fs.blocking(), move || f.scan(&ig, prev, changed))
-            .await
-            .map_err(CycleError::Local)?
-            .map_err(CycleError::Local)?;
-        let alpha = scanned.snapshot.clone();
+        // A failed scan leaves `prev` empty: the changes it took are gone, so the next is full.
+        let scanned = off_thread(self.fs.blocking(), move || {
+            f.scan(&ig, prev.as_deref(), changed)
+        })
+        .await
+        .map_err(CycleError::Local)?
+        .map_err(CycleError::Local)?;
+        let scanned = Arc::new(scanned);
+        let alpha = &scanned.snapshot;
         let local_problems = scanned.problems.len();
-        self.prev = Some(scanned);
+        self.prev = Some(scanned.clone());
         let (beta, remote_problems) = remote.scan(full).await.map_err(CycleError::Stream)?;
         self.shared.state("reconciling");
-        let plan = match cs_sync::reconcile(&self.ancestor, &alpha, &beta, self.spec.mode) {
+        let plan = match cs_sync::reconcile(&self.ancestor, alpha, beta, self.spec.mode) {
             Ok(p) => p,
             Err(halt) => {
                 return Ok(Outcome::Halted(format!(
@@ -351,7 +379,7 @@ impl Session {
         }
         *self.shared.conflicts.borrow_mut() = plan.conflicts.clone();
         if plan.is_empty() {
-            self.finish_cycle(&alpha);
+            self.finish_cycle(alpha);
             return Ok(Outcome::Quiet);
         }
         self.shared.state("transferring");
@@ -361,7 +389,7 @@ impl Session {
         let applied = Applied { to_alpha, to_beta };
         self.ancestor = cs_sync::ancestor_after(&self.ancestor, &plan, &applied);
         self.store.save(&self.ancestor).map_err(CycleError::Local)?;
-        self.finish_cycle(&alpha);
+        self.finish_cycle(alpha);
         let moved = !plan.to_alpha.is_empty() || !plan.to_beta.is_empty();
         Ok(if moved {
             Outcome::Moved { failed }
@@ -536,27 +564,12 @@ impl Session {
     }
 }
 
-/// Whether an op carries file content (an executable-bit change does not).
-pub fn needs_content(op: &Op) -> bool {
-    match op {
-        Op::Create {
-            entry: Entry::File { .. },
-            ..
-        } => true,
-        Op::Replace {
-            expected,
-            entry: Entry::File { hash, .. },
-            ..
-        } => !matches!(expected, Entry::File { hash: old, .. } if old == hash),
-        _ => false,
-    }
-}
-
 fn unexpected(r: &SyncReply) -> CycleError {
     let kind = match r {
         SyncReply::Ready { .. } => "Ready",
         SyncReply::Refused { .. } => "Refused",
         SyncReply::Entries { .. } => "Entries",
+        SyncReply::Changes { .. } => "Changes",
         SyncReply::Applied { .. } => "Applied",
         SyncReply::Signatures { .. } => "Signatures",
         SyncReply::File(_) => "File",
@@ -573,6 +586,8 @@ struct Remote {
     replies: mpsc::Receiver<SyncReply>,
     changed: Rc<Notify>,
     lost: Rc<Notify>,
+    /// The workspace's tree as this stream's last scan gave it (the base of `Changes`).
+    beta: Option<Snapshot>,
 }
 
 impl Remote {
@@ -616,6 +631,7 @@ impl Remote {
             replies,
             changed,
             lost,
+            beta: None,
         })
     }
 
@@ -632,16 +648,19 @@ impl Remote {
             .ok_or_else(|| CycleError::Stream("the workspace closed the sync stream".into()))
     }
 
-    /// Asks for a scan and gathers the snapshot. Returns it and the number of problems.
-    async fn scan(&mut self, full: bool) -> Result<(Snapshot, usize), String> {
+    /// Asks for a scan and gathers the snapshot: whole, or as changes to the stream's last
+    /// one. Returns it and the number of problems.
+    async fn scan(&mut self, full: bool) -> Result<(&Snapshot, usize), String> {
         let wrap = |e: CycleError| match e {
             CycleError::Stream(s) | CycleError::Local(s) => s,
         };
         self.send(&SyncRequest::Scan { full }).await.map_err(wrap)?;
         let mut entries = Vec::new();
+        let mut changes = Vec::new();
+        let mut whole = None;
         let mut problems = 0;
         loop {
-            match self.reply().await.map_err(wrap)? {
+            let (last, is_whole) = match self.reply().await.map_err(wrap)? {
                 SyncReply::Entries {
                     entries: e,
                     problems: p,
@@ -649,21 +668,48 @@ impl Remote {
                 } => {
                     entries.extend(e);
                     problems += p.len();
-                    if entries.len() > SNAPSHOT_ENTRIES_MAX {
-                        return Err(format!(
-                            "the workspace tree has more than {SNAPSHOT_ENTRIES_MAX} entries"
-                        ));
-                    }
-                    if last {
-                        break;
-                    }
+                    (last, true)
+                }
+                SyncReply::Changes {
+                    changes: c,
+                    problems: p,
+                    last,
+                } => {
+                    changes.extend(c);
+                    problems += p.len();
+                    (last, false)
                 }
                 other => return Err(wrap(unexpected(&other))),
+            };
+            if *whole.get_or_insert(is_whole) != is_whole {
+                return Err("the workspace mixed a whole tree with changes".into());
+            }
+            if entries.len().max(changes.len()) > SNAPSHOT_ENTRIES_MAX {
+                return Err(format!(
+                    "the workspace tree has more than {SNAPSHOT_ENTRIES_MAX} entries"
+                ));
+            }
+            if last {
+                break;
             }
         }
-        let snapshot = Snapshot::from_entries(entries)
-            .map_err(|e| format!("the workspace sent an invalid tree: {e}"))?;
-        Ok((snapshot, problems))
+        // Whatever goes wrong below, the stream's last tree is no longer known.
+        let base = self.beta.take();
+        let snapshot = if whole == Some(false) {
+            let mut b = base.ok_or("the workspace sent changes before a whole tree".to_string())?;
+            b.apply_changes(changes)
+                .map_err(|e| format!("the workspace sent an invalid change: {e}"))?;
+            if b.len() > SNAPSHOT_ENTRIES_MAX {
+                return Err(format!(
+                    "the workspace tree has more than {SNAPSHOT_ENTRIES_MAX} entries"
+                ));
+            }
+            b
+        } else {
+            Snapshot::from_entries(entries)
+                .map_err(|e| format!("the workspace sent an invalid tree: {e}"))?
+        };
+        Ok((self.beta.insert(snapshot), problems))
     }
 
     /// Sends a local file as `Data` chunks and the empty end chunk. Returns its size. A file
