@@ -282,7 +282,10 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
             workspace,
             trust: trust.clone(),
             exec: exec.clone(),
-            roots: Arc::new(crate::sync::HomeRoots { home }),
+            roots: Arc::new(crate::sync::HomeRoots {
+                home,
+                caches: Some(paths.state.join("sync-cache")),
+            }),
             sync_permits: Arc::new(tokio::sync::Semaphore::new(crate::sync::SYNC_STREAMS_MAX)),
         };
         let accept = tokio::spawn(accept_loop(endpoint.clone(), served));

@@ -9,6 +9,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use cs_protocol::sync::{
     needs_content, split_delta, DeltaAssembler, SyncOpen, SyncReply, SyncRequest,
@@ -17,7 +18,7 @@ use cs_protocol::sync::{
 use cs_protocol::DATA_CHUNK_BYTES_MAX;
 use cs_sync::fs::{OsRoot, RootFs, Watch};
 use cs_sync::ignore::Ignorer;
-use cs_sync::scan::ScanOutput;
+use cs_sync::scan::{HashCache, ScanOutput, CACHE_MAGIC};
 use cs_sync::{Op, RelPath};
 use cs_transport::chunks::{off_thread, read_chunks, ChunkReader};
 use cs_transport::{read_frame, write_frame};
@@ -39,6 +40,9 @@ pub struct OpenedRoot {
     pub fs: Arc<dyn RootFs>,
     pub watch: Option<Watch>,
     pub guard: Option<Box<dyn Send>>,
+    /// Where the root's hash cache is kept between streams and agent restarts (`None`: it
+    /// is not, and every stream hashes the tree once).
+    pub cache_file: Option<PathBuf>,
 }
 
 /// Where a workspace's sync roots live.
@@ -51,6 +55,8 @@ pub trait Roots: Send + Sync {
 #[derive(Debug, Clone)]
 pub struct HomeRoots {
     pub home: PathBuf,
+    /// The directory of the roots' hash caches, one file per root and ignore rules.
+    pub caches: Option<PathBuf>,
 }
 
 impl Roots for HomeRoots {
@@ -67,10 +73,16 @@ impl Roots for HomeRoots {
                 (None, None)
             }
         };
+        let cache_file = self.caches.as_ref().map(|dir| {
+            // What is ignored changes what is hashed: the rules are part of the key.
+            let key = format!("{}\0{:?}", root.display(), open.ignore);
+            dir.join(blake3::hash(key.as_bytes()).to_hex().as_str())
+        });
         Ok(OpenedRoot {
             fs: Arc::new(fs),
             watch,
             guard,
+            cache_file,
         })
     }
 }
@@ -137,7 +149,7 @@ where
             }
         })
     });
-    let mut prev: Option<ScanOutput> = None;
+    let mut state = ScanState::open(&fs, root.cache_file.clone()).await;
     loop {
         let req = match read_frame::<_, SyncRequest>(&mut recv).await {
             Ok(Some(r)) => r,
@@ -151,7 +163,7 @@ where
             SyncRequest::Scan { full } => {
                 // Without a watcher, every scan is a full one.
                 let changed = root.watch.as_ref().and_then(|w| w.take(full));
-                scan(&fs, &ignorer, &mut prev, changed, &tx).await
+                scan(&fs, &ignorer, &mut state, changed, &tx).await
             }
             SyncRequest::Apply { ops, deltas } => apply(&fs, ops, &deltas, &mut recv, &tx).await,
             SyncRequest::Read { files } => read(&fs, files, &tx).await,
@@ -168,6 +180,7 @@ where
     if let Some(p) = pusher {
         p.abort();
     }
+    state.close(&fs).await;
     drop(tx);
     let _ = writer.await;
     drop(root);
@@ -175,28 +188,98 @@ where
 
 const GONE: &str = "the stream's writer stopped";
 
+/// What a stream remembers between scans.
+struct ScanState {
+    /// The last scan: its snapshot is what the laptop holds, its cache the next scan's.
+    prev: Option<ScanOutput>,
+    /// A whole snapshot went out on this stream; later scans send changes against it.
+    sent_whole: bool,
+    cache_file: Option<PathBuf>,
+    cache_saved: tokio::time::Instant,
+}
+
+/// The hash cache is saved at most this often, or after a scan that hashed at least
+/// `CACHE_SAVE_HASHED_MIN` files, and when the stream ends.
+const CACHE_SAVE_MS: u64 = 60_000;
+const CACHE_SAVE_HASHED_MIN: usize = 1_000;
+
+impl ScanState {
+    /// Starts from the root's saved hash cache, if any.
+    async fn open(fs: &Arc<dyn RootFs>, cache_file: Option<PathBuf>) -> Self {
+        let file = cache_file.clone();
+        let cache = off_thread(fs.blocking(), move || {
+            let file = file?;
+            cs_transport::state::load(&file, CACHE_MAGIC).unwrap_or_else(|e| {
+                tracing::info!(error = %e, "unreadable hash cache; files will be hashed again");
+                None
+            })
+        })
+        .await
+        .ok()
+        .flatten();
+        ScanState {
+            prev: cache.map(|cache| ScanOutput {
+                cache,
+                ..ScanOutput::default()
+            }),
+            sent_whole: false,
+            cache_file,
+            cache_saved: tokio::time::Instant::now(),
+        }
+    }
+
+    /// Keeps the last scan's hash cache for the next stream.
+    async fn close(self, fs: &Arc<dyn RootFs>) {
+        if let (Some(file), Some(prev)) = (self.cache_file, self.prev) {
+            let _ = off_thread(fs.blocking(), move || save_cache(&file, &prev.cache)).await;
+        }
+    }
+}
+
+fn save_cache(file: &Path, cache: &HashCache) {
+    if let Err(e) = cs_transport::state::save(file, CACHE_MAGIC, cache) {
+        tracing::info!(error = %e, "cannot keep the hash cache");
+    }
+}
+
 /// Scans (or, with `changed` and a previous scan, rescans those paths) and sends the
 /// snapshot: whole on the stream's first scan, else as changes against the previous one.
 async fn scan(
     fs: &Arc<dyn RootFs>,
     ignorer: &Ignorer,
-    prev: &mut Option<ScanOutput>,
+    state: &mut ScanState,
     changed: Option<Vec<RelPath>>,
     tx: &mpsc::Sender<SyncReply>,
 ) -> Result<(), String> {
-    let (f, ig, before) = (fs.clone(), ignorer.clone(), prev.take());
+    let (f, ig, before) = (fs.clone(), ignorer.clone(), state.prev.take());
+    let now = tokio::time::Instant::now();
+    let time_due = now.duration_since(state.cache_saved) >= Duration::from_millis(CACHE_SAVE_MS);
+    let file = state.cache_file.clone();
     let out = off_thread(fs.blocking(), move || {
-        f.scan(&ig, before.as_ref(), changed).map(|out| {
-            let changes = before.map(|b| b.snapshot.changes_to(&out.snapshot));
-            (out, changes)
-        })
+        let out = f.scan(&ig, before, changed)?;
+        let due = time_due || out.files_hashed >= CACHE_SAVE_HASHED_MIN;
+        let saved = match file {
+            Some(file) if due => {
+                save_cache(&file, &out.cache);
+                true
+            }
+            _ => false,
+        };
+        Ok::<_, String>((out, saved))
     })
     .await?;
-    let (out, changes) = match out {
-        Ok(o) => o,
+    let mut out = match out {
+        Ok((o, saved)) => {
+            if saved {
+                state.cache_saved = now;
+            }
+            o
+        }
         Err(e) => {
             // The root cannot be examined: report it as a problem of an empty scan, which the
-            // laptop's safety checks turn into a halt rather than a wipe.
+            // laptop's safety checks turn into a halt rather than a wipe. The next scan is
+            // whole again.
+            state.sent_whole = false;
             let problems = vec![(RelPath::root(), e)];
             return tx
                 .send(SyncReply::Entries {
@@ -213,8 +296,8 @@ async fn scan(
         .iter()
         .map(|p| (RelPath::root(), p.to_string()))
         .collect();
-    match changes {
-        Some(changes) => {
+    match out.changes.take() {
+        Some(changes) if state.sent_whole => {
             send_chunked(
                 changes.into_iter(),
                 problems,
@@ -227,7 +310,7 @@ async fn scan(
             )
             .await?
         }
-        None => {
+        _ => {
             let entries = out.snapshot.iter().map(|(p, e)| (p.clone(), e.clone()));
             send_chunked(entries, problems, tx, |entries, problems, last| {
                 SyncReply::Entries {
@@ -236,10 +319,11 @@ async fn scan(
                     last,
                 }
             })
-            .await?
+            .await?;
+            state.sent_whole = true;
         }
     }
-    *prev = Some(out);
+    state.prev = Some(out);
     Ok(())
 }
 

@@ -98,8 +98,9 @@ pub async fn stop(home: &CsHome) -> anyhow::Result<bool> {
     };
     write_frame(&mut s, &Request::Stop).await?;
     let _ = read_frame::<_, Reply>(&mut s).await;
-    for _ in 0..100 {
-        if connect_existing(home).await.is_none() {
+    for _ in 0..250 {
+        // Gone when its socket no longer answers and its lock is free (the process exited).
+        if connect_existing(home).await.is_none() && lock_is_free(home) {
             return Ok(true);
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -108,4 +109,13 @@ pub async fn stop(home: &CsHome) -> anyhow::Result<bool> {
         "the cs daemon did not stop; see {}",
         home.daemon_log().display()
     )
+}
+
+/// Whether no process holds the daemon's lock.
+fn lock_is_free(home: &CsHome) -> bool {
+    let Ok(f) = std::fs::File::open(home.daemon_lock()) else {
+        return true;
+    };
+    // Dropping the lock at once releases it again.
+    nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock).is_ok()
 }

@@ -118,6 +118,9 @@ impl Handler<Forget> for Hub {
 // ---- Unix socket server ----------------------------------------------------------------------
 
 /// Runs the daemon in the foreground until `cs daemon stop`.
+/// How long a starting daemon waits for the lock of one that is exiting.
+const LOCK_WAIT_MS: u64 = 2_000;
+
 pub fn run(home: CsHome) -> anyhow::Result<()> {
     let lock_file = std::fs::OpenOptions::new()
         .create(true)
@@ -125,12 +128,21 @@ pub fn run(home: CsHome) -> anyhow::Result<()> {
         .write(true)
         .open(home.daemon_lock())
         .with_context(|| format!("cannot open {}", home.daemon_lock().display()))?;
-    let _lock =
+    // Another daemon may hold the lock: one that serves (then this one has nothing to do),
+    // or one that was just told to stop and is exiting (then this one takes over).
+    let mut lock_file = lock_file;
+    let mut waited_ms = 0;
+    let _lock = loop {
         match nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
-            Ok(l) => l,
-            // Another daemon holds the lock: it serves; this one has nothing to do.
+            Ok(l) => break l,
+            Err((f, _)) if waited_ms < LOCK_WAIT_MS => {
+                lock_file = f;
+                std::thread::sleep(Duration::from_millis(20));
+                waited_ms += 20;
+            }
             Err(_) => return Ok(()),
-        };
+        }
+    };
     let identity = home.identity()?;
     // One thread: the actors, quinn and the pumps share it. On this workload a multi-thread
     // runtime spent more CPU handing buffers between threads than it gained (see ARCHITECTURE.md).
@@ -171,7 +183,11 @@ pub fn run(home: CsHome) -> anyhow::Result<()> {
         }
         let _ = std::fs::remove_file(&sock);
         tracing::info!("daemon stopped");
-        Ok(())
+        // Exit now, releasing the lock for a successor: dropping the runtime would wait for
+        // blocking work in flight (a scan hashing a large tree) for seconds. Nothing is lost:
+        // sessions save their ancestor at the end of every cycle, and a cycle cut short is
+        // redone by the next daemon (paths that already agree move nothing).
+        std::process::exit(0)
     })
 }
 

@@ -159,13 +159,16 @@ impl RootFs for MemRoot {
     fn scan(
         &self,
         _ignorer: &Ignorer,
-        _prev: Option<&ScanOutput>,
+        prev: Option<ScanOutput>,
         _changed: Option<Vec<RelPath>>,
     ) -> Result<ScanOutput, String> {
         // A rescan of changed paths gives the same snapshot as a full one (cs-sync's tests
         // check that on the real filesystem); in memory the whole tree is at hand.
+        let snapshot = self.lock().tree.clone();
+        let changes = prev.map(|p| p.snapshot.changes_to(&snapshot));
         Ok(ScanOutput {
-            snapshot: self.lock().tree.clone(),
+            snapshot,
+            changes,
             ..ScanOutput::default()
         })
     }
@@ -227,6 +230,7 @@ impl cs_agent::sync::Roots for MemRoots {
             fs: self.0.clone(),
             watch: Some(self.0.watch()),
             guard: None,
+            cache_file: None,
         })
     }
 }

@@ -391,6 +391,7 @@ fn run_seed_inner(seed: u64, trace: Trace) -> Result<Outcome, String> {
                         exec,
                         roots: Arc::new(cs_agent::sync::HomeRoots {
                             home: std::path::PathBuf::from("/nonexistent/sim-home"),
+                            caches: None,
                         }),
                         sync_permits: Arc::new(tokio::sync::Semaphore::new(1)),
                     },

@@ -108,6 +108,7 @@ pub fn lost_finished(
                         exec,
                         roots: Arc::new(cs_agent::sync::HomeRoots {
                             home: std::path::PathBuf::from("/nonexistent/sim-home"),
+                            caches: None,
                         }),
                         sync_permits: Arc::new(tokio::sync::Semaphore::new(1)),
                     },

@@ -16,6 +16,7 @@ pub mod framed;
 pub mod identity;
 pub mod pairing;
 pub mod pin;
+pub mod state;
 
 pub use endpoint::{client_config, server_config, EndpointError, TransportLimits};
 pub use framed::{read_frame, write_frame, FrameError};

@@ -10,7 +10,7 @@ use crate::apply::{apply, check_parents};
 use crate::ignore::Ignorer;
 use crate::path::RelPath;
 use crate::reconcile::Op;
-use crate::scan::{rescan, scan, HashCache, ScanOutput};
+use crate::scan::{rescan, rescan_all, scan, HashCache, ScanOutput};
 
 /// One sync root's filesystem.
 pub trait RootFs: Send + Sync {
@@ -25,7 +25,7 @@ pub trait RootFs: Send + Sync {
     fn scan(
         &self,
         ignorer: &Ignorer,
-        prev: Option<&ScanOutput>,
+        prev: Option<ScanOutput>,
         changed: Option<Vec<RelPath>>,
     ) -> Result<ScanOutput, String>;
     /// Applies one op, re-checking what it replaces or deletes; file content from `content`.
@@ -93,12 +93,12 @@ impl RootFs for OsRoot {
     fn scan(
         &self,
         ignorer: &Ignorer,
-        prev: Option<&ScanOutput>,
+        prev: Option<ScanOutput>,
         changed: Option<Vec<RelPath>>,
     ) -> Result<ScanOutput, String> {
         match (prev, changed) {
             (Some(p), Some(c)) => rescan(&self.root, ignorer, p, &c),
-            (Some(p), None) => scan(&self.root, ignorer, &p.cache),
+            (Some(p), None) => rescan_all(&self.root, ignorer, p),
             (None, _) => scan(&self.root, ignorer, &HashCache::new()),
         }
         .map_err(|e| e.to_string())

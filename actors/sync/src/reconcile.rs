@@ -272,7 +272,7 @@ pub fn reconcile(
             ..Plan::default()
         },
     };
-    r.reconcile(&RelPath::root());
+    r.walk();
     let plan = r.plan;
     for side in [Side::Alpha, Side::Beta] {
         let deletes_root = plan
@@ -292,8 +292,14 @@ pub fn reconcile(
 /// The ancestor after the caller applied `plan`, `applied` saying which ops succeeded.
 pub fn ancestor_after(ancestor: &Snapshot, plan: &Plan, applied: &Applied) -> Snapshot {
     let mut next = ancestor.clone();
+    update_ancestor(&mut next, plan, applied);
+    next
+}
+
+/// [`ancestor_after`] in place: what a session does, without copying the tree.
+pub fn update_ancestor(next: &mut Snapshot, plan: &Plan, applied: &Applied) {
     for update in &plan.ancestor_updates {
-        record(&mut next, &update.path, update.entry.as_ref());
+        record(next, &update.path, update.entry.as_ref());
     }
     for (ops, ok) in [
         (&plan.to_alpha, &applied.to_alpha),
@@ -301,11 +307,10 @@ pub fn ancestor_after(ancestor: &Snapshot, plan: &Plan, applied: &Applied) -> Sn
     ] {
         for (i, op) in ops.iter().enumerate() {
             if ok.get(i).copied().unwrap_or(false) {
-                record(&mut next, op.path(), op.result());
+                record(next, op.path(), op.result());
             }
         }
     }
-    next
 }
 
 /// Sets the ancestor at `path` to exactly what the side now holds there: `entry` and, for
@@ -403,16 +408,15 @@ fn check_wipe(
                 reason: HaltReason::RootDeleted,
             });
         }
-        let ancestor_top_level = ancestor.top_level_count();
-        if ancestor_top_level >= ROOT_EMPTIED_TOP_LEVEL_MIN
-            && this.has_root()
-            && this.top_level_count() == 0
-            && other.top_level_count() > 0
-        {
-            return Err(Halt {
-                side,
-                reason: HaltReason::RootEmptied { ancestor_top_level },
-            });
+        // A root with no entries below it is the snapshot's only entry.
+        if this.len() == 1 && other.len() > 1 {
+            let ancestor_top_level = ancestor.top_level_count();
+            if ancestor_top_level >= ROOT_EMPTIED_TOP_LEVEL_MIN {
+                return Err(Halt {
+                    side,
+                    reason: HaltReason::RootEmptied { ancestor_top_level },
+                });
+            }
         }
     }
     Ok(())
@@ -462,43 +466,72 @@ struct Reconciler<'a> {
     plan: Plan,
 }
 
-impl Reconciler<'_> {
-    /// Recursion depth is the path depth, bounded by `PATH_BYTES_MAX / 2`.
-    fn reconcile(&mut self, path: &RelPath) {
-        if self.alpha_problems.contains(path) || self.beta_problems.contains(path) {
-            // Already reported; nothing is known well enough here to act on.
-            return;
+impl<'a> Reconciler<'a> {
+    /// Visits every path of the three trees top-down (one merge walk over their keys, which
+    /// are in component order, so a parent comes before its children and a subtree is one
+    /// run of keys), skipping the subtree below every path that was decided as a whole.
+    /// The same visits as a recursion from the root into every directory both sides agree
+    /// on, in linear time and without recursion.
+    fn walk(&mut self) {
+        let (ancestor, alpha, beta): (&'a Snapshot, &'a Snapshot, &'a Snapshot) =
+            (self.ancestor, self.alpha, self.beta);
+        let mut heads = [ancestor.iter(), alpha.iter(), beta.iter()].map(Iterator::peekable);
+        let mut skip: Option<&'a RelPath> = None;
+        loop {
+            let Some(path) = heads
+                .iter_mut()
+                .filter_map(|h| h.peek().map(|(p, _)| *p))
+                .min()
+            else {
+                return;
+            };
+            let [ancestor, alpha, beta] = heads
+                .each_mut()
+                .map(|h| h.next_if(|(p, _)| *p == path).map(|(_, e)| e));
+            if let Some(s) = skip {
+                if path.starts_with(s) {
+                    continue;
+                }
+                skip = None;
+            }
+            if !self.visit(path, ancestor, alpha, beta) {
+                skip = Some(path);
+            }
         }
-        let ancestor = self.ancestor.get(path);
-        let alpha = self.alpha.get(path);
-        let beta = self.beta.get(path);
+    }
+
+    /// Decides `path`, given its entries; returns whether its children are to be visited
+    /// one by one (both sides agree that it is a directory).
+    fn visit(
+        &mut self,
+        path: &RelPath,
+        ancestor: Option<&Entry>,
+        alpha: Option<&Entry>,
+        beta: Option<&Entry>,
+    ) -> bool {
+        let problem = |set: &BTreeSet<RelPath>| !set.is_empty() && set.contains(path);
+        if problem(&self.alpha_problems) || problem(&self.beta_problems) {
+            // Already reported; nothing is known well enough here to act on.
+            return false;
+        }
         if alpha.is_none() && beta.is_none() {
             if ancestor.is_some() {
                 self.update_ancestor(path, None);
             }
-            return;
+            return false;
         }
         if alpha == beta {
             if ancestor != alpha {
                 self.update_ancestor(path, alpha.cloned());
             }
-            if alpha.is_some_and(Entry::is_dir) {
-                let mut names: BTreeSet<&RelPath> = BTreeSet::new();
-                names.extend(self.ancestor.children(path));
-                names.extend(self.alpha.children(path));
-                names.extend(self.beta.children(path));
-                let names: Vec<RelPath> = names.into_iter().cloned().collect();
-                for child in &names {
-                    self.reconcile(child);
-                }
-            }
-            return;
+            return alpha.is_some_and(Entry::is_dir);
         }
         match self.mode {
             Mode::TwoWaySafe | Mode::TwoWayResolved => self.bidirectional(path),
             Mode::OneWaySafe => self.one_way_safe(path),
             Mode::OneWayReplica => self.propagate(Side::Beta, path),
         }
+        false
     }
 
     fn bidirectional(&mut self, path: &RelPath) {

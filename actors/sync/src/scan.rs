@@ -38,6 +38,9 @@ const READ_BUFFER_BYTES: usize = 64 * 1024;
 /// Largest `.gitignore` read, in bytes; a larger one is reported and not honoured.
 pub const GITIGNORE_BYTES_MAX: u64 = 1024 * 1024;
 
+/// The magic line of a saved [`HashCache`] (the shells keep one per root between runs).
+pub const CACHE_MAGIC: &[u8] = b"cs-hash-cache/1\n";
+
 /// What identifies an unchanged file without reading it (Mutagen's cache key).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CacheEntry {
@@ -114,6 +117,9 @@ pub struct ScanOutput {
     pub problems: Vec<ScanProblem>,
     /// How many files were read and hashed (cache misses).
     pub files_hashed: usize,
+    /// What changed against the previous scan's snapshot, in snapshot order, when this
+    /// scan was given one ([`rescan`], [`rescan_all`]).
+    pub changes: Option<Vec<crate::tree::Change>>,
 }
 
 /// Scans the whole tree at `root`. A missing root gives an empty snapshot.
@@ -137,12 +143,13 @@ pub fn scan(root: &Path, ignorer: &Ignorer, cache: &HashCache) -> Result<ScanOut
 }
 
 /// Rescans only `changed` paths (and what lies below them) on top of `previous`, the
-/// output of the last scan with the same `ignorer`. Gives the same snapshot as a full scan
-/// as long as every change is at or below a listed path.
+/// output of the last scan with the same `ignorer`, which it updates in place: the cost is
+/// the size of the changed subtrees, not of the tree. Gives the same snapshot as a full scan
+/// as long as every change is at or below a listed path, and sets [`ScanOutput::changes`].
 pub fn rescan(
     root: &Path,
     ignorer: &Ignorer,
-    previous: &ScanOutput,
+    previous: ScanOutput,
     changed: &[RelPath],
 ) -> Result<ScanOutput, ScanError> {
     let mut tops: Vec<RelPath> = Vec::new();
@@ -162,20 +169,23 @@ pub fn rescan(
     }
     tops.sort();
     tops.dedup();
-    // Drop paths inside another listed path.
+    // Drop paths inside another listed path (sorted: a parent comes right before them).
     let mut kept: Vec<RelPath> = Vec::new();
     for t in tops {
-        if !kept.iter().any(|k| t.starts_with(k)) {
+        if !kept.last().is_some_and(|k| t.starts_with(k)) {
             kept.push(t);
         }
     }
     if kept.iter().any(RelPath::is_root) || !previous.snapshot.has_root() {
-        return scan(root, ignorer, &previous.cache);
+        return rescan_all(root, ignorer, previous);
     }
 
+    let ScanOutput {
+        mut snapshot,
+        mut cache,
+        ..
+    } = previous;
     let mut ignorer = ignorer.clone();
-    let mut walker_snapshot = previous.snapshot.clone();
-    let mut cache = previous.cache.clone();
     let mut problems = Vec::new();
     // The .gitignore files of every directory above a rescanned path.
     if ignorer.honours_gitignore() {
@@ -186,19 +196,57 @@ pub fn rescan(
             load_gitignore(root, dir, &mut ignorer, &mut problems);
         }
     }
+    // Take the old subtrees out; their cache entries are all the walk can hit.
+    let mut old_subtrees = Vec::with_capacity(kept.len());
+    let mut old_cache = HashCache::new();
     for top in &kept {
-        walker_snapshot.remove(top);
-        cache.entries.retain(|p, _| !p.starts_with(top));
+        old_subtrees.push(snapshot.take_subtree(top));
+        old_cache
+            .entries
+            .extend(take_range(&mut cache.entries, top));
     }
-    let mut walker = Walker::new(root, ignorer, &previous.cache);
-    walker.snapshot = walker_snapshot;
+    let mut walker = Walker::new(root, ignorer, &old_cache);
+    walker.snapshot = snapshot;
     walker.cache = cache;
     walker.problems = problems;
-    for top in kept {
+    for top in &kept {
         // Its parent is in the snapshot as a directory, so it was not inside an ignored one.
-        walker.visit(top);
+        walker.visit(top.clone());
     }
-    Ok(walker.finish())
+    let mut out = walker.finish();
+    let mut changes = Vec::new();
+    for (top, old) in kept.iter().zip(old_subtrees) {
+        crate::tree::merge_changes(
+            old.iter().map(|(p, e)| (p, e)),
+            out.snapshot.subtree(top),
+            &mut changes,
+        );
+    }
+    out.changes = Some(changes);
+    Ok(out)
+}
+
+/// A full scan reusing `previous`'s cache, with the changes against its snapshot.
+pub fn rescan_all(
+    root: &Path,
+    ignorer: &Ignorer,
+    previous: ScanOutput,
+) -> Result<ScanOutput, ScanError> {
+    let mut out = scan(root, ignorer, &previous.cache)?;
+    out.changes = Some(previous.snapshot.changes_to(&out.snapshot));
+    Ok(out)
+}
+
+/// Removes `top` and everything below it from a path-keyed map, returning them in order.
+fn take_range<V>(map: &mut BTreeMap<RelPath, V>, top: &RelPath) -> Vec<(RelPath, V)> {
+    let keys: Vec<RelPath> = map
+        .range(top.clone()..)
+        .take_while(|(p, _)| p.starts_with(top))
+        .map(|(p, _)| p.clone())
+        .collect();
+    keys.into_iter()
+        .filter_map(|k| map.remove_entry(&k))
+        .collect()
 }
 
 /// A file waiting to be hashed.
@@ -341,7 +389,9 @@ impl<'a> Walker<'a> {
             let mut names = Vec::new();
             for item in listing {
                 match item {
-                    Ok(item) => names.push(item.file_name()),
+                    // The listing's file type (d_type) saves a stat per entry; `None` when the
+                    // filesystem does not say.
+                    Ok(item) => names.push((item.file_name(), item.file_type().ok())),
                     Err(e) => {
                         self.snapshot.remove(&dir);
                         self.add(dir.clone(), problem(&e));
@@ -350,9 +400,9 @@ impl<'a> Walker<'a> {
                     }
                 }
             }
-            names.sort();
+            names.sort_by(|a, b| a.0.cmp(&b.0));
             let mut subdirs = Vec::new();
-            for name in names {
+            for (name, file_type) in names {
                 let name = match name.into_string() {
                     Ok(n) => n,
                     Err(n) => {
@@ -377,8 +427,12 @@ impl<'a> Walker<'a> {
                         continue;
                     }
                 };
-                let fs_path = child.to_fs_path(self.root);
-                let is_dir = fs::symlink_metadata(&fs_path).is_ok_and(|m| m.is_dir());
+                let is_dir = match file_type {
+                    Some(t) => t.is_dir(),
+                    None => {
+                        fs::symlink_metadata(child.to_fs_path(self.root)).is_ok_and(|m| m.is_dir())
+                    }
+                };
                 if is_dir {
                     if !self.ignorer.is_ignored(&child, true) {
                         self.add(child.clone(), Entry::Dir);
@@ -427,6 +481,7 @@ impl<'a> Walker<'a> {
             cache: self.cache,
             problems: self.problems,
             files_hashed,
+            changes: None,
         }
     }
 }

@@ -83,6 +83,39 @@ pub enum SnapshotError {
 /// One entry's change between two snapshots: its new entry, or `None` where it went.
 pub type Change = (RelPath, Option<Entry>);
 
+/// Appends to `out` what turns the entries `old` into `new` (both in component order).
+pub fn merge_changes<'a>(
+    old: impl Iterator<Item = (&'a RelPath, &'a Entry)>,
+    new: impl Iterator<Item = (&'a RelPath, &'a Entry)>,
+    out: &mut Vec<Change>,
+) {
+    let (mut old, mut new) = (old.peekable(), new.peekable());
+    loop {
+        let order = match (old.peek(), new.peek()) {
+            (None, None) => return,
+            (Some(_), None) => std::cmp::Ordering::Less,
+            (None, Some(_)) => std::cmp::Ordering::Greater,
+            (Some((po, _)), Some((pn, _))) => po.cmp(pn),
+        };
+        match order {
+            std::cmp::Ordering::Less => {
+                let (p, _) = old.next().expect("peeked");
+                out.push((p.clone(), None));
+            }
+            std::cmp::Ordering::Greater => {
+                let (p, e) = new.next().expect("peeked");
+                out.push((p.clone(), Some(e.clone())));
+            }
+            std::cmp::Ordering::Equal => {
+                let ((_, eo), (p, en)) = (old.next().expect("peeked"), new.next().expect("peeked"));
+                if eo != en {
+                    out.push((p.clone(), Some(en.clone())));
+                }
+            }
+        }
+    }
+}
+
 /// A whole tree: path to entry, in component order (parents before children).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(
@@ -206,40 +239,16 @@ impl Snapshot {
     /// entry differs, with its new entry or `None` where `newer` has none. One merge walk.
     pub fn changes_to(&self, newer: &Snapshot) -> Vec<Change> {
         let mut out = Vec::new();
-        let (mut old, mut new) = (
-            self.entries.iter().peekable(),
-            newer.entries.iter().peekable(),
-        );
-        loop {
-            match (old.peek(), new.peek()) {
-                (None, None) => return out,
-                (Some((p, _)), None) => {
-                    out.push(((*p).clone(), None));
-                    old.next();
-                }
-                (None, Some((p, e))) => {
-                    out.push(((*p).clone(), Some((*e).clone())));
-                    new.next();
-                }
-                (Some((po, eo)), Some((pn, en))) => match po.cmp(pn) {
-                    std::cmp::Ordering::Less => {
-                        out.push(((*po).clone(), None));
-                        old.next();
-                    }
-                    std::cmp::Ordering::Greater => {
-                        out.push(((*pn).clone(), Some((*en).clone())));
-                        new.next();
-                    }
-                    std::cmp::Ordering::Equal => {
-                        if eo != en {
-                            out.push(((*pn).clone(), Some((*en).clone())));
-                        }
-                        old.next();
-                        new.next();
-                    }
-                },
-            }
-        }
+        merge_changes(self.entries.iter(), newer.entries.iter(), &mut out);
+        out
+    }
+
+    /// Removes `path` and everything below it, returning them in order.
+    pub fn take_subtree(&mut self, path: &RelPath) -> Vec<(RelPath, Entry)> {
+        let keys: Vec<RelPath> = self.subtree(path).map(|(p, _)| p.clone()).collect();
+        keys.into_iter()
+            .filter_map(|k| self.entries.remove_entry(&k))
+            .collect()
     }
 
     /// Applies changes as [`Snapshot::changes_to`] makes them, then checks the tree invariant

@@ -179,10 +179,18 @@ fn rescan_of_changed_paths_matches_a_full_scan() {
     write(root, "new/deep/file", b"4");
     write(root, "b/.gitignore", b"z\n");
     let changed = [p("a/x"), p("a/y"), p("new/deep/file"), p("b/.gitignore")];
-    let partial = rescan(root, &ig, &before, &changed).unwrap();
+    let old = before.snapshot.clone();
+    let partial = rescan(root, &ig, before, &changed).unwrap();
     let full = scan(root, &ig, &HashCache::new()).unwrap();
     assert_eq!(render(&partial.snapshot), render(&full.snapshot));
     assert_eq!(partial.snapshot, full.snapshot);
+    // The changes it reports are exactly what turns the old tree into the new one.
+    assert_eq!(partial.changes, Some(old.changes_to(&full.snapshot)));
+    let mut rebuilt = old.clone();
+    rebuilt
+        .apply_changes(partial.changes.clone().unwrap())
+        .unwrap();
+    assert_eq!(rebuilt, full.snapshot);
     assert!(
         partial.snapshot.get(&p("b/z")).is_none(),
         "b/.gitignore now ignores z"

@@ -21,7 +21,7 @@ use cs_protocol::sync::{
 use cs_protocol::{StreamOpen, DATA_CHUNK_BYTES_MAX};
 use cs_sync::delta::Signature;
 use cs_sync::fs::{RootFs, Watch};
-use cs_sync::scan::ScanOutput;
+use cs_sync::scan::{HashCache, ScanOutput, CACHE_MAGIC};
 use cs_sync::{Applied, Op, Plan, RelPath, Snapshot};
 use cs_transport::chunks::off_thread;
 use cs_transport::{read_frame, write_frame};
@@ -43,6 +43,14 @@ const OPS_PER_BATCH_MAX: usize = 256;
 const REPLIES_QUEUED_MAX: usize = 64;
 /// Entries one snapshot from the workspace may have.
 const SNAPSHOT_ENTRIES_MAX: usize = 4_000_000;
+/// A busy session saves its ancestor at most this often, and whenever the sides agree. An
+/// older ancestor is safe (see `FileStore`); a save of a large tree costs tens of ms, which
+/// must not be paid on every edit.
+const ANCESTOR_SAVE_MS: u64 = 2_000;
+/// The local hash cache is saved at most this often, or after a scan that hashed at least
+/// `CACHE_SAVE_HASHED_MIN` files (a first scan): a stale cache only costs some rehashing.
+const CACHE_SAVE_MS: u64 = 60_000;
+const CACHE_SAVE_HASHED_MIN: usize = 1_000;
 /// How long filesystem events are gathered before a cycle starts.
 const COALESCE_MS: u64 = 10;
 
@@ -93,57 +101,57 @@ pub fn session_dir(home: &CsHome, name: &str) -> PathBuf {
 pub trait AncestorStore {
     fn load(&self) -> Snapshot;
     fn save(&self, a: &Snapshot) -> Result<(), String>;
+    /// The local root's hash cache as last saved (so a restart does not rehash the tree).
+    fn load_cache(&self) -> HashCache {
+        HashCache::new()
+    }
+    /// Keeps the hash cache for the next start; best effort (a stale cache only misses).
+    fn save_cache(&self, _cache: &HashCache) {}
 }
 
 /// The ancestor in a file under the session's directory: a magic line, then the snapshot in
 /// the codec's encoding (compact: a 32-byte hash stays 32 bytes).
 ///
 /// Saved after every cycle that moved something, through a temporary file and a rename, not
-/// synced to disk: an ancestor older than the trees is always safe (paths that agree need
-/// nothing, so at worst a path both sides changed since looks like a conflict), and a torn
-/// or unreadable one only costs a full reconciliation against an empty ancestor.
+/// synced to disk: an ancestor older than the trees loses nothing (paths that agree need
+/// nothing; at worst a path changed since looks like a conflict, or a file deleted since
+/// comes back), and a torn or unreadable one only costs a full reconciliation against an
+/// empty ancestor.
 #[derive(Debug)]
 pub struct FileStore(pub PathBuf);
 
 const ANCESTOR_FILE: &str = "ancestor";
 const ANCESTOR_MAGIC: &[u8] = b"cs-ancestor/1\n";
+const CACHE_FILE: &str = "hash-cache";
 
 impl AncestorStore for FileStore {
     fn load(&self) -> Snapshot {
-        let path = self.0.join(ANCESTOR_FILE);
-        let bytes = match std::fs::read(&path) {
-            Ok(b) => b,
-            Err(_) => return Snapshot::default(),
-        };
-        let decoded = bytes
-            .strip_prefix(ANCESTOR_MAGIC)
-            .ok_or_else(|| "not a cs ancestor file".to_string())
-            .and_then(|b| cs_protocol::codec::decode_state(b).map_err(|e| e.to_string()));
-        decoded.unwrap_or_else(|e| {
-            // With an empty ancestor nothing counts as deleted: content is never lost.
-            tracing::error!(path = %path.display(), error = %e, "unreadable ancestor; starting from scratch");
-            Snapshot::default()
-        })
+        cs_transport::state::load(&self.0.join(ANCESTOR_FILE), ANCESTOR_MAGIC)
+            .unwrap_or_else(|e| {
+                // With an empty ancestor nothing counts as deleted: content is never lost.
+                tracing::error!(error = %e, "unreadable ancestor; starting from scratch");
+                None
+            })
+            .unwrap_or_default()
     }
 
     fn save(&self, a: &Snapshot) -> Result<(), String> {
-        use std::io::Write as _;
-        use std::os::unix::fs::OpenOptionsExt as _;
-        let dir = &self.0;
-        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        let path = dir.join(ANCESTOR_FILE);
-        let tmp = dir.join(format!("{ANCESTOR_FILE}.tmp"));
-        let mut bytes = ANCESTOR_MAGIC.to_vec();
-        bytes.extend(cs_protocol::codec::encode_state(a).map_err(|e| e.to_string())?);
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .and_then(|mut f| f.write_all(&bytes))
-            .and_then(|()| std::fs::rename(&tmp, &path))
-            .map_err(|e| format!("cannot save {}: {e}", path.display()))
+        cs_transport::state::save(&self.0.join(ANCESTOR_FILE), ANCESTOR_MAGIC, a)
+    }
+
+    fn load_cache(&self) -> HashCache {
+        cs_transport::state::load(&self.0.join(CACHE_FILE), CACHE_MAGIC)
+            .unwrap_or_else(|e| {
+                tracing::info!(error = %e, "unreadable hash cache; files will be hashed again");
+                None
+            })
+            .unwrap_or_default()
+    }
+
+    fn save_cache(&self, cache: &HashCache) {
+        if let Err(e) = cs_transport::state::save(&self.0.join(CACHE_FILE), CACHE_MAGIC, cache) {
+            tracing::info!(error = %e, "cannot keep the hash cache");
+        }
     }
 }
 
@@ -184,7 +192,15 @@ pub async fn run(
             }
         },
         ancestor: env.store.load(),
-        prev: None,
+        ancestor_dirty: false,
+        ancestor_saved: tokio::time::Instant::now(),
+        // The first scan is full (events were missed while stopped), but only files whose
+        // (size, mtime, inode, mode) changed since the saved cache are hashed.
+        prev: Some(Arc::new(ScanOutput {
+            cache: env.store.load_cache(),
+            ..ScanOutput::default()
+        })),
+        cache_saved: tokio::time::Instant::now(),
         full_due: true,
         fs: env.fs.clone(),
         watch: env.watch.clone(),
@@ -313,8 +329,14 @@ struct Session {
     shared: Rc<Shared>,
     ignorer: cs_sync::ignore::Ignorer,
     ancestor: Snapshot,
+    /// The ancestor changed since it was last saved (saves are spaced; see
+    /// `ANCESTOR_SAVE_MS`).
+    ancestor_dirty: bool,
+    ancestor_saved: tokio::time::Instant,
     /// The last local scan, the basis of the next incremental one.
     prev: Option<Arc<ScanOutput>>,
+    /// When the hash cache was last saved (see `CACHE_SAVE_MS`).
+    cache_saved: tokio::time::Instant,
     /// The next cycle scans everything on both sides (first cycle, periodic safety net).
     full_due: bool,
     paused: bool,
@@ -327,7 +349,14 @@ impl Session {
     fn control(&mut self, c: Control) {
         match c {
             Control::Wake | Control::Terminate => {}
-            Control::Pause => self.paused = true,
+            Control::Pause => {
+                self.paused = true;
+                if self.ancestor_dirty {
+                    if let Err(e) = self.save_ancestor() {
+                        self.shared.error(&e);
+                    }
+                }
+            }
             Control::Resume => {
                 self.paused = false;
                 self.halted = false;
@@ -346,22 +375,31 @@ impl Session {
 
     async fn cycle(&mut self, remote: &mut Remote) -> Result<Outcome, CycleError> {
         self.shared.state("scanning");
+        let t0 = tokio::time::Instant::now();
         let full = std::mem::replace(&mut self.full_due, false);
         // Without a watch every scan is full.
         let changed = self.watch.as_ref().and_then(|w| w.take(full));
         let (f, ig, prev) = (self.fs.clone(), self.ignorer.clone(), self.prev.take());
         // A failed scan leaves `prev` empty: the changes it took are gone, so the next is full.
-        let scanned = off_thread(self.fs.blocking(), move || {
-            f.scan(&ig, prev.as_deref(), changed)
-        })
-        .await
-        .map_err(CycleError::Local)?
-        .map_err(CycleError::Local)?;
+        // The last cycle's references are gone, so the previous scan is ours to update.
+        let prev = prev.map(|p| Arc::try_unwrap(p).unwrap_or_else(|p| (*p).clone()));
+        let scanned = off_thread(self.fs.blocking(), move || f.scan(&ig, prev, changed))
+            .await
+            .map_err(CycleError::Local)?
+            .map_err(CycleError::Local)?;
         let scanned = Arc::new(scanned);
+        if scanned.files_hashed >= CACHE_SAVE_HASHED_MIN
+            || t0.duration_since(self.cache_saved) >= Duration::from_millis(CACHE_SAVE_MS)
+        {
+            self.store.save_cache(&scanned.cache);
+            self.cache_saved = t0;
+        }
         let alpha = &scanned.snapshot;
         let local_problems = scanned.problems.len();
         self.prev = Some(scanned.clone());
+        let t1 = tokio::time::Instant::now();
         let (beta, remote_problems) = remote.scan(full).await.map_err(CycleError::Stream)?;
+        let t2 = tokio::time::Instant::now();
         self.shared.state("reconciling");
         let plan = match cs_sync::reconcile(&self.ancestor, alpha, beta, self.spec.mode) {
             Ok(p) => p,
@@ -379,16 +417,35 @@ impl Session {
         }
         *self.shared.conflicts.borrow_mut() = plan.conflicts.clone();
         if plan.is_empty() {
+            if self.ancestor_dirty {
+                self.save_ancestor().map_err(CycleError::Local)?;
+            }
             self.finish_cycle(alpha);
             return Ok(Outcome::Quiet);
         }
         self.shared.state("transferring");
+        let t3 = tokio::time::Instant::now();
         let to_beta = self.send_to_beta(remote, &plan).await?;
         let to_alpha = self.fetch_to_alpha(remote, &plan).await?;
+        let t4 = tokio::time::Instant::now();
         let failed = to_beta.iter().chain(&to_alpha).any(|ok| !ok);
         let applied = Applied { to_alpha, to_beta };
-        self.ancestor = cs_sync::ancestor_after(&self.ancestor, &plan, &applied);
-        self.store.save(&self.ancestor).map_err(CycleError::Local)?;
+        cs_sync::update_ancestor(&mut self.ancestor, &plan, &applied);
+        self.ancestor_dirty = true;
+        if t0.duration_since(self.ancestor_saved) >= Duration::from_millis(ANCESTOR_SAVE_MS) {
+            self.save_ancestor().map_err(CycleError::Local)?;
+        }
+        tracing::debug!(
+            session = %self.spec.name,
+            local_scan_us = (t1 - t0).as_micros() as u64,
+            remote_scan_us = (t2 - t1).as_micros() as u64,
+            reconcile_us = (t3 - t2).as_micros() as u64,
+            transfer_us = (t4 - t3).as_micros() as u64,
+            save_us = t4.elapsed().as_micros() as u64,
+            to_beta = plan.to_beta.len(),
+            to_alpha = plan.to_alpha.len(),
+            "cycle"
+        );
         self.finish_cycle(alpha);
         let moved = !plan.to_alpha.is_empty() || !plan.to_beta.is_empty();
         Ok(if moved {
@@ -396,6 +453,14 @@ impl Session {
         } else {
             Outcome::Quiet
         })
+    }
+
+    /// Saves the ancestor if it changed since the last save.
+    fn save_ancestor(&mut self) -> Result<(), String> {
+        self.store.save(&self.ancestor)?;
+        self.ancestor_dirty = false;
+        self.ancestor_saved = tokio::time::Instant::now();
+        Ok(())
     }
 
     fn finish_cycle(&self, alpha: &Snapshot) {
