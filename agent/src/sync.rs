@@ -106,13 +106,11 @@ where
     W: AsyncWrite + Unpin + Send + 'static,
     R: AsyncRead + Unpin + Send,
 {
-    let prepared = Ignorer::new(
-        &open.ignore.patterns,
-        open.ignore.vcs,
-        open.ignore.gitignored,
-    )
-    .map_err(|e| e.to_string())
-    .and_then(|ig| roots.open(&open).map(|r| (r, ig)));
+    let prepared = open
+        .ignore
+        .ignorer()
+        .map_err(|e| e.to_string())
+        .and_then(|ig| roots.open(&open).map(|r| (r, ig)));
     let (root, ignorer) = match prepared {
         Ok(p) => p,
         Err(reason) => {

@@ -123,6 +123,12 @@ enum SyncCmd {
         /// Honour the tree's own .gitignore files.
         #[arg(long)]
         ignore_gitignored: bool,
+        /// Halt when a side holds more entries than this (default 1M; e.g. 2M).
+        #[arg(long)]
+        max_entry_count: Option<String>,
+        /// Report larger files as problems instead of syncing them (default 16GiB).
+        #[arg(long, alias = "max-staging-file-size")]
+        max_file_size: Option<String>,
     },
     /// Every session: endpoints, mode, state, conflicts, problems, last error.
     List {
@@ -304,6 +310,8 @@ async fn run_async(home: CsHome, cmd: Cmd) -> anyhow::Result<i32> {
                     ignore,
                     ignore_vcs,
                     ignore_gitignored,
+                    max_entry_count,
+                    max_file_size,
                 } => {
                     let args = c::CreateArgs {
                         local,
@@ -313,6 +321,8 @@ async fn run_async(home: CsHome, cmd: Cmd) -> anyhow::Result<i32> {
                         ignore,
                         ignore_vcs,
                         ignore_gitignored,
+                        max_entry_count,
+                        max_file_size,
                     };
                     c::create(&home, args).await?
                 }

@@ -344,6 +344,7 @@ fn inner(seed: u64, trace: Trace) -> Result<Outcome, String> {
                     remote: "proj".into(),
                     mode: Mode::TwoWaySafe,
                     ignore: Default::default(),
+                    max_entry_count: cs_cli::sync::ENTRY_COUNT_MAX_DEFAULT,
                     paused: false,
                 };
                 let shared = Rc::new(Shared {

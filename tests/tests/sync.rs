@@ -179,6 +179,38 @@ fn an_emptied_root_halts_instead_of_wiping_the_other_side() {
 }
 
 #[test]
+fn limits_report_large_files_and_halt_on_too_many_entries() {
+    let s = Synced::new(
+        |a| {
+            std::fs::write(a.join("small"), vec![b's'; 1000]).unwrap();
+            std::fs::write(a.join("big"), vec![b'b'; 2000]).unwrap();
+        },
+        &["--max-file-size", "1KiB", "--max-entry-count", "4"],
+    );
+    assert_eq!(read(&s.beta.join("small")).len(), 1000);
+    assert!(
+        !s.beta.join("big").exists(),
+        "a file over the limit is not sent"
+    );
+    assert_eq!(s.list()["problems"], 1, "{}", s.list());
+    // Root, small, big (a problem entry) and one more: at the limit. One more halts.
+    std::fs::write(s.alpha.join("c"), "c").unwrap();
+    s.flush();
+    std::fs::write(s.alpha.join("d"), "d").unwrap();
+    let out = s.l.run(&["sync", "flush", &s.name]);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(err.contains("--max-entry-count of 4"), "{err}");
+    assert_eq!(s.list()["state"], "halted");
+    for (flag, bad) in [("--max-file-size", "12XB"), ("--max-entry-count", "lots")] {
+        let out =
+            s.l.run(&["sync", "create", "/tmp", "demo/dev:x", flag, bad]);
+        let err = text(&out.stderr);
+        assert!(!out.status.success() && err.contains(bad), "{err}");
+    }
+}
+
+#[test]
 fn sessions_survive_the_daemon_and_the_agent_restarting() {
     let s = Synced::new(|a| std::fs::write(a.join("a"), "1").unwrap(), &[]);
     s.l.ok(&["daemon", "stop"]);
@@ -243,6 +275,33 @@ fn bad_input_is_refused_with_the_bad_value() {
     );
     let out = l.run(&["sync", "create", d, "demo/dev:q", "--name", "m1"]);
     assert!(text(&out.stderr).contains("m1"), "{}", text(&out.stderr));
+    // Overlapping roots: a local root inside m1's, a workspace root inside m1's.
+    let inner = dir.join("inner");
+    let other = l.dir.path().join("other");
+    std::fs::create_dir_all(&inner).unwrap();
+    std::fs::create_dir_all(&other).unwrap();
+    let (inner, other) = (inner.to_str().unwrap(), other.to_str().unwrap());
+    for (args, needle) in [
+        (vec!["sync", "create", inner, "demo/dev:elsewhere"], inner),
+        (
+            vec!["sync", "create", other, "demo/dev:~/p/sub/"],
+            "~/p/sub/",
+        ),
+    ] {
+        let out = l.run(&args);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        let err = text(&out.stderr);
+        assert!(
+            err.contains(needle) && err.contains("overlaps"),
+            "{args:?}: {err}"
+        );
+    }
+    assert_eq!(
+        l.ok(&["sync", "list", "--json"])
+            .matches("\"name\"")
+            .count(),
+        1
+    );
 }
 
 fn link_bytes(l: &Laptop) -> u64 {

@@ -33,6 +33,19 @@ pub struct IgnoreSpec {
     pub vcs: bool,
     /// Honour the tree's own `.gitignore` files.
     pub gitignored: bool,
+    /// Files larger than this many bytes are problems, not synced (`None`: no limit).
+    pub max_file_size: Option<u64>,
+}
+
+impl IgnoreSpec {
+    /// The scanner's rules for this spec; a bad pattern is an error naming it.
+    pub fn ignorer(&self) -> Result<cs_sync::ignore::Ignorer, cs_sync::ignore::IgnoreError> {
+        let ig = cs_sync::ignore::Ignorer::new(&self.patterns, self.vcs, self.gitignored)?;
+        Ok(match self.max_file_size {
+            Some(max) => ig.with_max_file_size(max),
+            None => ig,
+        })
+    }
 }
 
 /// The laptop to the endpoint.

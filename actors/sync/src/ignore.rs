@@ -59,6 +59,8 @@ pub struct Ignorer {
     ignore_vcs: bool,
     honour_gitignore: bool,
     gitignores: BTreeMap<RelPath, Gitignore>,
+    /// Files larger than this are reported as problems, never hashed or sent.
+    max_file_size: u64,
 }
 
 impl Ignorer {
@@ -86,7 +88,19 @@ impl Ignorer {
             ignore_vcs,
             honour_gitignore,
             gitignores: BTreeMap::new(),
+            max_file_size: u64::MAX,
         })
+    }
+
+    /// The same rules, with files over `bytes` reported as problems instead of synced.
+    pub fn with_max_file_size(mut self, bytes: u64) -> Self {
+        self.max_file_size = bytes;
+        self
+    }
+
+    /// The largest file a scan hashes and records (see [`Ignorer::with_max_file_size`]).
+    pub fn max_file_size(&self) -> u64 {
+        self.max_file_size
     }
 
     /// An ignorer that ignores nothing.
@@ -96,6 +110,7 @@ impl Ignorer {
             ignore_vcs: false,
             honour_gitignore: false,
             gitignores: BTreeMap::new(),
+            max_file_size: u64::MAX,
         }
     }
 

@@ -335,6 +335,18 @@ impl<'a> Walker<'a> {
             }
         } else if ft.is_file() {
             let key = CacheKey::of(&meta);
+            if key.size > self.ignorer.max_file_size() {
+                return self.add(
+                    path,
+                    Entry::Problem {
+                        reason: format!(
+                            "{} bytes, over the session's maximum file size of {} bytes",
+                            key.size,
+                            self.ignorer.max_file_size()
+                        ),
+                    },
+                );
+            }
             let exec = key.mode & 0o111 != 0;
             match self.old_cache.get(&path) {
                 Some(c)

@@ -23,6 +23,9 @@ pub struct CreateArgs {
     pub ignore: Vec<String>,
     pub ignore_vcs: bool,
     pub ignore_gitignored: bool,
+    /// As given (`--max-entry-count`, `--max-file-size`), parsed in `into_spec`.
+    pub max_entry_count: Option<String>,
+    pub max_file_size: Option<String>,
 }
 
 impl CreateArgs {
@@ -51,8 +54,12 @@ impl CreateArgs {
                 "--ignore-vcs" => self.ignore_vcs = true,
                 "--no-ignore-vcs" => self.ignore_vcs = false,
                 "--ignore-gitignored" => self.ignore_gitignored = true,
+                "--max-entry-count" => self.max_entry_count = Some(value()?),
+                "--max-file-size" | "--max-staging-file-size" => {
+                    self.max_file_size = Some(value()?)
+                }
                 other => bail!(
-                    "unsupported sync flag '{other}': cs accepts --name, --sync-mode, --ignore, --ignore-vcs, --no-ignore-vcs and --ignore-gitignored"
+                    "unsupported sync flag '{other}': cs accepts --name, --sync-mode, --ignore, --ignore-vcs, --no-ignore-vcs, --ignore-gitignored, --max-entry-count and --max-file-size"
                 ),
             }
         }
@@ -93,22 +100,80 @@ impl CreateArgs {
             }
             None => default_name(&local),
         };
+        let max_entry_count = match &self.max_entry_count {
+            Some(v) => {
+                parse_count(v).with_context(|| format!("invalid --max-entry-count '{v}'"))?
+            }
+            None => super::ENTRY_COUNT_MAX_DEFAULT,
+        };
+        let max_file_size = match &self.max_file_size {
+            Some(v) => parse_size(v).with_context(|| format!("invalid --max-file-size '{v}'"))?,
+            None => super::FILE_SIZE_MAX_DEFAULT,
+        };
+        let ignore = IgnoreSpec {
+            patterns: self.ignore,
+            vcs: self.ignore_vcs,
+            gitignored: self.ignore_gitignored,
+            max_file_size: Some(max_file_size),
+        };
         // Patterns are checked now, so a typo is an error here and not a dead session.
-        cs_sync::ignore::Ignorer::new(&self.ignore, self.ignore_vcs, self.ignore_gitignored)
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        ignore.ignorer().map_err(|e| anyhow::anyhow!("{e}"))?;
         Ok(SyncSpec {
             name,
             local,
             workspace: wsref.to_string(),
             remote: remote.to_string(),
             mode,
-            ignore: IgnoreSpec {
-                patterns: self.ignore,
-                vcs: self.ignore_vcs,
-                gitignored: self.ignore_gitignored,
-            },
+            ignore,
+            max_entry_count,
             paused: false,
         })
+    }
+}
+
+/// A positive count, with an optional k/M suffix (powers of 1000): `500000`, `2M`.
+pub fn parse_count(v: &str) -> anyhow::Result<u64> {
+    let (digits, mult) = match v.strip_suffix(['k', 'K']) {
+        Some(d) => (d, 1_000),
+        None => match v.strip_suffix('M') {
+            Some(d) => (d, 1_000_000),
+            None => (v, 1),
+        },
+    };
+    let n: u64 = digits
+        .parse()
+        .context("expected a number such as 500000 or 2M")?;
+    match n.checked_mul(mult) {
+        Some(n) if n > 0 => Ok(n),
+        _ => bail!("expected a positive number such as 500000 or 2M"),
+    }
+}
+
+/// A positive size in bytes, with an optional suffix: K/M/G/T (powers of 1024, also as KiB
+/// ...) or KB/MB/GB/TB (powers of 1000): `100MiB`, `4G`, `500MB`.
+pub fn parse_size(v: &str) -> anyhow::Result<u64> {
+    let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
+    let (digits, unit) = v.split_at(split);
+    let mult: u64 = match unit {
+        "" | "B" => 1,
+        "K" | "KiB" | "k" => 1 << 10,
+        "M" | "MiB" => 1 << 20,
+        "G" | "GiB" => 1 << 30,
+        "T" | "TiB" => 1 << 40,
+        "KB" | "kB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        "TB" => 1_000_000_000_000,
+        _ => bail!(
+            "unknown unit '{unit}': use B, KiB, MiB, GiB, TiB (or K, M, G, T) or KB, MB, GB, TB"
+        ),
+    };
+    let n: u64 = digits
+        .parse()
+        .context("expected a size such as 100MiB or 4G")?;
+    match n.checked_mul(mult) {
+        Some(n) if n > 0 => Ok(n),
+        _ => bail!("expected a positive size such as 100MiB or 4G"),
     }
 }
 
@@ -318,6 +383,33 @@ mod tests {
             let e = check_remote_path(bad).unwrap_err().to_string();
             assert!(e.contains(bad), "{e}");
         }
+    }
+
+    #[test]
+    fn limits_parse_with_units_and_bad_ones_are_refused() {
+        assert_eq!(parse_size("100").unwrap(), 100);
+        assert_eq!(parse_size("4K").unwrap(), 4096);
+        assert_eq!(parse_size("100MiB").unwrap(), 100 << 20);
+        assert_eq!(parse_size("2G").unwrap(), 2 << 30);
+        assert_eq!(parse_size("500MB").unwrap(), 500_000_000);
+        assert_eq!(parse_count("500000").unwrap(), 500_000);
+        assert_eq!(parse_count("2M").unwrap(), 2_000_000);
+        assert_eq!(parse_count("10k").unwrap(), 10_000);
+        for bad in ["", "0", "-1", "12XB", "1.5G", "99999999999999T"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+        for bad in ["", "0", "x", "1.5M", "99999999999999999M"] {
+            assert!(parse_count(bad).is_err(), "{bad}");
+        }
+        let mut a = CreateArgs::default();
+        a.add_flags(&[
+            "--max-entry-count=2M".into(),
+            "--max-staging-file-size".into(),
+            "1G".into(),
+        ])
+        .unwrap();
+        assert_eq!(a.max_entry_count.as_deref(), Some("2M"));
+        assert_eq!(a.max_file_size.as_deref(), Some("1G"));
     }
 
     #[test]

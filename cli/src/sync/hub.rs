@@ -179,12 +179,8 @@ impl Handler<Command> for SyncHub {
                         "{SESSIONS_MAX} sync sessions exist, the most one daemon runs; terminate one first"
                     )));
                 }
-                if let Some(r) = self.sessions.values().find(|r| r.spec.local == spec.local) {
-                    return now(Err(format!(
-                        "{} is already synced by session '{}'",
-                        spec.local.display(),
-                        r.spec.name
-                    )));
+                if let Some(why) = self.sessions.values().find_map(|r| overlap(&r.spec, &spec)) {
+                    return now(Err(why));
                 }
                 let name = spec.name.clone();
                 // A fresh session never inherits an ancestor left by a terminated namesake.
@@ -264,4 +260,32 @@ impl Handler<Command> for SyncHub {
             }
         }
     }
+}
+
+/// Why two sessions may not run side by side: a local root inside the other's (or the same),
+/// or the same for their workspace roots on one workspace. Two sessions writing one tree
+/// would each take the other's writes for user edits.
+pub fn overlap(old: &SyncSpec, new: &SyncSpec) -> Option<String> {
+    let nested = |a: &std::path::Path, b: &std::path::Path| a.starts_with(b) || b.starts_with(a);
+    if nested(&old.local, &new.local) {
+        return Some(format!(
+            "local path {} overlaps {} of sync session '{}'",
+            new.local.display(),
+            old.local.display(),
+            old.name
+        ));
+    }
+    let remote = |r: &str| {
+        let rel = r
+            .strip_prefix("~/")
+            .unwrap_or(if r == "~" { "" } else { r });
+        std::path::PathBuf::from(rel.trim_end_matches('/'))
+    };
+    if old.workspace == new.workspace && nested(&remote(&old.remote), &remote(&new.remote)) {
+        return Some(format!(
+            "workspace path {}:{} overlaps {} of sync session '{}'",
+            new.workspace, new.remote, old.remote, old.name
+        ));
+    }
+    None
 }

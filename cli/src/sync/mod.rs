@@ -28,7 +28,20 @@ pub struct SyncSpec {
     pub remote: String,
     pub mode: Mode,
     pub ignore: IgnoreSpec,
+    /// A side with more entries than this halts the session (`--max-entry-count`).
+    #[serde(default = "default_entry_count_max")]
+    pub max_entry_count: u64,
     pub paused: bool,
+}
+
+/// Default `--max-entry-count`: a million entries (a session's state for that many fits in
+/// well under 1 GB; see the README's benchmark).
+pub const ENTRY_COUNT_MAX_DEFAULT: u64 = 1_000_000;
+/// Default `--max-file-size`: 16 GiB.
+pub const FILE_SIZE_MAX_DEFAULT: u64 = 16 << 30;
+
+fn default_entry_count_max() -> u64 {
+    ENTRY_COUNT_MAX_DEFAULT
 }
 
 impl SyncSpec {

@@ -179,11 +179,7 @@ pub async fn run(
     mut control: mpsc::Receiver<Control>,
 ) {
     let mut s = Session {
-        ignorer: match cs_sync::ignore::Ignorer::new(
-            &spec.ignore.patterns,
-            spec.ignore.vcs,
-            spec.ignore.gitignored,
-        ) {
+        ignorer: match spec.ignore.ignorer() {
             Ok(i) => i,
             Err(e) => {
                 shared.state("error");
@@ -400,6 +396,15 @@ impl Session {
         let t1 = tokio::time::Instant::now();
         let (beta, remote_problems) = remote.scan(full).await.map_err(CycleError::Stream)?;
         let t2 = tokio::time::Instant::now();
+        for (side, tree) in [("local", alpha), ("workspace", beta)] {
+            if tree.len() as u64 > self.spec.max_entry_count {
+                return Ok(Outcome::Halted(format!(
+                    "the {side} tree has {} entries, more than this session's --max-entry-count of {}; ignore some of it, or recreate the session with a higher limit",
+                    tree.len(),
+                    self.spec.max_entry_count
+                )));
+            }
+        }
         self.shared.state("reconciling");
         let plan = match cs_sync::reconcile(&self.ancestor, alpha, beta, self.spec.mode) {
             Ok(p) => p,
