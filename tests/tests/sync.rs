@@ -381,6 +381,14 @@ fn killing_the_agent_mid_transfer_leaves_no_torn_file_and_the_session_resumes() 
         wait_until(Duration::from_secs(30), staging),
         "no transfer started"
     );
+    // The session reports the transfer's progress meanwhile (`cs sync monitor` draws it).
+    let progress = &serde_json::from_str::<serde_json::Value>(&l.ok(&["sync", "list", "--json"]))
+        .unwrap()[0]["progress"];
+    // (On a fast machine the transfer may be over already; then there is nothing to see.)
+    if !progress.is_null() {
+        assert_eq!(progress["files_total"], 1, "{progress}");
+        assert_eq!(progress["bytes_total"], big.len() as u64, "{progress}");
+    }
     let pid = l.agent_pid("demo", "dev");
     // SAFETY: kill(2) on the agent this test started.
     unsafe { libc::kill(pid, libc::SIGKILL) };

@@ -322,6 +322,8 @@ pub async fn conflicts(home: &CsHome, name: &str, json: bool) -> anyhow::Result<
 pub async fn monitor(home: &CsHome, name: &str) -> anyhow::Result<()> {
     let start = tokio::time::Instant::now();
     let mut last = String::new();
+    // The transfer rate over the last few polls: (when, bytes done).
+    let mut recent: std::collections::VecDeque<(tokio::time::Instant, u64)> = Default::default();
     loop {
         let l = list_sessions(home).await?;
         let Some(s) = l.iter().find(|s| s.name == name) else {
@@ -333,6 +335,30 @@ pub async fn monitor(home: &CsHome, name: &str) -> anyhow::Result<()> {
                     .join(", ")
             );
         };
+        if let Some(p) = &s.progress {
+            let now = tokio::time::Instant::now();
+            if recent.back().is_some_and(|(_, b)| *b > p.bytes_done) {
+                recent.clear();
+            }
+            recent.push_back((now, p.bytes_done));
+            if recent.len() > RATE_POLLS {
+                recent.pop_front();
+            }
+            let rate = match (recent.front(), recent.back()) {
+                (Some((t0, b0)), Some((t1, b1))) if t1 > t0 => {
+                    (b1 - b0) as f64 / (*t1 - *t0).as_secs_f64()
+                }
+                _ => 0.0,
+            };
+            let line = progress_line(&s.name, p, rate);
+            if line != last {
+                println!("{line}");
+                last = line;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(POLL_MS)).await;
+            continue;
+        }
+        recent.clear();
         let secs = start.elapsed().as_secs_f64().max(1e-3);
         let line = format!(
             "{} | to beta {} files {} | to alpha {} files {} | {:.1} MB/s",
@@ -349,6 +375,42 @@ pub async fn monitor(home: &CsHome, name: &str) -> anyhow::Result<()> {
         }
         tokio::time::sleep(std::time::Duration::from_millis(POLL_MS)).await;
     }
+}
+
+/// Polls the transfer rate is averaged over.
+const RATE_POLLS: usize = 8;
+
+/// `NAME [#########-----------] 45% 36000/80000 files 512.0 MiB/1.07 GiB 45.2 MB/s ETA 12 s`
+fn progress_line(name: &str, p: &super::Progress, rate: f64) -> String {
+    const WIDTH: u64 = 24;
+    let frac = if p.bytes_total > 0 {
+        p.bytes_done as f64 / p.bytes_total as f64
+    } else if p.files_total > 0 {
+        p.files_done as f64 / p.files_total as f64
+    } else {
+        1.0
+    };
+    let filled = ((frac * WIDTH as f64) as u64).min(WIDTH);
+    let bar: String = (0..WIDTH)
+        .map(|i| if i < filled { '#' } else { '-' })
+        .collect();
+    let eta = if rate > 0.0 {
+        format!(
+            " ETA {:.0} s",
+            p.bytes_total.saturating_sub(p.bytes_done) as f64 / rate
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        "{name} [{bar}] {:>3.0}% {}/{} files {}/{} {:.1} MB/s{eta}",
+        frac * 100.0,
+        p.files_done,
+        p.files_total,
+        human_bytes(p.bytes_done),
+        human_bytes(p.bytes_total),
+        rate / 1e6
+    )
 }
 
 fn human_bytes(b: u64) -> String {
@@ -383,6 +445,18 @@ mod tests {
             let e = check_remote_path(bad).unwrap_err().to_string();
             assert!(e.contains(bad), "{e}");
         }
+    }
+
+    #[test]
+    fn progress_line_shows_files_bytes_rate_and_eta() {
+        let p = crate::sync::Progress {
+            files_total: 80_000,
+            files_done: 36_000,
+            bytes_total: 1 << 30,
+            bytes_done: 1 << 29,
+        };
+        let line = progress_line("k", &p, 50e6);
+        assert!(line.starts_with("k [############------------]  50% 36000/80000 files 512.0 MiB/1.00 GiB 50.0 MB/s ETA 11 s"), "{line}");
     }
 
     #[test]

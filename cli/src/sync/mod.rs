@@ -44,6 +44,18 @@ fn default_entry_count_max() -> u64 {
     ENTRY_COUNT_MAX_DEFAULT
 }
 
+impl SyncStatus {
+    /// Counts one file of the cycle's transfer as done.
+    pub fn advance(&mut self, op: &cs_sync::Op) {
+        if let (Some(p), Some(cs_sync::Entry::File { size, .. })) =
+            (&mut self.progress, op.result())
+        {
+            p.files_done += 1;
+            p.bytes_done += size;
+        }
+    }
+}
+
 impl SyncSpec {
     /// `SANDBOX/WORKSPACE:PATH`, as the user wrote it.
     pub fn beta(&self) -> String {
@@ -73,6 +85,17 @@ pub struct SyncStatus {
     pub bytes_to_alpha: u64,
     /// Entries in the last agreed tree.
     pub entries: usize,
+    /// The content the current cycle moves, while it moves it.
+    pub progress: Option<Progress>,
+}
+
+/// How far a cycle's transfer is: files with content (both ways) and their sizes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Progress {
+    pub files_total: u64,
+    pub files_done: u64,
+    pub bytes_total: u64,
+    pub bytes_done: u64,
 }
 
 /// One conflict, as `cs sync conflicts` shows it.

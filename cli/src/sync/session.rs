@@ -371,6 +371,7 @@ impl Session {
 
     async fn cycle(&mut self, remote: &mut Remote) -> Result<Outcome, CycleError> {
         self.shared.state("scanning");
+        self.shared.status.borrow_mut().progress = None;
         let t0 = tokio::time::Instant::now();
         let full = std::mem::replace(&mut self.full_due, false);
         // Without a watch every scan is full.
@@ -429,6 +430,23 @@ impl Session {
             return Ok(Outcome::Quiet);
         }
         self.shared.state("transferring");
+        {
+            let sized = |op: &Op| match op.result() {
+                Some(cs_sync::Entry::File { size, .. }) if needs_content(op) => Some(*size),
+                _ => None,
+            };
+            let sizes: Vec<u64> = plan
+                .to_beta
+                .iter()
+                .chain(&plan.to_alpha)
+                .filter_map(sized)
+                .collect();
+            self.shared.status.borrow_mut().progress = Some(super::Progress {
+                files_total: sizes.len() as u64,
+                bytes_total: sizes.iter().sum(),
+                ..Default::default()
+            });
+        }
         let t3 = tokio::time::Instant::now();
         let to_beta = self.send_to_beta(remote, &plan).await?;
         let to_alpha = self.fetch_to_alpha(remote, &plan).await?;
@@ -470,6 +488,7 @@ impl Session {
 
     fn finish_cycle(&self, alpha: &Snapshot) {
         let mut st = self.shared.status.borrow_mut();
+        st.progress = None;
         st.cycles += 1;
         st.entries = alpha.len();
     }
@@ -530,11 +549,13 @@ impl Session {
                     let mut st = self.shared.status.borrow_mut();
                     st.files_to_beta += 1;
                     st.bytes_to_beta += literal;
+                    st.advance(op);
                 } else if needs_content(op) {
                     let sent = remote.send_file(&self.fs, op.path()).await?;
                     let mut st = self.shared.status.borrow_mut();
                     st.files_to_beta += 1;
                     st.bytes_to_beta += sent;
+                    st.advance(op);
                 }
             }
             match remote.reply().await? {
@@ -599,6 +620,7 @@ impl Session {
                                     let mut st = self.shared.status.borrow_mut();
                                     st.files_to_alpha += 1;
                                     st.bytes_to_alpha += literal;
+                                    st.advance(op);
                                 }
                                 r
                             }
@@ -609,6 +631,7 @@ impl Session {
                                     let mut st = self.shared.status.borrow_mut();
                                     st.files_to_alpha += 1;
                                     st.bytes_to_alpha += bytes;
+                                    st.advance(op);
                                 }
                                 r
                             }
