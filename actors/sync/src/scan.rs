@@ -63,6 +63,13 @@ impl HashCache {
         Self::default()
     }
 
+    /// A cache holding these entries.
+    pub fn from_entries(entries: impl IntoIterator<Item = (RelPath, CacheEntry)>) -> Self {
+        HashCache {
+            entries: entries.into_iter().collect(),
+        }
+    }
+
     /// The cached digest of `path`, if any.
     pub fn get(&self, path: &RelPath) -> Option<&CacheEntry> {
         self.entries.get(path)
