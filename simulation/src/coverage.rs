@@ -31,6 +31,7 @@ pub const SYNC_MARKERS: &[&str] = &[
     "fault: agent crashed",
     "fault: laptop crashed",
     "fault: laptop slept",
+    "fault: disk error",
     "sync: conflict reported",
     "sync: files sent to the workspace",
     "sync: files fetched from the workspace",

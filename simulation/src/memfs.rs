@@ -31,6 +31,17 @@ pub struct MemRoot {
     name: String,
     state: Mutex<State>,
     watch: Watch,
+    disk: Mutex<Disk>,
+}
+
+/// Simulated disk faults: each write (`apply`) and read (`open`) fails with an I/O error
+/// with probability `rate`, drawn from the seed. Scans do not fail: a root that cannot be
+/// examined halts a session until the user resumes it, which a seed cannot do.
+#[derive(Debug, Default)]
+struct Disk {
+    rng: Option<rand::rngs::StdRng>,
+    rate: f64,
+    errors: u64,
 }
 
 impl MemRoot {
@@ -39,9 +50,38 @@ impl MemRoot {
             name: name.to_string(),
             state: Mutex::default(),
             watch: Watch::default(),
+            disk: Mutex::default(),
         })
     }
 
+    /// Makes reads and writes fail at `rate`, decided by a generator seeded with `seed`.
+    pub fn set_disk_errors(&self, seed: u64, rate: f64) {
+        use rand::SeedableRng;
+        let mut d = self.disk.lock().unwrap_or_else(|p| p.into_inner());
+        d.rng = Some(rand::rngs::StdRng::seed_from_u64(seed));
+        d.rate = rate;
+    }
+
+    /// How many reads and writes failed on purpose.
+    pub fn disk_errors(&self) -> u64 {
+        self.disk.lock().unwrap_or_else(|p| p.into_inner()).errors
+    }
+
+    /// `Err` when the simulated disk fails this operation.
+    fn disk_op(&self, what: &str, path: &RelPath) -> Result<(), String> {
+        use rand::Rng;
+        let mut d = self.disk.lock().unwrap_or_else(|p| p.into_inner());
+        let rate = d.rate;
+        let fail = match d.rng.as_mut() {
+            Some(rng) if rate > 0.0 => rng.gen_bool(rate),
+            _ => false,
+        };
+        if fail {
+            d.errors += 1;
+            return Err(format!("{what} {path}: Input/output error (simulated)"));
+        }
+        Ok(())
+    }
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         // Poisoned only by a panic on this single thread; the seed fails anyway.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
@@ -174,6 +214,7 @@ impl RootFs for MemRoot {
     }
 
     fn apply(&self, op: &Op, content: Option<&mut dyn Read>) -> Result<(), String> {
+        self.disk_op("write", op.path())?;
         let mut data = None;
         if let Some(Entry::File { size, hash, .. }) = op.result() {
             let same = matches!(op, Op::Replace { expected: Entry::File { hash: old, .. }, .. } if old == hash);
@@ -202,6 +243,7 @@ impl RootFs for MemRoot {
     }
 
     fn open(&self, path: &RelPath) -> Result<Box<dyn Read + Send>, String> {
+        self.disk_op("read", path)?;
         let s = self.lock();
         match s.tree.get(path) {
             Some(Entry::File { hash, .. }) => {

@@ -90,6 +90,8 @@ pub struct Edit {
 pub struct SyncOptions {
     pub faults: Options,
     pub edits: Vec<Edit>,
+    /// Each side's reads and writes fail at this rate until the heal (0 in half the seeds).
+    pub disk_error_rate: f64,
 }
 
 impl SyncOptions {
@@ -139,13 +141,28 @@ impl SyncOptions {
             })
             .collect();
         edits.sort_by_key(|e| e.at_ms);
-        Self { faults, edits }
+        let disk_error_rate = if rng.gen_bool(0.5) {
+            0.0
+        } else {
+            rng.gen_range(0.02..0.3)
+        };
+        Self {
+            faults,
+            edits,
+            disk_error_rate,
+        }
     }
 }
 
 impl std::fmt::Display for SyncOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} edits {}", self.faults, self.edits.len())
+        write!(
+            f,
+            "{} edits {} disk errors {:.3}",
+            self.faults,
+            self.edits.len(),
+            self.disk_error_rate
+        )
     }
 }
 
@@ -213,6 +230,8 @@ fn inner(seed: u64, trace: Trace) -> Result<Outcome, String> {
         Identity::from_seed("sim agent", quinn_seed(seed, 0xf1, 0)).map_err(|e| e.to_string())?;
     let alpha = MemRoot::new("alpha");
     let beta = MemRoot::new("beta");
+    alpha.set_disk_errors(seed ^ 0xa1fa, opts.disk_error_rate);
+    beta.set_disk_errors(seed ^ 0xbe7a, opts.disk_error_rate);
     // The laptop starts with a tree; the workspace starts empty. `keep` is never edited, so
     // no root is ever emptied (a halt is tested end to end instead).
     alpha.create_root()?;
@@ -383,6 +402,9 @@ fn inner(seed: u64, trace: Trace) -> Result<Outcome, String> {
     if status.conflicts > 0 {
         trace.sometimes("sync: conflict reported");
     }
+    if alpha.disk_errors() + beta.disk_errors() > 0 {
+        trace.sometimes("fault: disk error");
+    }
     if status.files_to_beta > 0 {
         trace.sometimes("sync: files sent to the workspace");
     }
@@ -474,6 +496,8 @@ fn drive(
         if !healed && now_ms >= fo.safety_ms {
             healed = true;
             heal(sim, 1, now_ms, trace, sleep);
+            alpha.set_disk_errors(0, 0.0);
+            beta.set_disk_errors(0, 0.0);
         }
         if healed {
             if now_ms > fo.safety_ms + LIVENESS_BUDGET_MS {
