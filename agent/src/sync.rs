@@ -294,10 +294,11 @@ async fn scan(
         .iter()
         .map(|p| (RelPath::root(), p.to_string()))
         .collect();
+    let bad = bad_tree_canary(&out.snapshot);
     match out.changes.take() {
         Some(changes) if state.sent_whole => {
             send_chunked(
-                changes.into_iter(),
+                changes.into_iter().chain(bad.map(|(p, e)| (p, Some(e)))),
                 problems,
                 tx,
                 |changes, problems, last| SyncReply::Changes {
@@ -310,19 +311,33 @@ async fn scan(
         }
         _ => {
             let entries = out.snapshot.iter().map(|(p, e)| (p.clone(), e.clone()));
-            send_chunked(entries, problems, tx, |entries, problems, last| {
-                SyncReply::Entries {
+            send_chunked(
+                entries.chain(bad),
+                problems,
+                tx,
+                |entries, problems, last| SyncReply::Entries {
                     entries,
                     problems,
                     last,
-                }
-            })
+                },
+            )
             .await?;
             state.sent_whole = true;
         }
     }
     state.prev = Some(out);
     Ok(())
+}
+
+/// With `Canary::BadTree` on (simulation only): an entry below the tree's first file.
+fn bad_tree_canary(tree: &cs_sync::Snapshot) -> Option<(RelPath, cs_sync::Entry)> {
+    if !cs_protocol::canary::active(cs_protocol::Canary::BadTree) {
+        return None;
+    }
+    let (file, e) = tree
+        .iter()
+        .find(|(_, e)| matches!(e, cs_sync::Entry::File { .. }))?;
+    Some((file.join("planted").ok()?, e.clone()))
 }
 
 /// Sends `items` in chunks of about [`ENTRIES_CHUNK_BYTES`], the problems with the last.

@@ -34,8 +34,9 @@ pub fn parse_canary(name: &str) -> Result<cs_protocol::Canary, String> {
         "stream-end-trusted" => Ok(cs_protocol::Canary::StreamEndTrusted),
         "hangup-skipped" => Ok(cs_protocol::Canary::HangupSkipped),
         "delete-wins" => Ok(cs_protocol::Canary::DeleteWins),
+        "bad-tree" => Ok(cs_protocol::Canary::BadTree),
         other => Err(format!(
-            "unknown canary '{other}': expected reconnect-skipped, stream-end-trusted, hangup-skipped or delete-wins"
+            "unknown canary '{other}': expected reconnect-skipped, stream-end-trusted, hangup-skipped, delete-wins or bad-tree"
         )),
     }
 }

@@ -35,6 +35,7 @@ fn main() -> anyhow::Result<()> {
     let mut seeds: Vec<u64> = Vec::new();
     let mut print_trace = false;
     let mut canaries = Vec::new();
+    let mut canary_names: Vec<String> = Vec::new();
     let mut threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut sync = false;
     while let Some(a) = args.next() {
@@ -74,6 +75,7 @@ fn main() -> anyhow::Result<()> {
             "--canary" => {
                 let v = args.next().context("--canary needs a name")?;
                 canaries.push(cs_simulation::parse_canary(&v).map_err(anyhow::Error::msg)?);
+                canary_names.push(v);
             }
             other => bail!(
                 "unknown option '{other}': expected --seed N, --seeds A..B, --regressions, --threads N, --canary NAME, --scenario exec|sync, --trace or --suspect"
@@ -104,6 +106,10 @@ fn main() -> anyhow::Result<()> {
                 } else {
                     Options::draw(seed).to_string()
                 };
+                // What else the replay needs: the scenario and the canaries of this run.
+                let replay_flags: String = std::iter::once(if sync { " --scenario sync" } else { "" }.to_string())
+                    .chain(canary_names.iter().map(|c| format!(" --canary {c}")))
+                    .collect();
                 let run = if sync {
                     cs_simulation::run_sync_seed
                 } else {
@@ -128,7 +134,7 @@ fn main() -> anyhow::Result<()> {
                         ),
                         Err(f) => (
                             format!(
-                                "seed {seed}: FAILED hash {:016x} {}; {opts} (replay: cargo run --release -p cs-simulation -- --seed {seed})",
+                                "seed {seed}: FAILED hash {:016x} {}; {opts} (replay: cargo run --release -p cs-simulation -- --seed {seed}{replay_flags})",
                                 f.hash, f.message
                             ),
                             true,

@@ -502,8 +502,15 @@ fn drive(
         if healed {
             if now_ms > fo.safety_ms + LIVENESS_BUDGET_MS {
                 let (a, b) = (alpha.tree(), beta.tree());
+                let halted = world
+                    .borrow()
+                    .shared
+                    .as_ref()
+                    .and_then(|s| s.status.borrow().halted.clone())
+                    .map(|h| format!("; the session halted: {h}"))
+                    .unwrap_or_default();
                 return Err(format!(
-                    "liveness: the sides did not agree within {LIVENESS_BUDGET_MS} ms of the heal ({} vs {} entries)",
+                    "liveness: the sides did not agree within {LIVENESS_BUDGET_MS} ms of the heal ({} vs {} entries){halted}",
                     a.len(),
                     b.len()
                 ));

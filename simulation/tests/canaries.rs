@@ -56,3 +56,20 @@ fn sync_letting_a_deletion_beat_an_edit_is_caught_as_a_lost_write() {
     assert!(message.contains("last write"), "seed {seed}: {message}");
     cs_simulation::run_sync_seed(seed, Trace::default(), &[]).unwrap_or_else(|f| panic!("{f}"));
 }
+
+#[test]
+fn sync_acting_on_a_broken_tree_from_the_workspace_is_caught_as_a_halt() {
+    let (seed, message) = (0..SEEDS_MAX)
+        .find_map(|seed| {
+            cs_simulation::run_sync_seed(seed, Trace::default(), &[Canary::BadTree])
+                .err()
+                .map(|f| (seed, f.message))
+        })
+        .expect("BadTree went unnoticed for 1,000 seeds");
+    // The laptop refused the tree and halted; it did not write the planted entry.
+    assert!(
+        message.contains("the session halted: the workspace sent an invalid"),
+        "seed {seed}: {message}"
+    );
+    cs_simulation::run_sync_seed(seed, Trace::default(), &[]).unwrap_or_else(|f| panic!("{f}"));
+}

@@ -20,6 +20,9 @@ pub enum Canary {
     HangupSkipped = 4,
     /// Sync's reconciliation lets a deletion beat a concurrent edit (a lost write).
     DeleteWins = 8,
+    /// The agent's sync endpoint reports an entry below a file (a broken or hostile peer):
+    /// the laptop must refuse the tree and halt, never act on it.
+    BadTree = 16,
 }
 
 thread_local! {

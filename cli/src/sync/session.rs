@@ -264,6 +264,17 @@ pub async fn run(
                     s.shared.error(&e);
                     break;
                 }
+                Err(CycleError::Violation(e)) => {
+                    let why = format!(
+                        "{e}; nothing more is taken from the workspace until you check its agent and run `cs sync resume {}`",
+                        s.spec.name
+                    );
+                    s.shared.error(&why);
+                    s.halted = true;
+                    s.shared.status.borrow_mut().halted = Some(why.clone());
+                    s.shared.answer_flushes(Err(why));
+                    break;
+                }
             }
             s.shared.state("watching");
             let stop = tokio::select! {
@@ -307,6 +318,9 @@ enum CycleError {
     Stream(String),
     /// Something on the laptop failed (the local root cannot be scanned...).
     Local(String),
+    /// The workspace broke the protocol (a path with `..`, a tree whose entries hang off a
+    /// file or symlink, a reply out of turn): the session halts rather than act on it.
+    Violation(String),
 }
 
 /// Waits for an event under alpha's root; forever without a watch (rescans still run).
@@ -395,7 +409,7 @@ impl Session {
         let local_problems = scanned.problems.len();
         self.prev = Some(scanned.clone());
         let t1 = tokio::time::Instant::now();
-        let (beta, remote_problems) = remote.scan(full).await.map_err(CycleError::Stream)?;
+        let (beta, remote_problems) = remote.scan(full).await?;
         let t2 = tokio::time::Instant::now();
         for (side, tree) in [("local", alpha), ("workspace", beta)] {
             if tree.len() as u64 > self.spec.max_entry_count {
@@ -670,7 +684,7 @@ fn unexpected(r: &SyncReply) -> CycleError {
         SyncReply::Delta(_) => "Delta",
         SyncReply::Changed => "Changed",
     };
-    CycleError::Stream(format!("the workspace answered out of turn ({kind})"))
+    CycleError::Violation(format!("the workspace answered out of turn ({kind})"))
 }
 
 /// The workspace side of a session, over one stream.
@@ -681,6 +695,9 @@ struct Remote {
     lost: Rc<Notify>,
     /// The workspace's tree as this stream's last scan gave it (the base of `Changes`).
     beta: Option<Snapshot>,
+    /// Set by the reader when the workspace sent something that does not decode (a path
+    /// with `..`, an absolute path, a malformed frame).
+    violation: Rc<RefCell<Option<String>>>,
 }
 
 impl Remote {
@@ -703,7 +720,8 @@ impl Remote {
         let (tx, replies) = mpsc::channel(REPLIES_QUEUED_MAX);
         let changed = Rc::new(Notify::new());
         let lost = Rc::new(Notify::new());
-        let (c, l) = (changed.clone(), lost.clone());
+        let violation = Rc::new(RefCell::new(None));
+        let (c, l, v) = (changed.clone(), lost.clone(), violation.clone());
         let mut recv = opened.recv;
         tokio::task::spawn_local(async move {
             loop {
@@ -714,7 +732,13 @@ impl Remote {
                             break;
                         }
                     }
-                    Ok(None) | Err(_) => break,
+                    Ok(None) => break,
+                    Err(cs_transport::framed::FrameError::Decode(e)) => {
+                        *v.borrow_mut() =
+                            Some(format!("the workspace sent an invalid message: {e}"));
+                        break;
+                    }
+                    Err(_) => break,
                 }
             }
             l.notify_one();
@@ -724,6 +748,7 @@ impl Remote {
             replies,
             changed,
             lost,
+            violation,
             beta: None,
         })
     }
@@ -735,25 +760,25 @@ impl Remote {
     }
 
     async fn reply(&mut self) -> Result<SyncReply, CycleError> {
-        self.replies
-            .recv()
-            .await
-            .ok_or_else(|| CycleError::Stream("the workspace closed the sync stream".into()))
+        match self.replies.recv().await {
+            Some(r) => Ok(r),
+            None => Err(match self.violation.borrow_mut().take() {
+                Some(v) => CycleError::Violation(v),
+                None => CycleError::Stream("the workspace closed the sync stream".into()),
+            }),
+        }
     }
 
     /// Asks for a scan and gathers the snapshot: whole, or as changes to the stream's last
     /// one. Returns it and the number of problems.
-    async fn scan(&mut self, full: bool) -> Result<(&Snapshot, usize), String> {
-        let wrap = |e: CycleError| match e {
-            CycleError::Stream(s) | CycleError::Local(s) => s,
-        };
-        self.send(&SyncRequest::Scan { full }).await.map_err(wrap)?;
+    async fn scan(&mut self, full: bool) -> Result<(&Snapshot, usize), CycleError> {
+        self.send(&SyncRequest::Scan { full }).await?;
         let mut entries = Vec::new();
         let mut changes = Vec::new();
         let mut whole = None;
         let mut problems = 0;
         loop {
-            let (last, is_whole) = match self.reply().await.map_err(wrap)? {
+            let (last, is_whole) = match self.reply().await? {
                 SyncReply::Entries {
                     entries: e,
                     problems: p,
@@ -772,15 +797,17 @@ impl Remote {
                     problems += p.len();
                     (last, false)
                 }
-                other => return Err(wrap(unexpected(&other))),
+                other => return Err(unexpected(&other)),
             };
             if *whole.get_or_insert(is_whole) != is_whole {
-                return Err("the workspace mixed a whole tree with changes".into());
+                return Err(CycleError::Violation(
+                    "the workspace mixed a whole tree with changes".into(),
+                ));
             }
             if entries.len().max(changes.len()) > SNAPSHOT_ENTRIES_MAX {
-                return Err(format!(
+                return Err(CycleError::Stream(format!(
                     "the workspace tree has more than {SNAPSHOT_ENTRIES_MAX} entries"
-                ));
+                )));
             }
             if last {
                 break;
@@ -789,18 +816,22 @@ impl Remote {
         // Whatever goes wrong below, the stream's last tree is no longer known.
         let base = self.beta.take();
         let snapshot = if whole == Some(false) {
-            let mut b = base.ok_or("the workspace sent changes before a whole tree".to_string())?;
-            b.apply_changes(changes)
-                .map_err(|e| format!("the workspace sent an invalid change: {e}"))?;
+            let mut b = base.ok_or_else(|| {
+                CycleError::Violation("the workspace sent changes before a whole tree".into())
+            })?;
+            b.apply_changes(changes).map_err(|e| {
+                CycleError::Violation(format!("the workspace sent an invalid change: {e}"))
+            })?;
             if b.len() > SNAPSHOT_ENTRIES_MAX {
-                return Err(format!(
+                return Err(CycleError::Stream(format!(
                     "the workspace tree has more than {SNAPSHOT_ENTRIES_MAX} entries"
-                ));
+                )));
             }
             b
         } else {
-            Snapshot::from_entries(entries)
-                .map_err(|e| format!("the workspace sent an invalid tree: {e}"))?
+            Snapshot::from_entries(entries).map_err(|e| {
+                CycleError::Violation(format!("the workspace sent an invalid tree: {e}"))
+            })?
         };
         Ok((self.beta.insert(snapshot), problems))
     }
