@@ -66,6 +66,15 @@ impl Roots for HomeRoots {
         if open.create {
             fs.create_root()?;
         }
+        if open.bulk {
+            // One file's transfer: nothing to watch, scan or cache.
+            return Ok(OpenedRoot {
+                fs: Arc::new(fs),
+                watch: None,
+                guard: None,
+                cache_file: None,
+            });
+        }
         let (guard, watch) = match cs_sync::fs::os_watch(&root) {
             Ok((w, watch)) => (Some(Box::new(w) as Box<dyn Send>), Some(watch)),
             Err(e) => {

@@ -35,6 +35,7 @@ pub const SYNC_MARKERS: &[&str] = &[
     "sync: conflict reported",
     "sync: files sent to the workspace",
     "sync: files fetched from the workspace",
+    "sync: file moved on its own stream",
 ];
 
 /// The markers of `MARKERS` that are not in `reached`.

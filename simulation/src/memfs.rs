@@ -270,7 +270,8 @@ impl cs_agent::sync::Roots for MemRoots {
         }
         Ok(cs_agent::sync::OpenedRoot {
             fs: self.0.clone(),
-            watch: Some(self.0.watch()),
+            // As the real agent: a bulk stream carries one file and watches nothing.
+            watch: (!open.bulk).then(|| self.0.watch()),
             guard: None,
             cache_file: None,
         })

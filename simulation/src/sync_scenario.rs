@@ -198,8 +198,13 @@ impl AncestorStore for MemStore {
     fn load(&self) -> Snapshot {
         self.0.borrow().clone()
     }
-    fn save(&self, a: &Snapshot) -> Result<(), String> {
+    fn save_full(&self, a: &Snapshot) -> Result<(), String> {
         *self.0.borrow_mut() = a.clone();
+        Ok(())
+    }
+    fn append(&self, records: &[cs_sync::Change], _full: &Snapshot) -> Result<(), String> {
+        // Replayed, as the journal is on load, so a bad record would show.
+        cs_sync::replay_records(&mut self.0.borrow_mut(), records);
         Ok(())
     }
 }
@@ -382,6 +387,8 @@ fn inner(seed: u64, trace: Trace) -> Result<Outcome, String> {
                     watch: Some(alpha.watch()),
                     open,
                     store,
+                    // The large (80 KiB) files a seed creates go on streams of their own.
+                    bulk_bytes_min: 64 * 1024,
                     guard: None,
                 };
                 session::run(spec, env, shared, rx).await;
@@ -410,6 +417,9 @@ fn inner(seed: u64, trace: Trace) -> Result<Outcome, String> {
     }
     if status.files_to_alpha > 0 {
         trace.sometimes("sync: files fetched from the workspace");
+    }
+    if status.files_bulk > 0 {
+        trace.sometimes("sync: file moved on its own stream");
     }
     Ok(Outcome {
         seed,

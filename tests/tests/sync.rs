@@ -402,3 +402,40 @@ fn killing_the_agent_mid_transfer_leaves_no_torn_file_and_the_session_resumes() 
     }));
     assert!(std::fs::read(beta.join("huge.bin")).unwrap() == big);
 }
+
+#[test]
+fn a_small_edit_is_not_stuck_behind_a_large_file() {
+    let big = pattern(300 << 20, 5);
+    let s = Synced::new(|_| {}, &[]);
+    std::fs::write(s.alpha.join("huge.bin"), &big).unwrap();
+    // Once the large file is under way on its own stream, a small edit follows.
+    let staging = || {
+        std::fs::read_dir(&s.beta).ok().is_some_and(|d| {
+            d.flatten()
+                .any(|e| e.file_name().to_string_lossy().starts_with(".cs-sync-tmp."))
+        })
+    };
+    assert!(
+        wait_until(Duration::from_secs(30), staging),
+        "no transfer started"
+    );
+    std::fs::write(s.alpha.join("small.txt"), "edit\n").unwrap();
+    assert!(
+        wait_until(Duration::from_secs(20), || s
+            .beta
+            .join("small.txt")
+            .exists()),
+        "the small edit did not arrive"
+    );
+    // It arrived while the large file was still moving (the large file lands whole, by
+    // rename, so its name appears only at the end).
+    let big_landed = s.beta.join("huge.bin").exists();
+    let bulk = s.list()["bulk_in_flight"].as_u64().unwrap();
+    assert!(
+        !big_landed && bulk == 1,
+        "landed {big_landed}, in flight {bulk}"
+    );
+    s.flush();
+    assert!(std::fs::read(s.beta.join("huge.bin")).unwrap() == big);
+    assert_eq!(s.list()["files_bulk"], 1);
+}

@@ -22,6 +22,9 @@ pub struct SyncOpen {
     pub root: String,
     pub create: bool,
     pub ignore: IgnoreSpec,
+    /// A stream that carries one large file for the session (so small edits never wait
+    /// behind it): no watcher, no hash cache, no `Changed`.
+    pub bulk: bool,
 }
 
 /// What a session ignores, on both sides.

@@ -46,7 +46,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::path::RelPath;
 use crate::symlink::{check_portable, SymlinkError};
-use crate::tree::{Entry, Snapshot, SnapshotError};
+use crate::tree::{Change, Entry, Snapshot, SnapshotError};
 
 /// An emptied root halts sync only if the ancestor had at least this many top-level entries
 /// (Mutagen's threshold: deleting the only file of a one-file tree is an ordinary edit).
@@ -296,20 +296,33 @@ pub fn ancestor_after(ancestor: &Snapshot, plan: &Plan, applied: &Applied) -> Sn
     next
 }
 
-/// [`ancestor_after`] in place: what a session does, without copying the tree.
-pub fn update_ancestor(next: &mut Snapshot, plan: &Plan, applied: &Applied) {
-    for update in &plan.ancestor_updates {
-        record(next, &update.path, update.entry.as_ref());
-    }
+/// [`ancestor_after`] in place: what a session does, without copying the tree. Returns the
+/// records it applied, in order: replaying them with [`replay_records`] on the same tree
+/// gives the same result (a session journals them).
+pub fn update_ancestor(next: &mut Snapshot, plan: &Plan, applied: &Applied) -> Vec<Change> {
+    let mut records: Vec<Change> = plan
+        .ancestor_updates
+        .iter()
+        .map(|u| (u.path.clone(), u.entry.clone()))
+        .collect();
     for (ops, ok) in [
         (&plan.to_alpha, &applied.to_alpha),
         (&plan.to_beta, &applied.to_beta),
     ] {
         for (i, op) in ops.iter().enumerate() {
             if ok.get(i).copied().unwrap_or(false) {
-                record(next, op.path(), op.result());
+                records.push((op.path().clone(), op.result().cloned()));
             }
         }
+    }
+    replay_records(next, &records);
+    records
+}
+
+/// Applies ancestor records as [`update_ancestor`] made them.
+pub fn replay_records(ancestor: &mut Snapshot, records: &[Change]) {
+    for (path, entry) in records {
+        record(ancestor, path, entry.as_ref());
     }
 }
 

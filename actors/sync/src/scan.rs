@@ -314,6 +314,10 @@ impl<'a> Walker<'a> {
 
     /// Records `path` (whose parent is already recorded) and, for a directory, its subtree.
     fn visit(&mut self, path: RelPath) {
+        // Sync's own staging files are never part of a tree (a rescan may name one).
+        if path.name().is_some_and(|n| n.starts_with(TEMP_PREFIX)) {
+            return;
+        }
         let fs_path = path.to_fs_path(self.root);
         let meta = match fs::symlink_metadata(&fs_path) {
             Ok(m) => m,

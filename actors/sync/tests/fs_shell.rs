@@ -197,6 +197,14 @@ fn rescan_of_changed_paths_matches_a_full_scan() {
     );
     // Only the changed files were hashed: a/x, new/deep/file, b/.gitignore.
     assert_eq!(partial.files_hashed, 3);
+
+    // A staging file of an apply in progress, named by a watcher, is not part of the tree
+    // (it once was, and a large file's staging copy was synced back as a file of its own).
+    let staging = format!("{}123", cs_sync::apply::TEMP_PREFIX);
+    write(root, &format!("a/{staging}"), b"partial");
+    let again = rescan(root, &ig, partial, &[p(&format!("a/{staging}"))]).unwrap();
+    assert_eq!(again.snapshot, full.snapshot);
+    assert_eq!(again.changes, Some(Vec::new()));
 }
 
 #[test]

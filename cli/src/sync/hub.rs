@@ -102,7 +102,8 @@ impl SyncHub {
             fs: std::sync::Arc::new(cs_sync::fs::OsRoot::new(spec.local.clone())),
             watch,
             open,
-            store: Rc::new(session::FileStore(dir)),
+            store: Rc::new(session::FileStore::new(dir)),
+            bulk_bytes_min: session::BULK_BYTES_MIN,
             guard,
         };
         actix::spawn(session::run(spec.clone(), env, shared.clone(), rx));

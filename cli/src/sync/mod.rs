@@ -87,6 +87,9 @@ pub struct SyncStatus {
     pub entries: usize,
     /// The content the current cycle moves, while it moves it.
     pub progress: Option<Progress>,
+    /// Large files on their way on streams of their own, and how many made it so far.
+    pub bulk_in_flight: usize,
+    pub files_bulk: u64,
 }
 
 /// How far a cycle's transfer is: files with content (both ways) and their sizes.

@@ -4,7 +4,8 @@
 //! content, fetches alpha's content and applies alpha's ops, then records the new ancestor.
 //! Between cycles it waits for a filesystem event on either side, a command, or the periodic
 //! safety-net rescan. A lost stream is reopened with capped backoff; nothing is lost meanwhile,
-//! because the ancestor only moves for ops that were applied.
+//! because the ancestor only moves for ops that were applied. Large whole files move on bulk
+//! streams of their own while cycles go on (see `Session::transfer`).
 
 use std::cell::RefCell;
 use std::path::PathBuf;
@@ -22,7 +23,7 @@ use cs_protocol::{StreamOpen, DATA_CHUNK_BYTES_MAX};
 use cs_sync::delta::Signature;
 use cs_sync::fs::{RootFs, Watch};
 use cs_sync::scan::{HashCache, ScanOutput, CACHE_MAGIC};
-use cs_sync::{Applied, Op, Plan, RelPath, Snapshot};
+use cs_sync::{Applied, Op, Plan, RelPath, Side, Snapshot};
 use cs_transport::chunks::off_thread;
 use cs_transport::{read_frame, write_frame};
 use tokio::sync::{mpsc, oneshot, Notify};
@@ -43,14 +44,14 @@ const OPS_PER_BATCH_MAX: usize = 256;
 const REPLIES_QUEUED_MAX: usize = 64;
 /// Entries one snapshot from the workspace may have.
 const SNAPSHOT_ENTRIES_MAX: usize = 4_000_000;
-/// A busy session saves its ancestor at most this often, and whenever the sides agree. An
-/// older ancestor is safe (see `FileStore`); a save of a large tree costs tens of ms, which
-/// must not be paid on every edit.
-const ANCESTOR_SAVE_MS: u64 = 2_000;
 /// The local hash cache is saved at most this often, or after a scan that hashed at least
 /// `CACHE_SAVE_HASHED_MIN` files (a first scan): a stale cache only costs some rehashing.
 const CACHE_SAVE_MS: u64 = 60_000;
 const CACHE_SAVE_HASHED_MIN: usize = 1_000;
+/// The daemon's `Env::bulk_bytes_min`.
+pub const BULK_BYTES_MIN: u64 = 1 << 20;
+/// Bulk streams one session runs at once.
+const BULK_STREAMS_MAX: usize = 4;
 /// How long filesystem events are gathered before a cycle starts.
 const COALESCE_MS: u64 = 10;
 
@@ -100,7 +101,12 @@ pub fn session_dir(home: &CsHome, name: &str) -> PathBuf {
 /// Where a session keeps its ancestor.
 pub trait AncestorStore {
     fn load(&self) -> Snapshot;
-    fn save(&self, a: &Snapshot) -> Result<(), String>;
+    /// Replaces what is stored by `a`.
+    fn save_full(&self, a: &Snapshot) -> Result<(), String>;
+    /// Makes the ancestor's latest `records` durable (`full` is the ancestor after them),
+    /// before the session decides anything else. An ancestor older than the trees is not
+    /// safe: a side that changed a path back to an old version would look unchanged.
+    fn append(&self, records: &[cs_sync::Change], full: &Snapshot) -> Result<(), String>;
     /// The local root's hash cache as last saved (so a restart does not rehash the tree).
     fn load_cache(&self) -> HashCache {
         HashCache::new()
@@ -109,38 +115,107 @@ pub trait AncestorStore {
     fn save_cache(&self, _cache: &HashCache) {}
 }
 
-/// The ancestor in a file under the session's directory: a magic line, then the snapshot in
-/// the codec's encoding (compact: a 32-byte hash stays 32 bytes).
-///
-/// Saved after every cycle that moved something, through a temporary file and a rename, not
-/// synced to disk: an ancestor older than the trees loses nothing (paths that agree need
-/// nothing; at worst a path changed since looks like a conflict, or a file deleted since
-/// comes back), and a torn or unreadable one only costs a full reconciliation against an
-/// empty ancestor.
+/// The ancestor in files under the session's directory: a base (`ancestor`: a magic line,
+/// then a generation number and the snapshot in the codec's encoding) and a journal
+/// (`ancestor.journal`: each cycle's records with the generation of the base they follow,
+/// length-prefixed), replayed on load. Records of another generation (a journal left by a
+/// crash between writing a new base and removing the old journal) are skipped. A cycle appends a few records and
+/// syncs them (cheap, whatever the tree's size); the base is rewritten when the journal
+/// grows past `JOURNAL_BYTES_MAX`. A torn last record (a crash mid-append) is ignored: the
+/// cycle that wrote it did not finish. An unreadable base starts from an empty ancestor,
+/// which only costs a full reconciliation (nothing counts as deleted).
 #[derive(Debug)]
-pub struct FileStore(pub PathBuf);
+pub struct FileStore {
+    dir: PathBuf,
+    generation: std::cell::Cell<u64>,
+}
+
+impl FileStore {
+    pub fn new(dir: PathBuf) -> Self {
+        Self {
+            dir,
+            generation: std::cell::Cell::new(0),
+        }
+    }
+}
 
 const ANCESTOR_FILE: &str = "ancestor";
+const JOURNAL_FILE: &str = "ancestor.journal";
 const ANCESTOR_MAGIC: &[u8] = b"cs-ancestor/1\n";
 const CACHE_FILE: &str = "hash-cache";
+/// The journal is folded into the base past this size.
+const JOURNAL_BYTES_MAX: u64 = 4 << 20;
 
 impl AncestorStore for FileStore {
     fn load(&self) -> Snapshot {
-        cs_transport::state::load(&self.0.join(ANCESTOR_FILE), ANCESTOR_MAGIC)
-            .unwrap_or_else(|e| {
-                // With an empty ancestor nothing counts as deleted: content is never lost.
-                tracing::error!(error = %e, "unreadable ancestor; starting from scratch");
-                None
-            })
-            .unwrap_or_default()
+        let (generation, mut a): (u64, Snapshot) =
+            cs_transport::state::load(&self.dir.join(ANCESTOR_FILE), ANCESTOR_MAGIC)
+                .unwrap_or_else(|e| {
+                    tracing::error!(error = %e, "unreadable ancestor; starting from scratch");
+                    None
+                })
+                .unwrap_or_default();
+        self.generation.set(generation);
+        let journal = std::fs::read(self.dir.join(JOURNAL_FILE)).unwrap_or_default();
+        let mut rest = &journal[..];
+        while rest.len() >= 4 {
+            let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+            let Some(body) = rest.get(4..4 + len) else {
+                break;
+            };
+            match cs_protocol::codec::decode_state::<(u64, Vec<cs_sync::Change>)>(body) {
+                Ok((g, records)) if g == generation => cs_sync::replay_records(&mut a, &records),
+                Ok(_) => {}
+                Err(_) => break,
+            }
+            rest = &rest[4 + len..];
+        }
+        a
     }
 
-    fn save(&self, a: &Snapshot) -> Result<(), String> {
-        cs_transport::state::save(&self.0.join(ANCESTOR_FILE), ANCESTOR_MAGIC, a)
+    fn save_full(&self, a: &Snapshot) -> Result<(), String> {
+        let generation = self.generation.get() + 1;
+        let base = self.dir.join(ANCESTOR_FILE);
+        cs_transport::state::save(&base, ANCESTOR_MAGIC, &(generation, a))?;
+        sync_file(&base)?;
+        self.generation.set(generation);
+        match std::fs::remove_file(self.dir.join(JOURNAL_FILE)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(format!("cannot reset the ancestor journal: {e}"))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn append(&self, records: &[cs_sync::Change], full: &Snapshot) -> Result<(), String> {
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        if records.is_empty() {
+            return Ok(());
+        }
+        let path = self.dir.join(JOURNAL_FILE);
+        let grown = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        if grown > JOURNAL_BYTES_MAX || !self.dir.join(ANCESTOR_FILE).exists() {
+            return self.save_full(full);
+        }
+        let body = cs_protocol::codec::encode_state(&(self.generation.get(), records))
+            .map_err(|e| e.to_string())?;
+        let mut frame = (body.len() as u32).to_le_bytes().to_vec();
+        frame.extend(body);
+        let fail =
+            |e: std::io::Error| format!("cannot save the ancestor in {}: {e}", path.display());
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(fail)?;
+        f.write_all(&frame).map_err(fail)?;
+        f.sync_data().map_err(fail)
     }
 
     fn load_cache(&self) -> HashCache {
-        cs_transport::state::load(&self.0.join(CACHE_FILE), CACHE_MAGIC)
+        cs_transport::state::load(&self.dir.join(CACHE_FILE), CACHE_MAGIC)
             .unwrap_or_else(|e| {
                 tracing::info!(error = %e, "unreadable hash cache; files will be hashed again");
                 None
@@ -149,10 +224,17 @@ impl AncestorStore for FileStore {
     }
 
     fn save_cache(&self, cache: &HashCache) {
-        if let Err(e) = cs_transport::state::save(&self.0.join(CACHE_FILE), CACHE_MAGIC, cache) {
+        if let Err(e) = cs_transport::state::save(&self.dir.join(CACHE_FILE), CACHE_MAGIC, cache) {
             tracing::info!(error = %e, "cannot keep the hash cache");
         }
     }
+}
+
+/// Makes a file's content durable.
+fn sync_file(path: &std::path::Path) -> Result<(), String> {
+    std::fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| format!("cannot sync {}: {e}", path.display()))
 }
 
 /// Opens a stream to the session's workspace (the daemon's link, or the simulation's).
@@ -167,6 +249,9 @@ pub struct Env {
     pub watch: Option<Watch>,
     pub open: Opener,
     pub store: Rc<dyn AncestorStore>,
+    /// Files at least this large whose content moves whole go on a QUIC stream of their own
+    /// ([`BULK_BYTES_MIN`] for the daemon), so that small edits never wait behind them.
+    pub bulk_bytes_min: u64,
     /// Kept alive as long as the session (a real watcher).
     pub guard: Option<Box<dyn std::any::Any>>,
 }
@@ -178,6 +263,7 @@ pub async fn run(
     shared: Rc<Shared>,
     mut control: mpsc::Receiver<Control>,
 ) {
+    let (bulk_tx, bulk_rx) = mpsc::channel(BULK_STREAMS_MAX);
     let mut s = Session {
         ignorer: match spec.ignore.ignorer() {
             Ok(i) => i,
@@ -188,8 +274,6 @@ pub async fn run(
             }
         },
         ancestor: env.store.load(),
-        ancestor_dirty: false,
-        ancestor_saved: tokio::time::Instant::now(),
         // The first scan is full (events were missed while stopped), but only files whose
         // (size, mtime, inode, mode) changed since the saved cache are hashed.
         prev: Some(Arc::new(ScanOutput {
@@ -204,6 +288,16 @@ pub async fn run(
         paused: spec.paused,
         halted: false,
         created: false,
+        mover: Mover {
+            fs: env.fs.clone(),
+            shared: shared.clone(),
+            name: spec.name.clone(),
+        },
+        open: env.open.clone(),
+        bulk_bytes_min: env.bulk_bytes_min,
+        inflight: BTreeMap::new(),
+        bulk_tx,
+        bulk_rx,
         spec,
         shared,
     };
@@ -219,7 +313,7 @@ pub async fn run(
             continue;
         }
         s.shared.state("connecting");
-        let mut remote = match Remote::open(&s.spec, &env.open, !s.created).await {
+        let mut remote = match Remote::open(&s.spec, &env.open, !s.created, false).await {
             Ok(r) => {
                 failures = 0;
                 s.created = true;
@@ -247,11 +341,15 @@ pub async fn run(
             match s.cycle(&mut remote).await {
                 Ok(Outcome::Quiet) => {
                     s.shared.status.borrow_mut().last_error = None;
-                    s.shared.answer_flushes(Ok(()));
+                    // Agreement is not reached while a file is still on its way.
+                    if s.inflight.is_empty() {
+                        s.shared.answer_flushes(Ok(()));
+                    }
                 }
                 Ok(Outcome::Moved { failed: false }) => continue,
                 Ok(Outcome::Moved { failed: true }) => {}
                 Ok(Outcome::Halted(why)) => {
+                    s.abort_bulk();
                     s.halted = true;
                     s.shared.status.borrow_mut().halted = Some(why.clone());
                     s.shared.answer_flushes(Err(why));
@@ -270,6 +368,7 @@ pub async fn run(
                         s.spec.name
                     );
                     s.shared.error(&why);
+                    s.abort_bulk();
                     s.halted = true;
                     s.shared.status.borrow_mut().halted = Some(why.clone());
                     s.shared.answer_flushes(Err(why));
@@ -284,6 +383,10 @@ pub async fn run(
                     Some(c) => { s.control(c); s.paused || s.halted }
                 },
                 _ = remote.changed.notified() => false,
+                Some(d) = s.bulk_rx.recv() => {
+                    s.bulk_done(d);
+                    false
+                }
                 _ = local_changed(&s.watch) => false,
                 _ = tokio::time::sleep(Duration::from_millis(RESCAN_MS)) => {
                     s.full_due = true;
@@ -339,10 +442,6 @@ struct Session {
     shared: Rc<Shared>,
     ignorer: cs_sync::ignore::Ignorer,
     ancestor: Snapshot,
-    /// The ancestor changed since it was last saved (saves are spaced; see
-    /// `ANCESTOR_SAVE_MS`).
-    ancestor_dirty: bool,
-    ancestor_saved: tokio::time::Instant,
     /// The last local scan, the basis of the next incremental one.
     prev: Option<Arc<ScanOutput>>,
     /// When the hash cache was last saved (see `CACHE_SAVE_MS`).
@@ -353,6 +452,27 @@ struct Session {
     halted: bool,
     /// The workspace root was created (or found) by a first successful open.
     created: bool,
+    mover: Mover,
+    open: Opener,
+    /// Files at least this large whose content moves whole go on a stream of their own.
+    bulk_bytes_min: u64,
+    /// Bulk transfers under way, by path.
+    inflight: BTreeMap<RelPath, tokio::task::JoinHandle<()>>,
+    bulk_tx: mpsc::Sender<BulkDone>,
+    bulk_rx: mpsc::Receiver<BulkDone>,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.abort_bulk();
+    }
+}
+
+/// What a bulk stream reports: its op, for which side, and whether it was applied.
+struct BulkDone {
+    op: Op,
+    target: Side,
+    ok: bool,
 }
 
 impl Session {
@@ -361,11 +481,7 @@ impl Session {
             Control::Wake | Control::Terminate => {}
             Control::Pause => {
                 self.paused = true;
-                if self.ancestor_dirty {
-                    if let Err(e) = self.save_ancestor() {
-                        self.shared.error(&e);
-                    }
-                }
+                self.abort_bulk();
             }
             Control::Resume => {
                 self.paused = false;
@@ -373,8 +489,9 @@ impl Session {
                 self.shared.status.borrow_mut().halted = None;
             }
             Control::Reset => {
+                self.abort_bulk();
                 self.ancestor = Snapshot::default();
-                if let Err(e) = self.store.save(&self.ancestor) {
+                if let Err(e) = self.store.save_full(&self.ancestor) {
                     self.shared.error(&e);
                 }
                 self.halted = false;
@@ -437,9 +554,6 @@ impl Session {
         }
         *self.shared.conflicts.borrow_mut() = plan.conflicts.clone();
         if plan.is_empty() {
-            if self.ancestor_dirty {
-                self.save_ancestor().map_err(CycleError::Local)?;
-            }
             self.finish_cycle(alpha);
             return Ok(Outcome::Quiet);
         }
@@ -462,16 +576,17 @@ impl Session {
             });
         }
         let t3 = tokio::time::Instant::now();
-        let to_beta = self.send_to_beta(remote, &plan).await?;
-        let to_alpha = self.fetch_to_alpha(remote, &plan).await?;
+        let (to_beta, beta_moved, beta_failed) =
+            self.transfer(remote, &plan.to_beta, Side::Beta).await?;
+        let (to_alpha, alpha_moved, alpha_failed) =
+            self.transfer(remote, &plan.to_alpha, Side::Alpha).await?;
         let t4 = tokio::time::Instant::now();
-        let failed = to_beta.iter().chain(&to_alpha).any(|ok| !ok);
+        let failed = beta_failed || alpha_failed;
         let applied = Applied { to_alpha, to_beta };
-        cs_sync::update_ancestor(&mut self.ancestor, &plan, &applied);
-        self.ancestor_dirty = true;
-        if t0.duration_since(self.ancestor_saved) >= Duration::from_millis(ANCESTOR_SAVE_MS) {
-            self.save_ancestor().map_err(CycleError::Local)?;
-        }
+        let records = cs_sync::update_ancestor(&mut self.ancestor, &plan, &applied);
+        self.store
+            .append(&records, &self.ancestor)
+            .map_err(CycleError::Local)?;
         tracing::debug!(
             session = %self.spec.name,
             local_scan_us = (t1 - t0).as_micros() as u64,
@@ -484,7 +599,8 @@ impl Session {
             "cycle"
         );
         self.finish_cycle(alpha);
-        let moved = !plan.to_alpha.is_empty() || !plan.to_beta.is_empty();
+        // Ops waiting for a bulk stream do not count: its report wakes the session.
+        let moved = beta_moved || alpha_moved;
         Ok(if moved {
             Outcome::Moved { failed }
         } else {
@@ -492,12 +608,118 @@ impl Session {
         })
     }
 
-    /// Saves the ancestor if it changed since the last save.
-    fn save_ancestor(&mut self) -> Result<(), String> {
-        self.store.save(&self.ancestor)?;
-        self.ancestor_dirty = false;
-        self.ancestor_saved = tokio::time::Instant::now();
-        Ok(())
+    /// Moves the ops for `target`: an op on or above a path whose content is on its way on
+    /// a bulk stream waits; a file of at least `bulk_bytes_min` whose content moves whole goes
+    /// on a stream of its own (at most `BULK_STREAMS_MAX` at once), started after the other
+    /// ops so its directory exists; the rest go on the main stream, in order. Returns which
+    /// ops were applied now (a bulk op is recorded when its stream reports), whether any op
+    /// moved on the main stream, and whether any of those failed.
+    async fn transfer(
+        &mut self,
+        remote: &mut Remote,
+        ops: &[Op],
+        target: Side,
+    ) -> Result<(Vec<bool>, bool, bool), CycleError> {
+        let mut applied = vec![false; ops.len()];
+        let (mut main, mut bulk) = (Vec::new(), Vec::new());
+        for (i, op) in ops.iter().enumerate() {
+            let path = op.path();
+            let waits = self
+                .inflight
+                .range(path.clone()..)
+                .next()
+                .is_some_and(|(p, _)| p.starts_with(path));
+            if waits {
+                continue;
+            }
+            let large = matches!(op.result(), Some(cs_sync::Entry::File { size, .. }) if *size >= self.bulk_bytes_min);
+            if large && needs_content(op) && !wants_delta(op) {
+                if self.inflight.len() + bulk.len() < BULK_STREAMS_MAX {
+                    bulk.push(i);
+                }
+                continue;
+            }
+            main.push(i);
+        }
+        let main_ops: Vec<Op> = main.iter().map(|i| ops[*i].clone()).collect();
+        let done = match target {
+            Side::Beta => self.mover.send_to_beta(remote, &main_ops).await?,
+            Side::Alpha => self.mover.fetch_to_alpha(remote, &main_ops).await?,
+        };
+        let failed = done.iter().any(|ok| !ok);
+        for (i, ok) in main.iter().zip(done) {
+            applied[*i] = ok;
+        }
+        for i in bulk {
+            self.spawn_bulk(ops[i].clone(), target);
+        }
+        Ok((applied, !main.is_empty(), failed))
+    }
+
+    /// Moves one op's content on a stream of its own; its outcome comes back as a
+    /// [`BulkDone`].
+    fn spawn_bulk(&mut self, op: Op, target: Side) {
+        let (mover, open, spec, tx) = (
+            self.mover.clone(),
+            self.open.clone(),
+            self.spec.clone(),
+            self.bulk_tx.clone(),
+        );
+        let path = op.path().clone();
+        let task = tokio::task::spawn_local(async move {
+            let ops = [op];
+            let moved = async {
+                let mut r = Remote::open(&spec, &open, false, true)
+                    .await
+                    .map_err(CycleError::Stream)?;
+                match target {
+                    Side::Beta => mover.send_to_beta(&mut r, &ops).await,
+                    Side::Alpha => mover.fetch_to_alpha(&mut r, &ops).await,
+                }
+            }
+            .await;
+            let ok = match moved {
+                Ok(done) => done.first().copied().unwrap_or(false),
+                Err(CycleError::Stream(e) | CycleError::Local(e) | CycleError::Violation(e)) => {
+                    tracing::info!(session = %spec.name, path = %ops[0].path(), error = %e, "bulk transfer failed; the next cycle retries it");
+                    false
+                }
+            };
+            let [op] = ops;
+            let _ = tx.send(BulkDone { op, target, ok }).await;
+        });
+        self.inflight.insert(path, task);
+        self.shared.status.borrow_mut().bulk_in_flight = self.inflight.len();
+    }
+
+    /// Records what a bulk stream reported.
+    fn bulk_done(&mut self, d: BulkDone) {
+        self.inflight.remove(d.op.path());
+        let mut plan = Plan::default();
+        match d.target {
+            Side::Beta => plan.to_beta.push(d.op),
+            Side::Alpha => plan.to_alpha.push(d.op),
+        }
+        let applied = Applied {
+            to_alpha: vec![d.ok; plan.to_alpha.len()],
+            to_beta: vec![d.ok; plan.to_beta.len()],
+        };
+        let records = cs_sync::update_ancestor(&mut self.ancestor, &plan, &applied);
+        if let Err(e) = self.store.append(&records, &self.ancestor) {
+            self.shared.error(&e);
+        }
+        if d.ok {
+            self.shared.status.borrow_mut().files_bulk += 1;
+        }
+        self.shared.status.borrow_mut().bulk_in_flight = self.inflight.len();
+    }
+
+    /// Stops every bulk transfer (pause, reset, halt, terminate): their ops are re-planned.
+    fn abort_bulk(&mut self) {
+        for (_, t) in std::mem::take(&mut self.inflight) {
+            t.abort();
+        }
+        self.shared.status.borrow_mut().bulk_in_flight = 0;
     }
 
     fn finish_cycle(&self, alpha: &Snapshot) {
@@ -506,15 +728,22 @@ impl Session {
         st.cycles += 1;
         st.entries = alpha.len();
     }
+}
 
+/// What moves content between the sides: the session's main stream and its bulk streams
+/// share it.
+#[derive(Clone)]
+struct Mover {
+    fs: Arc<dyn RootFs>,
+    shared: Rc<Shared>,
+    name: String,
+}
+
+impl Mover {
     /// Sends beta's ops with their content. Returns which were applied.
-    async fn send_to_beta(
-        &mut self,
-        remote: &mut Remote,
-        plan: &Plan,
-    ) -> Result<Vec<bool>, CycleError> {
-        let mut applied = Vec::with_capacity(plan.to_beta.len());
-        for batch in plan.to_beta.chunks(OPS_PER_BATCH_MAX) {
+    async fn send_to_beta(&self, remote: &mut Remote, ops: &[Op]) -> Result<Vec<bool>, CycleError> {
+        let mut applied = Vec::with_capacity(ops.len());
+        for batch in ops.chunks(OPS_PER_BATCH_MAX) {
             // Changed large files move as deltas against what the workspace has.
             let want: Vec<usize> = (0..batch.len())
                 .filter(|i| wants_delta(&batch[*i]))
@@ -576,7 +805,7 @@ impl Session {
                 SyncReply::Applied { errors } if errors.len() == batch.len() => {
                     for (op, e) in batch.iter().zip(&errors) {
                         if let Some(e) = e {
-                            tracing::info!(session = %self.spec.name, path = %op.path(), error = %e, "not applied in the workspace");
+                            tracing::info!(session = %self.name, path = %op.path(), error = %e, "not applied in the workspace");
                             self.shared.status.borrow_mut().last_error = Some(e.clone());
                         }
                     }
@@ -590,12 +819,12 @@ impl Session {
 
     /// Fetches the content alpha's ops need and applies them, in order.
     async fn fetch_to_alpha(
-        &mut self,
+        &self,
         remote: &mut Remote,
-        plan: &Plan,
+        ops: &[Op],
     ) -> Result<Vec<bool>, CycleError> {
-        let mut applied = Vec::with_capacity(plan.to_alpha.len());
-        for batch in plan.to_alpha.chunks(OPS_PER_BATCH_MAX) {
+        let mut applied = Vec::with_capacity(ops.len());
+        for batch in ops.chunks(OPS_PER_BATCH_MAX) {
             // For a changed large file, send the signature of the laptop's copy: the
             // workspace answers with a delta against it.
             let mut files = Vec::new();
@@ -661,7 +890,7 @@ impl Session {
                         .and_then(|r| r)
                 };
                 if let Err(e) = &result {
-                    tracing::info!(session = %self.spec.name, path = %op.path(), error = %e, "not applied on the laptop");
+                    tracing::info!(session = %self.name, path = %op.path(), error = %e, "not applied on the laptop");
                     self.shared.status.borrow_mut().last_error = Some(e.clone());
                 }
                 applied.push(result.is_ok());
@@ -701,12 +930,20 @@ struct Remote {
 }
 
 impl Remote {
-    async fn open(spec: &SyncSpec, opener: &Opener, first: bool) -> Result<Self, String> {
+    /// Opens a stream for the session: its main one, or with `bulk` one that carries a
+    /// single large file (the agent gives it no watcher, cache or `Changed` pushes).
+    async fn open(
+        spec: &SyncSpec,
+        opener: &Opener,
+        first: bool,
+        bulk: bool,
+    ) -> Result<Self, String> {
         let open = StreamOpen::Sync(SyncOpen {
             session: spec.name.clone(),
             root: spec.remote.clone(),
             create: first,
             ignore: spec.ignore.clone(),
+            bulk,
         });
         let opened = opener(open).await?;
         let payload = &opened.first_frame[cs_protocol::codec::FRAME_HEADER_BYTES..];
@@ -958,5 +1195,58 @@ impl Remote {
                 return Ok(d);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cs_sync::{content_hash, Entry};
+
+    fn p(s: &str) -> RelPath {
+        RelPath::parse(s).unwrap()
+    }
+
+    fn file(n: u8) -> Entry {
+        Entry::File {
+            size: 1,
+            exec: false,
+            hash: content_hash(&[n]),
+        }
+    }
+
+    #[test]
+    fn the_ancestor_journal_replays_skips_torn_and_stale_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::new(dir.path().to_path_buf());
+        assert_eq!(store.load(), Snapshot::default());
+        let mut a = Snapshot::default();
+        let step = |a: &mut Snapshot, records: Vec<cs_sync::Change>| {
+            cs_sync::replay_records(a, &records);
+            store.append(&records, a).unwrap();
+        };
+        step(
+            &mut a,
+            vec![(p(""), Some(Entry::Dir)), (p("x"), Some(file(1)))],
+        );
+        step(&mut a, vec![(p("y"), Some(file(2)))]);
+        step(&mut a, vec![(p("x"), None)]);
+        let fresh = || FileStore::new(dir.path().to_path_buf()).load();
+        assert_eq!(fresh(), a);
+        assert!(a.get(&p("x")).is_none() && a.get(&p("y")).is_some());
+        // A crash mid-append leaves a torn record: it is ignored.
+        let journal = dir.path().join(JOURNAL_FILE);
+        let mut bytes = std::fs::read(&journal).unwrap();
+        let whole = bytes.clone();
+        bytes.extend([200, 0, 0, 0, 1, 2]);
+        std::fs::write(&journal, &bytes).unwrap();
+        assert_eq!(fresh(), a);
+        // A crash between a new base and the removal of the old journal: the old records
+        // (which would take `x` back) belong to the old generation and are skipped.
+        let store = FileStore::new(dir.path().to_path_buf());
+        store.load();
+        store.save_full(&a).unwrap();
+        std::fs::write(&journal, &whole).unwrap();
+        assert_eq!(fresh(), a);
     }
 }
