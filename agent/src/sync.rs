@@ -402,6 +402,13 @@ async fn apply<R: AsyncRead + Unpin>(
         };
         errors.push(result.err());
     }
+    // Durable before reported: the laptop records what it is told was applied.
+    let f = fs.clone();
+    if let Err(e) = off_thread(fs.blocking(), move || f.sync()).await? {
+        for err in errors.iter_mut().filter(|e| e.is_none()) {
+            *err = Some(e.clone());
+        }
+    }
     tx.send(SyncReply::Applied { errors })
         .await
         .map_err(|_| GONE.into())

@@ -2,6 +2,8 @@
 //! `cs-agent` binaries, and gives each test its own `$CS_HOME` that is torn down afterwards,
 //! stopping every agent and daemon the test started.
 
+pub mod benchkit;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;

@@ -11,9 +11,12 @@
 //!   rename or unlink; it is as short as we can make it (the check runs after staging).
 //! - **Never half-written.** New content goes to a temporary file in the same directory
 //!   (named with [`TEMP_PREFIX`], which scans skip), is checked against the expected size
-//!   and hash, fsynced, and then linked (create: fails if the name appeared meanwhile) or
-//!   renamed (replace) into place; the directory is fsynced after. A failure removes the
-//!   temporary file.
+//!   and hash, and then linked (create: fails if the name appeared meanwhile) or renamed
+//!   (replace) into place. A failure removes the temporary file. Nothing is fsynced per file
+//!   (two flushes per file made a first sync of the kernel tree disk-bound): a crashed
+//!   process cannot tear a file, and the shells make a whole batch durable at once
+//!   ([`sync_root`]) before they report it applied, so no ancestor ever records content
+//!   that a power loss could take back.
 //! - Permissions: only the executable bit syncs: files get [`FILE_MODE`] or [`EXEC_MODE`],
 //!   directories [`DIR_MODE`].
 
@@ -182,7 +185,6 @@ pub fn apply(root: &Path, op: &Op, content: Option<&mut dyn Read>) -> Result<(),
             }
         }
     }
-    sync_parent(&target);
     Ok(())
 }
 
@@ -396,15 +398,17 @@ fn write_checked(
     }
     file.set_permissions(file_permissions(exec))
         .map_err(io_err(temp))?;
-    file.sync_all().map_err(io_err(temp))?;
     Ok(())
 }
 
-/// Makes the rename or unlink durable. Best effort: the op itself already happened.
-fn sync_parent(target: &Path) {
-    if let Some(dir) = target.parent() {
-        if let Ok(d) = File::open(dir) {
-            let _ = d.sync_all();
-        }
+/// Makes everything written under `root` durable: one `syncfs(2)` of its filesystem, after
+/// a batch of ops and before they are reported applied.
+pub fn sync_root(root: &Path) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let dir = File::open(root)?;
+    // SAFETY: syncfs only reads the descriptor, which `dir` keeps open for the call.
+    if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
+        return Err(io::Error::last_os_error());
     }
+    Ok(())
 }

@@ -30,6 +30,11 @@ pub trait RootFs: Send + Sync {
     ) -> Result<ScanOutput, String>;
     /// Applies one op, re-checking what it replaces or deletes; file content from `content`.
     fn apply(&self, op: &Op, content: Option<&mut dyn Read>) -> Result<(), String>;
+    /// Makes the ops applied so far durable (the real root: one `syncfs`); called after a
+    /// batch, before it is reported applied.
+    fn sync(&self) -> Result<(), String> {
+        Ok(())
+    }
     /// Opens a file for reading, never through a symlink or out of the root.
     fn open(&self, path: &RelPath) -> Result<Box<dyn Read + Send>, String>;
     /// Reads a whole file of at most `max` bytes.
@@ -106,6 +111,11 @@ impl RootFs for OsRoot {
 
     fn apply(&self, op: &Op, content: Option<&mut dyn Read>) -> Result<(), String> {
         apply(&self.root, op, content).map_err(|e| e.to_string())
+    }
+
+    fn sync(&self) -> Result<(), String> {
+        crate::apply::sync_root(&self.root)
+            .map_err(|e| format!("cannot sync {}: {e}", self.root.display()))
     }
 
     fn open(&self, path: &RelPath) -> Result<Box<dyn Read + Send>, String> {

@@ -33,8 +33,10 @@ use super::SyncStatus;
 use crate::home::CsHome;
 use crate::link::Opened;
 
-/// The periodic full rescan, in case an event was missed.
-pub const RESCAN_MS: u64 = 30_000;
+/// The periodic full rescan, in case an event was missed (a lost event batch already forces
+/// one). Each costs a stat of every entry on both sides, so it is rare: an idle session
+/// should cost next to nothing.
+pub const RESCAN_MS: u64 = 300_000;
 /// Reconnect delays double from the first to the cap.
 const RETRY_DELAY_MS_MIN: u64 = 200;
 const RETRY_DELAY_MS_MAX: u64 = 10_000;
@@ -894,6 +896,17 @@ impl Mover {
                     self.shared.status.borrow_mut().last_error = Some(e.clone());
                 }
                 applied.push(result.is_ok());
+            }
+            // Durable before recorded: the ancestor must never hold what a power loss could
+            // take back.
+            let f = self.fs.clone();
+            if let Err(e) = off_thread(self.fs.blocking(), move || f.sync())
+                .await
+                .and_then(|r| r)
+            {
+                tracing::warn!(session = %self.name, error = %e, "applied files are not durable; they count as not applied");
+                let start = applied.len() - batch.len();
+                applied[start..].iter_mut().for_each(|ok| *ok = false);
             }
         }
         Ok(applied)

@@ -10,19 +10,16 @@
 //! private `$CS_HOME` in a temporary directory that is removed at the end; every child process
 //! runs under a time limit, so every loop is bounded.
 
-use std::ffi::OsStr;
-use std::fs::File;
 use std::io::Write as _;
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsFd as _;
-use std::os::unix::fs::DirBuilderExt as _;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Condvar, Mutex, OnceLock};
+use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context as _};
+use cs_tests::benchkit::{
+    cell_error, check_interrupted, cs_binaries, ensure_openssh, first_line,
+    install_signal_handlers, invocation, machine_line, ms, quantile, ratio, run_captured, size,
+    wait_bounded, CsHome, Sshd, SHORT,
+};
 
 const USAGE: &str = "usage: bench [--runs N] [--bytes N] [--bytes-runs N] [--quick]
   --runs N        latency samples per row (default 30)
@@ -32,9 +29,6 @@ const USAGE: &str = "usage: bench [--runs N] [--bytes N] [--bytes-runs N] [--qui
 
 /// The workspace every `cs ssh` goes to.
 const WS: &str = "bench/dev";
-/// Limit of one latency sample or setup command.
-const SHORT: Duration = Duration::from_secs(60);
-
 struct Opts {
     runs: usize,
     bytes_runs: usize,
@@ -72,158 +66,6 @@ fn opts() -> anyhow::Result<Option<Opts>> {
         }
     }
     Ok(Some(o))
-}
-
-// ---------------------------------------------------------------------------------------------
-// Interruption and time limits.
-
-/// Set by SIGINT, SIGTERM or SIGHUP: the run stops and cleans up instead of dying on the spot.
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    INTERRUPTED.store(true, Ordering::SeqCst);
-}
-
-fn install_signal_handlers() {
-    let handler = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
-    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-        unsafe {
-            libc::signal(sig, handler);
-        }
-    }
-}
-
-fn check_interrupted() -> anyhow::Result<()> {
-    if INTERRUPTED.load(Ordering::SeqCst) {
-        bail!("interrupted");
-    }
-    Ok(())
-}
-
-/// The child being waited for, and when it must be killed.
-struct Armed {
-    pid: libc::pid_t,
-    deadline: Instant,
-}
-
-/// A thread that kills the child being waited for when it overruns its limit or the run is
-/// interrupted. Waiting itself stays a plain blocking wait, so samples carry no polling delay.
-struct Watchdog {
-    armed: Mutex<Option<Armed>>,
-    wake: Condvar,
-}
-
-fn watchdog() -> &'static Watchdog {
-    static W: OnceLock<&'static Watchdog> = OnceLock::new();
-    W.get_or_init(|| {
-        let w: &'static Watchdog = Box::leak(Box::new(Watchdog {
-            armed: Mutex::new(None),
-            wake: Condvar::new(),
-        }));
-        std::thread::spawn(move || {
-            let mut armed = w.armed.lock().unwrap_or_else(|e| e.into_inner());
-            loop {
-                let mut nap = Duration::from_millis(100);
-                if let Some(a) = armed.as_ref() {
-                    let now = Instant::now();
-                    if now >= a.deadline || INTERRUPTED.load(Ordering::SeqCst) {
-                        // SAFETY: plain syscall. The pid cannot have been reused: the waiter
-                        // disarms under this lock before it reaps the child.
-                        unsafe {
-                            libc::kill(a.pid, libc::SIGKILL);
-                        }
-                        *armed = None;
-                        continue;
-                    }
-                    nap = nap.min(a.deadline - now);
-                }
-                armed = w
-                    .wake
-                    .wait_timeout(armed, nap)
-                    .unwrap_or_else(|e| e.into_inner())
-                    .0;
-            }
-        });
-        w
-    })
-}
-
-/// Waits for `child`, killing it if it runs longer than `limit` (from now) or the run is
-/// interrupted.
-fn wait_bounded(mut child: Child, limit: Duration, what: &str) -> anyhow::Result<ExitStatus> {
-    let w = watchdog();
-    let pid = child.id() as libc::pid_t;
-    let start = Instant::now();
-    *w.armed.lock().unwrap_or_else(|e| e.into_inner()) = Some(Armed {
-        pid,
-        deadline: start + limit,
-    });
-    w.wake.notify_one();
-    // Wait for the exit without reaping, so that the pid stays ours until disarmed.
-    loop {
-        // SAFETY: siginfo_t is plain data; waitid only writes into it.
-        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-        // SAFETY: plain syscall on our own child with a valid out-pointer.
-        let r = unsafe {
-            libc::waitid(
-                libc::P_PID,
-                pid as libc::id_t,
-                &mut info,
-                libc::WEXITED | libc::WNOWAIT,
-            )
-        };
-        if r == 0 {
-            break;
-        }
-        let e = std::io::Error::last_os_error();
-        if e.kind() != std::io::ErrorKind::Interrupted {
-            break; // child.wait() below reports the problem
-        }
-    }
-    *w.armed.lock().unwrap_or_else(|e| e.into_inner()) = None;
-    let st = child
-        .wait()
-        .with_context(|| format!("waiting for {what}"))?;
-    check_interrupted()?;
-    if !st.success() && start.elapsed() >= limit {
-        bail!("{what} did not finish within {limit:?} and was killed");
-    }
-    Ok(st)
-}
-
-/// Our stderr as a child's stdout: tool chatter must not end up in the table on stdout.
-fn to_stderr() -> Stdio {
-    std::io::stderr()
-        .as_fd()
-        .try_clone_to_owned()
-        .map(Stdio::from)
-        .unwrap_or_else(|_| Stdio::null())
-}
-
-/// Runs a setup command to completion with its output in files (a daemon it starts may keep
-/// a pipe open forever) and returns stdout and stderr; a failure carries both, verbatim.
-fn run_captured(
-    cmd: &mut Command,
-    scratch: &Path,
-    limit: Duration,
-    what: &str,
-) -> anyhow::Result<(String, String)> {
-    let out_path = scratch.join("out.txt");
-    let err_path = scratch.join("err.txt");
-    cmd.stdin(Stdio::null())
-        .stdout(File::create(&out_path)?)
-        .stderr(File::create(&err_path)?);
-    let child = cmd
-        .spawn()
-        .with_context(|| format!("cannot start {what}"))?;
-    let st = wait_bounded(child, limit, what)?;
-    let out = std::fs::read_to_string(&out_path).unwrap_or_default();
-    let err = std::fs::read_to_string(&err_path).unwrap_or_default();
-    if !st.success() {
-        bail!("`{what}` failed ({st}):\n{out}{err}");
-    }
-    Ok((out, err))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -278,371 +120,33 @@ fn time_pipe(mut cmd: Command, bytes: u64, what: &str) -> anyhow::Result<Duratio
 // ---------------------------------------------------------------------------------------------
 // cs.
 
-/// The built `cs` and `cs-agent` next to this executable (target/<profile>/), building them
-/// first when they are missing or when run by cargo (a no-op when they are up to date, and it
-/// keeps `cargo run --bin bench` from measuring a stale `cs`).
-fn cs_binaries() -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe().context("cannot locate this executable")?;
-    let dir = exe
-        .parent()
-        .context("executable without a directory")?
-        .to_path_buf();
-    let cs = dir.join("cs");
-    let present = cs.is_file() && dir.join("cs-agent").is_file();
-    let under_cargo = std::env::var_os("CARGO").is_some();
-    if present && !under_cargo {
-        return Ok(cs);
-    }
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
-    let mut cmd = Command::new(&cargo);
-    cmd.arg("build")
-        .arg("--manifest-path")
-        .arg(&manifest)
-        .args(["-p", "cs-cli", "-p", "cs-agent"]);
-    if dir.ends_with("release") {
-        cmd.arg("--release");
-    }
-    // `cargo run` hands the package's own variables to us; build scripts that track them
-    // (ring's does) would see a change and rebuild half the tree.
-    for (k, _) in std::env::vars_os() {
-        let k = k.to_string_lossy().into_owned();
-        let per_run = [
-            "CARGO_PKG_",
-            "CARGO_MANIFEST_",
-            "CARGO_BIN_",
-            "CARGO_CRATE_",
-            "CARGO_PRIMARY_PACKAGE",
-        ];
-        if per_run.iter().any(|p| k.starts_with(p)) || k == "CARGO" || k == "OUT_DIR" {
-            cmd.env_remove(&k);
-        }
-    }
-    eprintln!("bench: building cs and cs-agent: {}", show_cmd(&cmd));
-    cmd.stdin(Stdio::null()).stdout(to_stderr());
-    let built = cmd
-        .spawn()
-        .with_context(|| format!("cannot run {}", Path::new(&cargo).display()))
-        .and_then(|c| wait_bounded(c, Duration::from_secs(3600), "cargo build"));
-    match built {
-        Ok(st) if st.success() => {}
-        Ok(st) if present => {
-            eprintln!("bench: warning: cargo build failed ({st}); using the existing binaries")
-        }
-        Ok(st) => bail!("building cs and cs-agent failed: {st}"),
-        Err(e) => return Err(e),
-    }
-    ensure!(
-        present || (cs.is_file() && dir.join("cs-agent").is_file()),
-        "no cs or cs-agent in {} after building",
-        dir.display()
-    );
-    Ok(cs)
+fn cs_ssh(cs: &CsHome, remote: &str) -> Command {
+    cs.cmd(&["ssh", "-W", WS, "--", remote])
 }
 
-/// A private `$CS_HOME` with the local sandbox `bench`; deleted with it.
-struct Cs {
-    bin: PathBuf,
-    home: PathBuf,
-    scratch: PathBuf,
-    created: bool,
-}
-
-impl Cs {
-    fn cmd<S: AsRef<OsStr>>(&self, args: &[S]) -> Command {
-        let mut c = Command::new(&self.bin);
-        c.args(args).env("CS_HOME", &self.home).env_remove("CS_LOG");
-        c
+/// Creates the local sandbox `bench` and warms the daemon's connection to it.
+fn cs_setup(cs: &mut CsHome) -> anyhow::Result<()> {
+    let said = cs.create_local("bench")?;
+    eprint!("bench: cs sandbox create bench --local: {said}");
+    if !said.ends_with('\n') {
+        eprintln!();
     }
-
-    fn ssh(&self, remote: &str) -> Command {
-        self.cmd(&["ssh", "-W", WS, "--", remote])
-    }
-
-    fn setup(&mut self) -> anyhow::Result<()> {
-        let (out, err) = run_captured(
-            &mut self.cmd(&["sandbox", "create", "bench", "--local"]),
-            &self.scratch,
-            SHORT,
-            "cs sandbox create bench --local",
-        )?;
-        self.created = true;
-        eprint!("bench: cs sandbox create bench --local: {out}{err}");
-        if !out.ends_with('\n') && !err.ends_with('\n') {
-            eprintln!();
-        }
-        let start = Instant::now();
-        run_captured(
-            &mut self.ssh("true"),
-            &self.scratch,
-            SHORT,
-            "cs ssh -W bench/dev -- true",
-        )?;
-        eprintln!(
-            "bench: warmed the daemon's connection ({:.0} ms)",
-            start.elapsed().as_secs_f64() * 1e3
-        );
-        Ok(())
-    }
-}
-
-impl Drop for Cs {
-    fn drop(&mut self) {
-        let mut steps: Vec<&[&str]> = vec![&["daemon", "stop"]];
-        if self.created {
-            steps.insert(0, &["sandbox", "delete", "bench"]);
-        }
-        for args in steps {
-            let what = format!("cs {}", args.join(" "));
-            if let Err(e) = run_captured(
-                &mut self.cmd(args),
-                &self.scratch,
-                Duration::from_secs(30),
-                &what,
-            ) {
-                // Without a sandbox, cs never worked: its failure was reported already.
-                if self.created {
-                    eprintln!("bench: cleanup: {e:#}");
-                }
-            }
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// OpenSSH.
-
-fn is_root() -> bool {
-    // SAFETY: getuid has no preconditions.
-    unsafe { libc::getuid() == 0 }
-}
-
-fn on_path(name: &str) -> bool {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path).any(|d| d.join(name).is_file())
-}
-
-/// Installs OpenSSH with apt-get when `sshd` or the client is missing (root only).
-fn ensure_openssh() -> anyhow::Result<()> {
-    if Path::new("/usr/sbin/sshd").is_file() && on_path("ssh") && on_path("ssh-keygen") {
-        return Ok(());
-    }
-    if !is_root() || !on_path("apt-get") {
-        bail!(
-            "OpenSSH is missing (/usr/sbin/sshd, ssh, ssh-keygen): install it, e.g. \
-             `sudo apt-get install -y openssh-server openssh-client`"
-        );
-    }
-    for args in [
-        &["update"][..],
-        &["install", "-y", "openssh-server", "openssh-client"],
-    ] {
-        eprintln!(
-            "bench: OpenSSH is missing; running: apt-get {}",
-            args.join(" ")
-        );
-        let mut cmd = Command::new("apt-get");
-        cmd.args(args)
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .stdin(Stdio::null())
-            .stdout(to_stderr());
-        let st = wait_bounded(
-            cmd.spawn().context("cannot run apt-get")?,
-            Duration::from_secs(1800),
-            "apt-get",
-        )?;
-        ensure!(st.success(), "apt-get {} failed: {st}", args.join(" "));
-    }
-    ensure!(
-        Path::new("/usr/sbin/sshd").is_file() && on_path("ssh") && on_path("ssh-keygen"),
-        "apt-get installed OpenSSH, but /usr/sbin/sshd, or ssh or ssh-keygen on PATH, is missing"
+    let start = Instant::now();
+    run_captured(
+        &mut cs_ssh(cs, "true"),
+        &cs.scratch,
+        SHORT,
+        "cs ssh -W bench/dev -- true",
+    )?;
+    eprintln!(
+        "bench: warmed the daemon's connection ({:.0} ms)",
+        start.elapsed().as_secs_f64() * 1e3
     );
     Ok(())
 }
 
-/// A private `sshd -D` on 127.0.0.1 with key authentication, and an optional ControlMaster.
-struct Sshd {
-    child: Option<Child>,
-    port: u16,
-    dir: PathBuf,
-    key: PathBuf,
-    master: bool,
-}
-
-impl Sshd {
-    fn start(dir: &Path) -> anyhow::Result<Self> {
-        std::fs::create_dir_all(dir)?;
-        let host_key = dir.join("host_key");
-        let key = dir.join("user_key");
-        for k in [&host_key, &key] {
-            let mut cmd = Command::new("ssh-keygen");
-            cmd.args(["-q", "-t", "ed25519", "-N", "", "-f"]).arg(k);
-            run_captured(&mut cmd, dir, SHORT, "ssh-keygen")?;
-        }
-        std::fs::copy(dir.join("user_key.pub"), dir.join("authorized_keys"))?;
-        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let config = dir.join("sshd_config");
-        let root = is_root();
-        // Sessions get an empty HOME, as cs workspaces do: the shell that runs the command
-        // (bash sources ~/.bashrc under sshd) must not time the user's dotfiles.
-        let home = dir.join("home");
-        std::fs::create_dir_all(&home)?;
-        std::fs::write(
-            &config,
-            format!(
-                "Port {port}\nListenAddress 127.0.0.1\nHostKey \"{hk}\"\nPidFile \"{d}/sshd.pid\"\n\
-                 AuthorizedKeysFile \"{d}/authorized_keys\"\nPasswordAuthentication no\n\
-                 KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n{prl}LogLevel ERROR\n\
-                 PermitUserRC no\nSetEnv \"HOME={home}\"\nMaxStartups 100\nMaxSessions 100\n",
-                hk = host_key.display(),
-                d = dir.display(),
-                home = home.display(),
-                prl = if root { "PermitRootLogin yes\n" } else { "" },
-            ),
-        )?;
-        if root && !Path::new("/run/sshd").is_dir() {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o755)
-                .create("/run/sshd")
-                .context("cannot create /run/sshd")?;
-        }
-        let sshd = "/usr/sbin/sshd";
-        run_captured(
-            Command::new(sshd).arg("-t").arg("-f").arg(&config),
-            dir,
-            SHORT,
-            "sshd -t (config check)",
-        )?;
-        let log = dir.join("sshd.log");
-        let child = Command::new(sshd)
-            .arg("-D")
-            .arg("-f")
-            .arg(&config)
-            .arg("-E")
-            .arg(&log)
-            .stdin(Stdio::null())
-            .stdout(to_stderr())
-            .spawn()
-            .context("cannot start sshd")?;
-        let mut s = Self {
-            child: Some(child),
-            port,
-            dir: dir.to_path_buf(),
-            key,
-            master: false,
-        };
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let start = Instant::now();
-        loop {
-            check_interrupted()?;
-            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-                break;
-            }
-            let exited = s.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
-            if exited.is_some() || start.elapsed() > Duration::from_secs(10) {
-                let text = std::fs::read_to_string(&log).unwrap_or_default();
-                bail!(
-                    "sshd did not listen on 127.0.0.1:{port} ({exited:?}); {}:\n{text}",
-                    log.display()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(s)
-    }
-
-    fn control_path(&self) -> String {
-        format!("ControlPath={}/cm", self.dir.display())
-    }
-
-    /// `ssh` to this server; `mux` goes through the ControlMaster.
-    fn ssh(&self, mux: bool, extra: &[&str], remote: Option<&str>) -> Command {
-        let mut c = Command::new("ssh");
-        c.args([
-            "-F",
-            "/dev/null",
-            "-o",
-            "StrictHostKeyChecking=no",
-            "-o",
-            "UserKnownHostsFile=/dev/null",
-        ])
-        .args([
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "LogLevel=ERROR",
-            "-o",
-            "IdentitiesOnly=yes",
-            "-i",
-        ])
-        .arg(&self.key)
-        .args(["-p", &self.port.to_string()])
-        .env_remove("SSH_AUTH_SOCK");
-        if mux {
-            c.args(["-o", &self.control_path()]);
-        }
-        c.args(extra).arg("127.0.0.1").args(remote);
-        c
-    }
-
-    /// Makes sure a ControlMaster is up: a mux client whose master is gone would silently
-    /// open a new connection and spoil the row.
-    fn ensure_master(&mut self) -> anyhow::Result<()> {
-        if self.master
-            && run_captured(
-                &mut self.ssh(true, &["-O", "check"], None),
-                &self.dir,
-                SHORT,
-                "ssh -O check",
-            )
-            .is_ok()
-        {
-            return Ok(());
-        }
-        if self.master {
-            eprintln!("bench: the ssh ControlMaster went away; starting a new one");
-        }
-        let args = ["-o", "ControlMaster=yes", "-o", "ControlPersist=60", "-fN"];
-        let what = "ssh -o ControlMaster=yes -o ControlPersist=60 -fN";
-        run_captured(&mut self.ssh(true, &args, None), &self.dir, SHORT, what)?;
-        self.master = true;
-        run_captured(
-            &mut self.ssh(true, &["-O", "check"], None),
-            &self.dir,
-            SHORT,
-            "ssh -O check",
-        )?;
-        Ok(())
-    }
-}
-
-impl Drop for Sshd {
-    fn drop(&mut self) {
-        if self.master {
-            let _ = run_captured(
-                &mut self.ssh(true, &["-O", "exit"], None),
-                &self.dir,
-                Duration::from_secs(10),
-                "ssh -O exit",
-            );
-        }
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Figures.
-
-/// The value at quantile `q` of sorted samples, interpolating between neighbours.
-fn quantile(sorted: &[f64], q: f64) -> f64 {
-    let pos = (sorted.len() - 1) as f64 * q;
-    let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
-    sorted[lo] + (sorted[hi] - sorted[lo]) * (pos - lo as f64)
-}
 
 #[derive(Clone, Copy, PartialEq)]
 enum Kind {
@@ -696,24 +200,8 @@ impl Row {
     }
 }
 
-fn ms(v: f64) -> String {
-    if v < 10.0 {
-        format!("{v:.2} ms")
-    } else {
-        format!("{v:.1} ms")
-    }
-}
-
 fn mbs(v: f64) -> String {
     format!("{v:.0} MB/s")
-}
-
-fn size(bytes: u64) -> String {
-    match bytes {
-        b if b >= 1 << 30 && b % (1 << 30) == 0 => format!("{} GiB", b >> 30),
-        b if b >= 1 << 20 && b % (1 << 20) == 0 => format!("{} MiB", b >> 20),
-        b => format!("{b} bytes"),
-    }
 }
 
 /// Prints rows as Markdown table lines; `latency` words the ratio as slower/faster, else as a
@@ -726,15 +214,7 @@ fn print_rows(rows: &[Row], fmt: fn(f64) -> String, latency: bool) {
         .map(|s| s.0);
     for r in rows {
         let Some((med, p10, p90)) = r.stats() else {
-            let why = r.error.as_deref().unwrap_or("no samples");
-            let mut why = why
-                .split_whitespace()
-                .collect::<Vec<_>>()
-                .join(" ")
-                .replace('|', "\\|");
-            if why.len() > 300 {
-                why = format!("{}...", why.chars().take(300).collect::<String>());
-            }
+            let why = cell_error(r.error.as_deref().unwrap_or("no samples"));
             println!("| {} | failed: {why} | | | |", r.name);
             continue;
         };
@@ -755,90 +235,17 @@ fn print_rows(rows: &[Row], fmt: fn(f64) -> String, latency: bool) {
     }
 }
 
-/// A ratio of at least 1, with two decimals while they matter.
-fn ratio(r: f64) -> String {
-    if r < 3.0 {
-        format!("{r:.2}")
-    } else {
-        format!("{r:.1}")
-    }
-}
-
-fn show_cmd(cmd: &Command) -> String {
-    let mut s = cmd.get_program().to_string_lossy().into_owned();
-    for a in cmd.get_args() {
-        s.push(' ');
-        s.push_str(&shell_quote(&a.to_string_lossy()));
-    }
-    s
-}
-
-fn shell_quote(a: &str) -> String {
-    if !a.is_empty()
-        && a.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_./=:,@%+".contains(c))
-    {
-        a.to_string()
-    } else {
-        format!("'{}'", a.replace('\'', r"'\''"))
-    }
-}
-
-fn first_line(cmd: &mut Command, stderr: bool) -> String {
-    match cmd.stdin(Stdio::null()).output() {
-        Ok(o) => String::from_utf8_lossy(if stderr { &o.stderr } else { &o.stdout })
-            .lines()
-            .next()
-            .unwrap_or("")
-            .trim()
-            .to_string(),
-        Err(_) => "?".to_string(),
-    }
-}
-
-fn cpu_model() -> String {
-    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    info.lines()
-        .find(|l| l.starts_with("model name"))
-        .and_then(|l| l.split(':').nth(1))
-        .map(|m| m.trim().to_string())
-        .unwrap_or_else(|| "unknown CPU".to_string())
-}
-
 // ---------------------------------------------------------------------------------------------
 
 /// Everything the run set up, torn down in field order: sshd, then cs, then the directory.
 struct Bench {
     sshd: Option<Sshd>,
-    cs: Option<Cs>,
+    cs: Option<CsHome>,
     tmp: tempfile::TempDir,
 }
 
-impl Drop for Bench {
-    fn drop(&mut self) {
-        // Runs before the fields are torn down: cleanup commands must not be cut short by the
-        // interruption that ended the run (a second Ctrl-C does cut them short).
-        INTERRUPTED.store(false, Ordering::SeqCst);
-    }
-}
-
 fn run(o: &Opts) -> anyhow::Result<bool> {
-    let argv: Vec<String> = std::env::args().skip(1).map(|a| shell_quote(&a)).collect();
-    let release =
-        std::env::current_exe().is_ok_and(|e| e.parent().is_some_and(|d| d.ends_with("release")));
-    let command = if std::env::var_os("CARGO").is_some() {
-        format!(
-            "cargo run{} -p cs-tests --bin bench{}{}",
-            if release { " --release" } else { "" },
-            if argv.is_empty() { "" } else { " -- " },
-            argv.join(" ")
-        )
-    } else {
-        std::iter::once(std::env::args().next().unwrap_or_default())
-            .chain(argv)
-            .collect::<Vec<_>>()
-            .join(" ")
-    };
+    let command = invocation();
 
     ensure_openssh()?;
     let cs_bin = cs_binaries()?;
@@ -854,15 +261,8 @@ fn run(o: &Opts) -> anyhow::Result<bool> {
     };
 
     // cs first: if it does not work, the OpenSSH rows are still measured and the error shown.
-    let scratch = b.tmp.path().join("scratch");
-    std::fs::create_dir_all(&scratch)?;
-    let mut cs = Cs {
-        bin: cs_bin,
-        home: b.tmp.path().join("cs-home"),
-        scratch,
-        created: false,
-    };
-    let cs_error = cs.setup().err();
+    let mut cs = CsHome::new(cs_bin, b.tmp.path())?;
+    let cs_error = cs_setup(&mut cs).err();
     b.cs = Some(cs);
     if let Some(e) = &cs_error {
         check_interrupted()?;
@@ -934,7 +334,7 @@ fn run(o: &Opts) -> anyhow::Result<bool> {
             }
             r.sample(|| {
                 let cmd = match kind {
-                    Kind::Cs => cs.ssh("true"),
+                    Kind::Cs => cs_ssh(cs, "true"),
                     Kind::Fresh => sshd.ssh(false, &[], Some("true")),
                     Kind::Master => sshd.ssh(true, &[], Some("true")),
                 };
@@ -959,7 +359,7 @@ fn run(o: &Opts) -> anyhow::Result<bool> {
             }
             r.sample(|| {
                 let cmd = match kind {
-                    Kind::Cs => cs.ssh(cat),
+                    Kind::Cs => cs_ssh(cs, cat),
                     Kind::Fresh => sshd.ssh(false, &[], Some(cat)),
                     Kind::Master => sshd.ssh(true, &[], Some(cat)),
                 };
@@ -969,19 +369,11 @@ fn run(o: &Opts) -> anyhow::Result<bool> {
         eprintln!("bench:   {}/{}", i + 1, o.bytes_runs);
     }
 
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(0);
-    let kernel = first_line(Command::new("uname").arg("-sr"), false);
     let ssh_v = first_line(Command::new("ssh").arg("-V"), true);
     println!();
     println!("# cs ssh vs OpenSSH on 127.0.0.1");
     println!();
-    println!(
-        "{cores} cores ({}), {kernel}, {ssh_v}, as {}.",
-        cpu_model(),
-        if is_root() { "root" } else { "a regular user" }
-    );
+    println!("{}", machine_line(&[ssh_v]));
     println!(
         "Command: `{command}`. Latency: N={} per row; throughput: {} of zeros, N={} per row \
          (MB = 10^6 bytes); rows interleaved.",
