@@ -251,6 +251,9 @@ async fn serve_client(
             write_frame(&mut stream, &reply).await?;
         }
         Request::Forget { sandbox } => {
+            // Sessions first: each holds its own link, which would reconnect.
+            sync.send(crate::sync::hub::ForgetSandbox(sandbox.clone()))
+                .await?;
             hub.send(Forget(sandbox)).await?;
             write_frame(&mut stream, &Reply::Done).await?;
         }

@@ -116,8 +116,16 @@ pub fn ensure_local_agent(ws: &WsRef, addr: &SocketAddr, local: &LocalAgent) -> 
     if read_pid(&local.pid_file()).is_some_and(pid_alive) {
         return Ok(());
     }
+    if deleting_marker(local).exists() {
+        anyhow::bail!("sandbox {} is being deleted", ws.sandbox);
+    }
     tracing::info!(workspace = %ws, %addr, "local agent is not running; starting it");
     start_local_agent(ws, *addr, local).map(|_| ())
+}
+
+/// Present while `cs sandbox delete` removes a local workspace: nothing may restart its agent.
+fn deleting_marker(local: &LocalAgent) -> PathBuf {
+    local.root.join("deleting")
 }
 
 fn stop_local_agent(local: &LocalAgent) {
@@ -466,6 +474,11 @@ pub async fn delete(home: &CsHome, name: &str) -> anyhow::Result<()> {
     let Some(sb) = reg.sandboxes.get(name).cloned() else {
         bail!("unknown sandbox '{name}'");
     };
+    for w in sb.workspaces.values() {
+        if let Some(l) = &w.local {
+            let _ = std::fs::write(deleting_marker(l), b"");
+        }
+    }
     if let Some(mut s) = crate::client::connect_existing(home).await {
         let _ = cs_transport::write_frame(
             &mut s,

@@ -439,3 +439,28 @@ fn a_small_edit_is_not_stuck_behind_a_large_file() {
     assert!(std::fs::read(s.beta.join("huge.bin")).unwrap() == big);
     assert_eq!(s.list()["files_bulk"], 1);
 }
+
+#[test]
+fn deleting_a_sandbox_terminates_its_sessions_and_leaves_no_agent() {
+    let s = Synced::new(|a| std::fs::write(a.join("a"), "1").unwrap(), &[]);
+    let pid = s.l.agent_pid("demo", "dev");
+    // A session holds its own link; before the fix it reconnected and restarted the agent
+    // while its directory was being removed ("Directory not empty").
+    s.l.ok(&["sandbox", "delete", "demo"]);
+    assert_eq!(s.l.ok(&["sync", "list", "--json"]).trim(), "[]");
+    // SAFETY: kill(pid, 0) only checks for existence.
+    let gone = wait_until(
+        Duration::from_secs(5),
+        || unsafe { libc::kill(pid, 0) } != 0,
+    );
+    assert!(gone, "agent {pid} outlived its sandbox");
+    assert!(s.alpha.join("a").exists(), "the laptop's files stay");
+    let left: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains("cs-agent") && c.contains(&*s.l.dir.path().to_string_lossy()))
+        .collect();
+    assert!(left.is_empty(), "agents left running: {left:?}");
+}

@@ -156,6 +156,40 @@ impl Actor for SyncHub {
     }
 }
 
+/// The sandbox is being deleted: terminate its sessions (their laptop files stay), so that
+/// nothing reconnects to (and restarts) its agents. Returns the sessions' names.
+#[derive(Message)]
+#[rtype(result = "Vec<String>")]
+pub struct ForgetSandbox(pub String);
+
+impl Handler<ForgetSandbox> for SyncHub {
+    type Result = Vec<String>;
+
+    fn handle(
+        &mut self,
+        ForgetSandbox(sandbox): ForgetSandbox,
+        _: &mut Context<Self>,
+    ) -> Vec<String> {
+        let prefix = format!("{sandbox}/");
+        let names: Vec<String> = self
+            .sessions
+            .iter()
+            .filter(|(_, r)| r.spec.workspace.starts_with(&prefix))
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in &names {
+            let _ = self.send(name, Control::Terminate);
+            self.sessions.remove(name);
+            let _ = std::fs::remove_dir_all(session::session_dir(&self.home, name));
+            tracing::info!(session = %name, %sandbox, "sync session terminated: its sandbox is deleted");
+        }
+        if let Err(e) = self.save_specs() {
+            tracing::error!(error = %e, "cannot save the sync sessions");
+        }
+        names
+    }
+}
+
 /// A `cs sync` command.
 #[derive(Message)]
 #[rtype(result = "Result<SyncAnswer, String>")]
