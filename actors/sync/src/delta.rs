@@ -7,13 +7,17 @@
 //! [`patch`]es the basis, bounded by a maximum output size, and checks the result's blake3
 //! hash, which the [`Delta`] carries.
 //!
-//! - Block size ([`block_bytes_for`]): rsync's rule. [`BLOCK_BYTES_MIN`] (700 B) up to a
-//!   490,000 B basis; above that `sqrt(len)` rounded down to a multiple of 8, capped at
-//!   [`BLOCK_BYTES_MAX`] (128 KiB, reached at 16 GiB). So a signature has about
-//!   `sqrt(len)` blocks and a changed byte costs one block of literal.
-//! - Weak checksum: rsync's Adler-32 variant, two 16-bit sums packed in a `u32`.
-//! - Strong hash: blake3 truncated to [`STRONG_BYTES`] (16) bytes. A false match needs a
-//!   128-bit collision; and the whole-file hash catches any wrong result anyway.
+//! - Block size ([`block_bytes_for`]): twice rsync's. [`BLOCK_BYTES_MIN`] (700 B) up to a
+//!   122,500 B basis; above that `2·sqrt(len)` rounded down to a multiple of 8, capped at
+//!   [`BLOCK_BYTES_MAX`] (128 KiB, reached at 4 GiB). So a signature has about
+//!   `sqrt(len)/2` blocks and a changed byte costs one block of literal: for the usual small
+//!   edit of a large file, half rsync's signature outweighs the larger literal (a 1 KiB edit
+//!   of 100 MiB: 5,120 blocks of 12 bytes, one or two 20 KiB blocks of literal).
+//! - Weak checksum: rsync's Adler-32 variant, two 16-bit sums packed in a `u32`, sent as 4
+//!   fixed bytes.
+//! - Strong hash: blake3 truncated to [`STRONG_BYTES`] (8) bytes, as rsync truncates its
+//!   own. A false match needs a 32-bit weak match and a 64-bit strong collision; the
+//!   whole-file hash catches any wrong result, and the shells then move that file whole.
 //!
 //! Everything is a value in memory; the shells feed files in and out.
 
@@ -25,10 +29,10 @@ use crate::tree::{content_hash, ContentHash};
 pub const BLOCK_BYTES_MIN: u32 = 700;
 /// Largest block, in bytes (rsync's `MAX_BLOCK_SIZE`).
 pub const BLOCK_BYTES_MAX: u32 = 128 * 1024;
-/// Up to this basis size, blocks are [`BLOCK_BYTES_MIN`] (where `sqrt` reaches it).
-pub const SMALL_BASIS_BYTES_MAX: u64 = 490_000;
+/// Up to this basis size, blocks are [`BLOCK_BYTES_MIN`] (where `2·sqrt` reaches it).
+pub const SMALL_BASIS_BYTES_MAX: u64 = 122_500;
 /// Bytes of blake3 kept per block.
-pub const STRONG_BYTES: usize = 16;
+pub const STRONG_BYTES: usize = 8;
 /// Largest literal op, in bytes, so each op fits a frame on its own.
 pub const LITERAL_BYTES_MAX: usize = 64 * 1024;
 /// At most this many weak-checksum candidates are compared per target offset, so a basis
@@ -43,15 +47,30 @@ pub fn block_bytes_for(basis_bytes: u64) -> u32 {
     if basis_bytes <= SMALL_BASIS_BYTES_MAX {
         return BLOCK_BYTES_MIN;
     }
-    let root = basis_bytes.isqrt() & !7;
+    let root = (basis_bytes.isqrt() * 2) & !7;
     root.clamp(u64::from(BLOCK_BYTES_MIN), u64::from(BLOCK_BYTES_MAX)) as u32
 }
 
 /// Checksums of one basis block.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BlockSum {
+    #[serde(with = "fixed_u32")]
     pub weak: u32,
     pub strong: [u8; STRONG_BYTES],
+}
+
+/// A `u32` as 4 fixed bytes: a rolling checksum is uniformly spread, so the codec's
+/// variable-length integers would spend 5 bytes on most.
+mod fixed_u32 {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &u32, s: S) -> Result<S::Ok, S::Error> {
+        v.to_le_bytes().serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+        <[u8; 4]>::deserialize(d).map(u32::from_le_bytes)
+    }
 }
 
 /// Why a received signature was refused.
@@ -179,6 +198,13 @@ pub enum PatchError {
     /// The result does not hash to the announced hash.
     #[error("result hash {got} does not match the announced {want}")]
     HashMismatch { got: String, want: String },
+}
+
+/// Whether an apply error (as text: errors cross the wire as messages) says that a patched
+/// result did not hash to what the delta announced: a false block match, or a basis that
+/// changed under the delta. Other failures (a file that changed since the scan) are not.
+pub fn is_wrong_result(error: &str) -> bool {
+    error.contains("does not match the announced")
 }
 
 /// Rolling weak checksum over a window (rsync's `get_checksum1` with `CHAR_OFFSET` 0).
@@ -481,14 +507,30 @@ mod tests {
     }
 
     #[test]
+    fn only_a_wrong_result_counts_as_one() {
+        let wrong = PatchError::HashMismatch {
+            got: "a".into(),
+            want: "b".into(),
+        };
+        assert!(is_wrong_result(&format!("big.bin: {wrong}")));
+        let short = PatchError::Short {
+            got_bytes: 1,
+            target_bytes: 2,
+        };
+        assert!(!is_wrong_result(&short.to_string()));
+        assert!(!is_wrong_result("big.bin changed since the scan"));
+    }
+
+    #[test]
     fn block_size_rule() {
         let cases = [
             (0, 700),
-            (490_000, 700),
-            (490_001, 700),
-            (1_000_000, 1000),
-            (10 * 1024 * 1024, 3232),
-            (1 << 34, 128 * 1024),
+            (122_500, 700),
+            (122_501, 700),
+            (1_000_000, 2000),
+            (10 * 1024 * 1024, 6472),
+            (100 << 20, 20480),
+            (1 << 32, 128 * 1024),
             (u64::MAX, 128 * 1024),
         ];
         for (len, want) in cases {

@@ -294,6 +294,7 @@ pub async fn run(
             fs: env.fs.clone(),
             shared: shared.clone(),
             name: spec.name.clone(),
+            whole: Rc::default(),
         },
         open: env.open.clone(),
         bulk_bytes_min: env.bulk_bytes_min,
@@ -635,7 +636,7 @@ impl Session {
                 continue;
             }
             let large = matches!(op.result(), Some(cs_sync::Entry::File { size, .. }) if *size >= self.bulk_bytes_min);
-            if large && needs_content(op) && !wants_delta(op) {
+            if large && needs_content(op) && !self.mover.delta_for(op) {
                 if self.inflight.len() + bulk.len() < BULK_STREAMS_MAX {
                     bulk.push(i);
                 }
@@ -739,16 +740,44 @@ struct Mover {
     fs: Arc<dyn RootFs>,
     shared: Rc<Shared>,
     name: String,
+    /// Paths whose last delta was refused (a wrong result, which the whole-file hash
+    /// caught): their next transfer moves the whole file, so a rare false block match
+    /// cannot fail forever.
+    whole: Rc<RefCell<std::collections::BTreeSet<RelPath>>>,
 }
 
+/// Paths remembered in `Mover::whole`, at most.
+const WHOLE_NEXT_MAX: usize = 4096;
+
 impl Mover {
+    fn delta_for(&self, op: &Op) -> bool {
+        wants_delta(op) && !self.whole.borrow().contains(op.path())
+    }
+
+    /// Records how a delta for `path` went: only a wrong result moves it whole next time.
+    fn delta_outcome(&self, path: &RelPath, r: Result<(), &str>) {
+        let mut w = self.whole.borrow_mut();
+        match r {
+            Ok(()) => {
+                w.remove(path);
+            }
+            Err(e) if !cs_sync::delta::is_wrong_result(e) => {}
+            Err(_) => {
+                if w.len() >= WHOLE_NEXT_MAX {
+                    w.clear();
+                }
+                w.insert(path.clone());
+            }
+        }
+    }
+
     /// Sends beta's ops with their content. Returns which were applied.
     async fn send_to_beta(&self, remote: &mut Remote, ops: &[Op]) -> Result<Vec<bool>, CycleError> {
         let mut applied = Vec::with_capacity(ops.len());
         for batch in ops.chunks(OPS_PER_BATCH_MAX) {
             // Changed large files move as deltas against what the workspace has.
             let want: Vec<usize> = (0..batch.len())
-                .filter(|i| wants_delta(&batch[*i]))
+                .filter(|i| self.delta_for(&batch[*i]))
                 .collect();
             let mut sigs: BTreeMap<usize, Signature> = BTreeMap::new();
             if !want.is_empty() {
@@ -765,6 +794,7 @@ impl Mover {
                     other => return Err(unexpected(&other)),
                 }
             }
+            let delta_sent: Vec<usize> = sigs.keys().copied().collect();
             remote
                 .send(&SyncRequest::Apply {
                     ops: batch.to_vec(),
@@ -805,6 +835,12 @@ impl Mover {
             }
             match remote.reply().await? {
                 SyncReply::Applied { errors } if errors.len() == batch.len() => {
+                    for i in &delta_sent {
+                        self.delta_outcome(
+                            batch[*i].path(),
+                            errors[*i].as_deref().map_or(Ok(()), Err),
+                        );
+                    }
                     for (op, e) in batch.iter().zip(&errors) {
                         if let Some(e) = e {
                             tracing::info!(session = %self.name, path = %op.path(), error = %e, "not applied in the workspace");
@@ -831,7 +867,7 @@ impl Mover {
             // workspace answers with a delta against it.
             let mut files = Vec::new();
             for op in batch.iter().filter(|op| needs_content(op)) {
-                let sig = if wants_delta(op) {
+                let sig = if self.delta_for(op) {
                     let (f, p) = (self.fs.clone(), op.path().clone());
                     off_thread(self.fs.blocking(), move || {
                         f.read(&p, DELTA_FILE_BYTES_MAX)
@@ -861,6 +897,10 @@ impl Mover {
                                 })
                                 .await
                                 .and_then(|r| r);
+                                self.delta_outcome(
+                                    op.path(),
+                                    r.as_ref().map(|_| ()).map_err(String::as_str),
+                                );
                                 if r.is_ok() {
                                     let mut st = self.shared.status.borrow_mut();
                                     st.files_to_alpha += 1;
