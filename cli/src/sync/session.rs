@@ -349,7 +349,15 @@ pub async fn run(
                         s.shared.answer_flushes(Ok(()));
                     }
                 }
-                Ok(Outcome::Moved { failed: false }) => continue,
+                // Confirm at once only when someone waits for agreement (or nothing watches
+                // this side): otherwise the events of what was just applied wake the next
+                // cycle anyway, and an edit arriving meanwhile need not wait for an extra one.
+                Ok(Outcome::Moved { failed: false })
+                    if s.watch.is_none() || !s.shared.flush_waiters.borrow().is_empty() =>
+                {
+                    continue
+                }
+                Ok(Outcome::Moved { failed: false }) => {}
                 Ok(Outcome::Moved { failed: true }) => {}
                 Ok(Outcome::Halted(why)) => {
                     s.abort_bulk();
