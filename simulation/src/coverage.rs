@@ -32,6 +32,7 @@ pub const SYNC_MARKERS: &[&str] = &[
     "fault: laptop crashed",
     "fault: laptop slept",
     "fault: disk error",
+    "fault: applied writes lost in a crash",
     "sync: conflict reported",
     "sync: files sent to the workspace",
     "sync: files fetched from the workspace",

@@ -35,8 +35,9 @@ pub fn parse_canary(name: &str) -> Result<cs_protocol::Canary, String> {
         "hangup-skipped" => Ok(cs_protocol::Canary::HangupSkipped),
         "delete-wins" => Ok(cs_protocol::Canary::DeleteWins),
         "bad-tree" => Ok(cs_protocol::Canary::BadTree),
+        "unsynced-apply" => Ok(cs_protocol::Canary::UnsyncedApply),
         other => Err(format!(
-            "unknown canary '{other}': expected reconnect-skipped, stream-end-trusted, hangup-skipped, delete-wins or bad-tree"
+            "unknown canary '{other}': expected reconnect-skipped, stream-end-trusted, hangup-skipped, delete-wins, bad-tree or unsynced-apply"
         )),
     }
 }

@@ -1,8 +1,11 @@
 //! A sync root in memory, for the simulation: a [`Snapshot`] plus the content of its files,
 //! implementing cs-sync's `RootFs` with the same re-checks as the real root (through the
 //! core's `apply_to_snapshot`) and feeding its `Watch` on every change, as inotify would.
-//! It lives outside the nodes, so it survives their crashes: it is the node's disk. Writes are
-//! durable at once (the real `apply` fsyncs before it renames).
+//! It lives outside the nodes, so it survives their crashes: it is the node's disk. What sync
+//! applies is pending until the applying side calls `sync` (the real root: one `syncfs`
+//! per batch, before the batch is reported applied); a crash of the node
+//! ([`MemRoot::crash`]) loses pending applies, newest first. Users' own writes are durable,
+//! and a user write to a path drops the pending apply there (it is superseded).
 //!
 //! The scenario's users edit it directly ([`MemRoot::user_write`] and friends); every user
 //! action is logged for the checker.
@@ -23,6 +26,10 @@ pub const FILE_BYTES_MAX: u64 = 1 << 20;
 struct State {
     tree: Snapshot,
     contents: BTreeMap<ContentHash, Vec<u8>>,
+    /// Applies not yet made durable: each path with what was there before, oldest first.
+    pending: Vec<(RelPath, Option<Entry>)>,
+    /// Pending applies a crash took back.
+    lost: u64,
 }
 
 /// One root in memory.
@@ -91,6 +98,29 @@ impl MemRoot {
         self.watch.clone()
     }
 
+    /// The node crashed: every apply since the last `sync` is lost, newest first.
+    pub fn crash(&self) {
+        let mut s = self.lock();
+        let pending = std::mem::take(&mut s.pending);
+        s.lost += pending.len() as u64;
+        for (path, before) in pending.into_iter().rev() {
+            s.tree.remove(&path);
+            if let Some(e) = before {
+                // Its parent existed when the apply ran, and later undos restore parents
+                // before children are needed: an error leaves the path absent, as a crash
+                // may.
+                let _ = s.tree.insert(path.clone(), e);
+            }
+        }
+        drop(s);
+        self.watch.note_everything();
+    }
+
+    /// Pending applies that crashes took back.
+    pub fn lost_applies(&self) -> u64 {
+        self.lock().lost
+    }
+
     /// The tree now.
     pub fn tree(&self) -> Snapshot {
         self.lock().tree.clone()
@@ -100,6 +130,7 @@ impl MemRoot {
     /// removing whatever is in the way, as `mkdir -p` and `rm -rf` would). Returns what the
     /// user removed or overwrote on the way.
     pub fn user_write(&self, path: &RelPath, data: &[u8], exec: bool) -> Vec<(RelPath, Entry)> {
+        self.supersede(path);
         let mut removed = self.user_make_parents(path);
         removed.extend(self.user_remove_if(path, |e| !matches!(e, Entry::File { .. })));
         if let Some(old) = self.lock().tree.get(path).cloned() {
@@ -122,6 +153,7 @@ impl MemRoot {
 
     /// A user creates a relative symlink at `path`.
     pub fn user_symlink(&self, path: &RelPath, target: &str) -> Vec<(RelPath, Entry)> {
+        self.supersede(path);
         let mut removed = self.user_make_parents(path);
         removed.extend(self.user_remove_if(path, |_| true));
         let _ = self.lock().tree.insert(
@@ -136,6 +168,7 @@ impl MemRoot {
 
     /// A user removes `path` and everything below it (`rm -rf`). Returns what was removed.
     pub fn user_remove(&self, path: &RelPath) -> Vec<(RelPath, Entry)> {
+        self.supersede(path);
         self.user_remove_if(path, |_| true)
     }
 
@@ -160,6 +193,14 @@ impl MemRoot {
         drop(s);
         self.watch.note(path.clone());
         removed
+    }
+
+    /// A user acted at `path`: pending applies at, above or below it are superseded (the
+    /// user's writes are durable; a crash must not take them back with an apply).
+    fn supersede(&self, path: &RelPath) {
+        self.lock()
+            .pending
+            .retain(|(p, _)| !p.starts_with(path) && !path.starts_with(p));
     }
 
     /// Makes every parent of `path` a directory, removing files in the way.
@@ -233,12 +274,19 @@ impl RootFs for MemRoot {
             }
         }
         let mut s = self.lock();
+        let before = s.tree.get(op.path()).cloned();
         apply_to_snapshot(&mut s.tree, op).map_err(|e| e.to_string())?;
+        s.pending.push((op.path().clone(), before));
         if let Some((h, d)) = data {
             s.contents.insert(h, d);
         }
         drop(s);
         self.watch.note(op.path().clone());
+        Ok(())
+    }
+
+    fn sync(&self) -> Result<(), String> {
+        self.lock().pending.clear();
         Ok(())
     }
 

@@ -538,6 +538,8 @@ pub(crate) fn heal(
 /// The seed's fault schedule, applied as virtual time passes.
 pub(crate) struct FaultDriver {
     plan: std::iter::Peekable<std::vec::IntoIter<(u64, Act)>>,
+    /// Laptop crashes applied so far.
+    pub(crate) laptop_crashes: u32,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -567,6 +569,7 @@ impl FaultDriver {
         plan.sort_by_key(|(t, _)| *t);
         Self {
             plan: plan.into_iter().peekable(),
+            laptop_crashes: 0,
         }
     }
 
@@ -609,6 +612,7 @@ impl FaultDriver {
                         }
                         FaultKind::LaptopCrash => {
                             trace.sometimes("fault: laptop crashed");
+                            self.laptop_crashes += 1;
                             sim.bounce(laptop);
                         }
                         FaultKind::LaptopSleep { .. } => {

@@ -412,6 +412,9 @@ fn inner(seed: u64, trace: Trace) -> Result<Outcome, String> {
     if alpha.disk_errors() + beta.disk_errors() > 0 {
         trace.sometimes("fault: disk error");
     }
+    if alpha.lost_applies() + beta.lost_applies() > 0 {
+        trace.sometimes("fault: applied writes lost in a crash");
+    }
     if status.files_to_beta > 0 {
         trace.sometimes("sync: files sent to the workspace");
     }
@@ -460,7 +463,14 @@ fn drive(
             ));
         }
         let now_ms = sim.elapsed().as_millis() as u64;
-        faults.apply_due(sim, now_ms, trace, sleep);
+        let laptop_crashes = faults.laptop_crashes;
+        // A crashed node loses what it applied and had not made durable.
+        if !faults.apply_due(sim, now_ms, trace, sleep).is_empty() {
+            beta.crash();
+        }
+        if faults.laptop_crashes != laptop_crashes {
+            alpha.crash();
+        }
         while let Some(e) = edits.next_if(|e| e.at_ms <= now_ms) {
             let root = match e.side {
                 Side::Alpha => alpha,
@@ -516,8 +526,18 @@ fn drive(
                     .borrow()
                     .shared
                     .as_ref()
-                    .and_then(|s| s.status.borrow().halted.clone())
-                    .map(|h| format!("; the session halted: {h}"))
+                    .map(|s| {
+                        let st = s.status.borrow();
+                        match &st.halted {
+                            Some(h) => format!("; the session halted: {h}"),
+                            None => format!(
+                                "; the session is {}, {} in flight, last error: {}",
+                                st.state,
+                                st.bulk_in_flight,
+                                st.last_error.as_deref().unwrap_or("none")
+                            ),
+                        }
+                    })
                     .unwrap_or_default();
                 return Err(format!(
                     "liveness: the sides did not agree within {LIVENESS_BUDGET_MS} ms of the heal ({} vs {} entries){halted}",

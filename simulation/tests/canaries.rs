@@ -73,3 +73,21 @@ fn sync_acting_on_a_broken_tree_from_the_workspace_is_caught_as_a_halt() {
     );
     cs_simulation::run_sync_seed(seed, Trace::default(), &[]).unwrap_or_else(|f| panic!("{f}"));
 }
+
+#[test]
+fn sync_reporting_applies_before_they_are_durable_is_caught() {
+    let (seed, message) = (0..SEEDS_MAX)
+        .find_map(|seed| {
+            cs_simulation::run_sync_seed(seed, Trace::default(), &[Canary::UnsyncedApply])
+                .err()
+                .map(|f| (seed, f.message))
+        })
+        .expect("UnsyncedApply went unnoticed for 1,000 seeds");
+    // A crash took back what the ancestor recorded: a write lost, or a wipe halted.
+    assert!(
+        message.contains("last write") || message.contains("halted"),
+        "seed {seed}: {message}"
+    );
+    cs_simulation::run_sync_seed(seed, Trace::default(), &[])
+        .unwrap_or_else(|f| panic!("seed {seed} ({message}): {f}"));
+}

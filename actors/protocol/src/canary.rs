@@ -23,6 +23,9 @@ pub enum Canary {
     /// The agent's sync endpoint reports an entry below a file (a broken or hostile peer):
     /// the laptop must refuse the tree and halt, never act on it.
     BadTree = 16,
+    /// The agent reports ops applied before making them durable (a crash then takes back
+    /// what the laptop's ancestor already records).
+    UnsyncedApply = 32,
 }
 
 thread_local! {

@@ -514,6 +514,11 @@ impl Session {
     async fn cycle(&mut self, remote: &mut Remote) -> Result<Outcome, CycleError> {
         self.shared.state("scanning");
         self.shared.status.borrow_mut().progress = None;
+        // Record the bulk transfers that ended meanwhile, so their paths do not hold up
+        // this cycle's ops.
+        while let Ok(d) = self.bulk_rx.try_recv() {
+            self.bulk_done(d);
+        }
         let t0 = tokio::time::Instant::now();
         let full = std::mem::replace(&mut self.full_due, false);
         // Without a watch every scan is full.
