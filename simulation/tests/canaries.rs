@@ -7,6 +7,21 @@ use cs_simulation::trace::Trace;
 
 const SEEDS_MAX: u64 = 1_000;
 
+/// The first seed of the sync scenario that fails with `canary` on, and its message; that
+/// seed must pass without the canary (the failure is the canary's).
+fn first_sync_failure(canary: Canary) -> (u64, String) {
+    let (seed, message) = (0..SEEDS_MAX)
+        .find_map(|seed| {
+            cs_simulation::run_sync_seed(seed, Trace::default(), &[canary])
+                .err()
+                .map(|f| (seed, f.message))
+        })
+        .unwrap_or_else(|| panic!("{canary:?} went unnoticed for 1,000 seeds"));
+    cs_simulation::run_sync_seed(seed, Trace::default(), &[])
+        .unwrap_or_else(|f| panic!("seed {seed} ({message}): {f}"));
+    (seed, message)
+}
+
 /// The first seed that fails with `canary` on, and its message.
 fn first_failure(canary: Canary) -> Option<(u64, String)> {
     (0..SEEDS_MAX).find_map(|seed| {
@@ -46,48 +61,26 @@ fn a_command_left_running_after_its_laptop_went_is_caught_as_an_orphan() {
 
 #[test]
 fn sync_letting_a_deletion_beat_an_edit_is_caught_as_a_lost_write() {
-    let (seed, message) = (0..SEEDS_MAX)
-        .find_map(|seed| {
-            cs_simulation::run_sync_seed(seed, Trace::default(), &[Canary::DeleteWins])
-                .err()
-                .map(|f| (seed, f.message))
-        })
-        .expect("DeleteWins went unnoticed for 1,000 seeds");
+    let (seed, message) = first_sync_failure(Canary::DeleteWins);
     assert!(message.contains("last write"), "seed {seed}: {message}");
-    cs_simulation::run_sync_seed(seed, Trace::default(), &[]).unwrap_or_else(|f| panic!("{f}"));
 }
 
 #[test]
 fn sync_acting_on_a_broken_tree_from_the_workspace_is_caught_as_a_halt() {
-    let (seed, message) = (0..SEEDS_MAX)
-        .find_map(|seed| {
-            cs_simulation::run_sync_seed(seed, Trace::default(), &[Canary::BadTree])
-                .err()
-                .map(|f| (seed, f.message))
-        })
-        .expect("BadTree went unnoticed for 1,000 seeds");
+    let (seed, message) = first_sync_failure(Canary::BadTree);
     // The laptop refused the tree and halted; it did not write the planted entry.
     assert!(
         message.contains("the session halted: the workspace sent an invalid"),
         "seed {seed}: {message}"
     );
-    cs_simulation::run_sync_seed(seed, Trace::default(), &[]).unwrap_or_else(|f| panic!("{f}"));
 }
 
 #[test]
 fn sync_reporting_applies_before_they_are_durable_is_caught() {
-    let (seed, message) = (0..SEEDS_MAX)
-        .find_map(|seed| {
-            cs_simulation::run_sync_seed(seed, Trace::default(), &[Canary::UnsyncedApply])
-                .err()
-                .map(|f| (seed, f.message))
-        })
-        .expect("UnsyncedApply went unnoticed for 1,000 seeds");
+    let (seed, message) = first_sync_failure(Canary::UnsyncedApply);
     // A crash took back what the ancestor recorded: a write lost, or a wipe halted.
     assert!(
         message.contains("last write") || message.contains("halted"),
         "seed {seed}: {message}"
     );
-    cs_simulation::run_sync_seed(seed, Trace::default(), &[])
-        .unwrap_or_else(|f| panic!("seed {seed} ({message}): {f}"));
 }

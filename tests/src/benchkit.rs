@@ -797,3 +797,18 @@ pub fn machine_line(tools: &[String]) -> String {
         if is_root() { "root" } else { "a regular user" }
     )
 }
+
+/// The whole number that follows option `name` on a command line; errors name the option
+/// and, when the value is missing, show `usage`.
+pub fn number_arg(
+    args: &mut impl Iterator<Item = String>,
+    name: &str,
+    usage: &str,
+) -> anyhow::Result<u64> {
+    use anyhow::Context as _;
+    let v = args
+        .next()
+        .with_context(|| format!("{name} needs a number\n{usage}"))?;
+    v.parse()
+        .with_context(|| format!("invalid {name} '{v}': expected a whole number"))
+}

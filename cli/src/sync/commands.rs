@@ -140,13 +140,7 @@ pub fn parse_count(v: &str) -> anyhow::Result<u64> {
             None => (v, 1),
         },
     };
-    let n: u64 = digits
-        .parse()
-        .context("expected a number such as 500000 or 2M")?;
-    match n.checked_mul(mult) {
-        Some(n) if n > 0 => Ok(n),
-        _ => bail!("expected a positive number such as 500000 or 2M"),
-    }
+    scaled(digits, mult, "a number such as 500000 or 2M")
 }
 
 /// A positive size in bytes, with an optional suffix: K/M/G/T (powers of 1024, also as KiB
@@ -168,12 +162,17 @@ pub fn parse_size(v: &str) -> anyhow::Result<u64> {
             "unknown unit '{unit}': use B, KiB, MiB, GiB, TiB (or K, M, G, T) or KB, MB, GB, TB"
         ),
     };
+    scaled(digits, mult, "a size such as 100MiB or 4G")
+}
+
+/// `digits` times `mult`, positive and without overflow; errors say what was `expected`.
+fn scaled(digits: &str, mult: u64, expected: &str) -> anyhow::Result<u64> {
     let n: u64 = digits
         .parse()
-        .context("expected a size such as 100MiB or 4G")?;
+        .with_context(|| format!("expected {expected}"))?;
     match n.checked_mul(mult) {
         Some(n) if n > 0 => Ok(n),
-        _ => bail!("expected a positive size such as 100MiB or 4G"),
+        _ => bail!("expected a positive value, {expected}"),
     }
 }
 

@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context as _};
 use cs_tests::benchkit::{
     cell_error, check_interrupted, cs_binaries, ensure_openssh, first_line,
-    install_signal_handlers, invocation, machine_line, ms, quantile, ratio, run_captured, size,
-    wait_bounded, CsHome, Sshd, SHORT,
+    install_signal_handlers, invocation, machine_line, ms, number_arg, quantile, ratio,
+    run_captured, size, wait_bounded, CsHome, Sshd, SHORT,
 };
 
 const USAGE: &str = "usage: bench [--runs N] [--bytes N] [--bytes-runs N] [--quick]
@@ -43,13 +43,7 @@ fn opts() -> anyhow::Result<Option<Opts>> {
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
-        let mut num = |name: &str| -> anyhow::Result<u64> {
-            let v = args
-                .next()
-                .with_context(|| format!("{name} needs a number\n{USAGE}"))?;
-            v.parse()
-                .with_context(|| format!("invalid {name} '{v}': expected a whole number"))
-        };
+        let mut num = |name: &str| number_arg(&mut args, name, USAGE);
         match a.as_str() {
             "--runs" => o.runs = num("--runs")?.clamp(1, 10_000) as usize,
             "--bytes" => o.bytes = num("--bytes")?.clamp(1, 1 << 40),

@@ -35,8 +35,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context as _};
 use cs_tests::benchkit::{
     cell_error, check_interrupted, cs_binaries, ensure_openssh, first_line,
-    install_signal_handlers, interrupted, invocation, machine_line, ms, on_path, quantile, ratio,
-    run_captured, run_measured, shell_quote, uninterrupted, CsHome, Finished, Sshd, Usage, SHORT,
+    install_signal_handlers, interrupted, invocation, machine_line, ms, number_arg, on_path,
+    quantile, ratio, run_captured, run_measured, shell_quote, uninterrupted, CsHome, Finished,
+    Sshd, Usage, SHORT,
 };
 
 const USAGE: &str = "usage: syncbench [--quick] [--edits N] [--peer-edits N] [--lossy-edits N]
@@ -138,13 +139,7 @@ fn opts() -> anyhow::Result<Option<Opts>> {
     let (mut edits, mut peer, mut lossy, mut idle) = (None, None, None, None);
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
-        let mut num = |name: &str| -> anyhow::Result<u64> {
-            let v = args
-                .next()
-                .with_context(|| format!("{name} needs a number\n{USAGE}"))?;
-            v.parse()
-                .with_context(|| format!("invalid {name} '{v}': expected a whole number"))
-        };
+        let mut num = |name: &str| number_arg(&mut args, name, USAGE);
         match a.as_str() {
             "--quick" => o.quick = true,
             "--keep" => o.keep = true,
@@ -345,6 +340,37 @@ fn secs(d: Duration) -> String {
         format!("{s:.2} s")
     } else {
         format!("{s:.1} s")
+    }
+}
+
+/// Prints a comparison table's rows: per tool its four cells, the first being the compared
+/// figure, with `compare(cs's figure, this tool's)` after it (cs itself is the baseline);
+/// a tool that failed gets a row saying why.
+fn print_compared<T>(
+    rows: &[(String, Fig<T>)],
+    figure: impl Fn(&T) -> f64,
+    compare: impl Fn(Option<f64>, f64) -> String,
+    cells: impl Fn(&T) -> [String; 4],
+) {
+    let is_cs = |tool: &str| tool.contains("cs sync");
+    let base = rows
+        .iter()
+        .find(|(t, _)| is_cs(t))
+        .and_then(|(_, f)| f.as_ref().ok())
+        .map(&figure);
+    for (tool, f) in rows {
+        match f {
+            Ok(f) => {
+                let v = if is_cs(tool) {
+                    "1.0x (baseline)".to_string()
+                } else {
+                    compare(base, figure(f))
+                };
+                let [first, a, b, c] = cells(f);
+                println!("| {tool} | {first} | {v} | {a} | {b} | {c} |");
+            }
+            Err(e) => println!("| {tool} | failed: {} | | | | |", cell_error(e)),
+        }
     }
 }
 
@@ -2158,31 +2184,19 @@ fn print_report(r: &Report, o: &Opts, command: &str, versions: &[String]) {
     println!();
     println!("| tool | wall time | vs cs | peak memory | CPU | check |");
     println!("|---|--:|---|--:|--:|---|");
-    let base = r
-        .init
-        .iter()
-        .find(|(t, _)| t.contains("cs sync"))
-        .and_then(|(_, f)| f.as_ref().ok())
-        .map(|f| f.wall.as_secs_f64());
-    for (tool, f) in &r.init {
-        match f {
-            Ok(f) => {
-                let v = if tool.contains("cs sync") {
-                    "1.0x (baseline)".into()
-                } else {
-                    vs(base, f.wall.as_secs_f64())
-                };
-                println!(
-                    "| {tool} | {} | {v} | {} | {} | {} |",
-                    secs(f.wall),
-                    f.rss,
-                    f.cpu,
-                    cell_error(&f.check)
-                );
-            }
-            Err(e) => println!("| {tool} | failed: {} | | | | |", cell_error(e)),
-        }
-    }
+    print_compared(
+        &r.init,
+        |f| f.wall.as_secs_f64(),
+        vs,
+        |f| {
+            [
+                secs(f.wall),
+                f.rss.clone(),
+                f.cpu.clone(),
+                cell_error(&f.check),
+            ]
+        },
+    );
 
     println!();
     println!(
@@ -2199,39 +2213,23 @@ fn print_report(r: &Report, o: &Opts, command: &str, versions: &[String]) {
         "| tool | bytes on the wire | vs cs | time to the far side | what was counted | check |"
     );
     println!("|---|--:|---|--:|---|---|");
-    let base = r
-        .big
-        .iter()
-        .find(|(t, _)| t.contains("cs sync"))
-        .and_then(|(_, f)| f.as_ref().ok())
-        .map(|f| f.wire_bytes as f64);
-    for (tool, f) in &r.big {
-        match f {
-            Ok(f) => {
-                let v = if tool.contains("cs sync") {
-                    "1.0x (baseline)".to_string()
-                } else {
-                    match base {
-                        Some(b) if b > 0.0 && f.wire_bytes as f64 >= b => {
-                            format!("{}x more", ratio(f.wire_bytes as f64 / b))
-                        }
-                        Some(b) if f.wire_bytes > 0 => {
-                            format!("{}x fewer", ratio(b / f.wire_bytes as f64))
-                        }
-                        _ => "n/a".into(),
-                    }
-                };
-                println!(
-                    "| {tool} | {} | {v} | {} | {} | {} |",
-                    f.wire_bytes,
-                    ms(f.time.as_secs_f64() * 1e3),
-                    f.wire,
-                    cell_error(&f.check)
-                );
-            }
-            Err(e) => println!("| {tool} | failed: {} | | | | |", cell_error(e)),
-        }
-    }
+    print_compared(
+        &r.big,
+        |f| f.wire_bytes as f64,
+        |base, v| match base {
+            Some(b) if b > 0.0 && v >= b => format!("{}x more", ratio(v / b)),
+            Some(b) if v > 0.0 => format!("{}x fewer", ratio(b / v)),
+            _ => "n/a".into(),
+        },
+        |f| {
+            [
+                f.wire_bytes.to_string(),
+                ms(f.time.as_secs_f64() * 1e3),
+                f.wire.clone(),
+                cell_error(&f.check),
+            ]
+        },
+    );
 
     println!();
     println!(
@@ -2247,31 +2245,19 @@ fn print_report(r: &Report, o: &Opts, command: &str, versions: &[String]) {
     println!();
     println!("| tool | converged after | vs cs | of which `git checkout` | conflicts | check |");
     println!("|---|--:|---|--:|--:|---|");
-    let base = r
-        .git
-        .iter()
-        .find(|(t, _)| t.contains("cs sync"))
-        .and_then(|(_, f)| f.as_ref().ok())
-        .map(|f| f.converge.as_secs_f64());
-    for (tool, f) in &r.git {
-        match f {
-            Ok(f) => {
-                let v = if tool.contains("cs sync") {
-                    "1.0x (baseline)".into()
-                } else {
-                    vs(base, f.converge.as_secs_f64())
-                };
-                println!(
-                    "| {tool} | {} | {v} | {} | {} | {} |",
-                    secs(f.converge),
-                    secs(f.checkout),
-                    f.conflicts,
-                    cell_error(&f.check)
-                );
-            }
-            Err(e) => println!("| {tool} | failed: {} | | | | |", cell_error(e)),
-        }
-    }
+    print_compared(
+        &r.git,
+        |f| f.converge.as_secs_f64(),
+        vs,
+        |f| {
+            [
+                secs(f.converge),
+                secs(f.checkout),
+                f.conflicts.to_string(),
+                cell_error(&f.check),
+            ]
+        },
+    );
 
     println!();
     println!(
