@@ -38,8 +38,7 @@
 //! the caller reports as applied. A failed op leaves its path's ancestor as it was, so the
 //! next cycle sees the same disagreement again (never a silent loss, at worst a conflict).
 
-use std::borrow::Cow;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
@@ -256,15 +255,55 @@ pub fn reconcile(
     beta: &Snapshot,
     mode: Mode,
 ) -> Result<Plan, Halt> {
+    reconcile_from(ancestor, alpha, beta, mode, vec![RelPath::root()])
+}
+
+/// [`reconcile`] around the paths in `dirty` only: the work is proportional to the change,
+/// not to the tree. It gives exactly the plan `reconcile` gives, provided `dirty` holds every
+/// path at which the three trees do not hold the same entry and every problem entry
+/// (unreadable, special, non-portable symlink) of alpha or beta. What a session does between
+/// full rescans: the paths its scans reported changed, plus those the last plan left
+/// unsettled.
+///
+/// Under that condition a path outside the subtrees of the dirty paths agrees on all three
+/// trees (so the full walk finds nothing to do there), and a dirty path's ancestors are
+/// clean directories the walk descends through, or themselves dirty: walking the subtree of
+/// each dirty path that is not below another visits what the full walk visits there.
+pub fn reconcile_dirty(
+    ancestor: &Snapshot,
+    alpha: &Snapshot,
+    beta: &Snapshot,
+    mode: Mode,
+    dirty: &BTreeSet<RelPath>,
+) -> Result<Plan, Halt> {
+    // In component order a subtree is one run: a path below an earlier point follows it.
+    let mut points: Vec<RelPath> = Vec::new();
+    for path in dirty {
+        if !points.last().is_some_and(|last| path.starts_with(last)) {
+            points.push(path.clone());
+        }
+    }
+    reconcile_from(ancestor, alpha, beta, mode, points)
+}
+
+/// Reconciles the subtrees at `points` (disjoint, in component order), each one reached as
+/// the full walk reaches it.
+fn reconcile_from(
+    ancestor: &Snapshot,
+    alpha: &Snapshot,
+    beta: &Snapshot,
+    mode: Mode,
+    points: Vec<RelPath>,
+) -> Result<Plan, Halt> {
     check_wipe(ancestor, alpha, beta, mode)?;
     let mut problems = Vec::new();
-    let (alpha, alpha_problems) = without_problems(alpha, Side::Alpha, &mut problems);
-    let (beta, beta_problems) = without_problems(beta, Side::Beta, &mut problems);
+    let alpha_problems = find_problems(alpha, Side::Alpha, &points, &mut problems);
+    let beta_problems = find_problems(beta, Side::Beta, &points, &mut problems);
     let mut r = Reconciler {
         mode,
         ancestor,
-        alpha: &alpha,
-        beta: &beta,
+        alpha,
+        beta,
         alpha_problems,
         beta_problems,
         plan: Plan {
@@ -272,7 +311,9 @@ pub fn reconcile(
             ..Plan::default()
         },
     };
-    r.walk();
+    for point in &points {
+        r.walk(point);
+    }
     let plan = r.plan;
     for side in [Side::Alpha, Side::Beta] {
         let deletes_root = plan
@@ -435,38 +476,35 @@ fn check_wipe(
     Ok(())
 }
 
-/// The snapshot minus its problem entries and non-portable symlinks (reported in
-/// `problems`), and their paths.
-fn without_problems<'a>(
-    snapshot: &'a Snapshot,
+/// The problem entries and non-portable symlinks of `snapshot` at and below `points`
+/// (reported in `problems`), by path. Reconciliation treats them as absent and never acts on
+/// them.
+fn find_problems(
+    snapshot: &Snapshot,
     side: Side,
+    points: &[RelPath],
     problems: &mut Vec<Problem>,
-) -> (Cow<'a, Snapshot>, BTreeSet<RelPath>) {
+) -> BTreeSet<RelPath> {
     let mut bad = BTreeSet::new();
-    for (path, entry) in snapshot.iter() {
-        let reason = match entry {
-            Entry::Symlink { target } => match check_portable(path, target) {
-                Ok(()) => continue,
-                Err(e) => ProblemReason::Symlink(e),
-            },
-            Entry::Problem { reason } => ProblemReason::Scan(reason.clone()),
-            Entry::Dir | Entry::File { .. } => continue,
-        };
-        problems.push(Problem {
-            side,
-            path: path.clone(),
-            reason,
-        });
-        bad.insert(path.clone());
+    for point in points {
+        for (path, entry) in snapshot.below(point) {
+            let reason = match entry {
+                Entry::Symlink { target } => match check_portable(path, target) {
+                    Ok(()) => continue,
+                    Err(e) => ProblemReason::Symlink(e),
+                },
+                Entry::Problem { reason } => ProblemReason::Scan(reason.clone()),
+                Entry::Dir | Entry::File { .. } => continue,
+            };
+            problems.push(Problem {
+                side,
+                path: path.clone(),
+                reason,
+            });
+            bad.insert(path.clone());
+        }
     }
-    if bad.is_empty() {
-        return (Cow::Borrowed(snapshot), bad);
-    }
-    let mut clean = snapshot.clone();
-    for path in &bad {
-        clean.remove(path);
-    }
-    (Cow::Owned(clean), bad)
+    bad
 }
 
 struct Reconciler<'a> {
@@ -480,15 +518,16 @@ struct Reconciler<'a> {
 }
 
 impl<'a> Reconciler<'a> {
-    /// Visits every path of the three trees top-down (one merge walk over their keys, which
-    /// are in component order, so a parent comes before its children and a subtree is one
-    /// run of keys), skipping the subtree below every path that was decided as a whole.
-    /// The same visits as a recursion from the root into every directory both sides agree
-    /// on, in linear time and without recursion.
-    fn walk(&mut self) {
+    /// Visits every path of the three trees at and below `point` top-down (one merge walk
+    /// over their keys, which are in component order, so a parent comes before its children
+    /// and a subtree is one run of keys), skipping the subtree below every path that was
+    /// decided as a whole. The same visits as a recursion from `point` into every directory
+    /// both sides agree on, in linear time and without recursion.
+    fn walk(&mut self, point: &RelPath) {
         let (ancestor, alpha, beta): (&'a Snapshot, &'a Snapshot, &'a Snapshot) =
             (self.ancestor, self.alpha, self.beta);
-        let mut heads = [ancestor.iter(), alpha.iter(), beta.iter()].map(Iterator::peekable);
+        let mut heads =
+            [ancestor.below(point), alpha.below(point), beta.below(point)].map(Iterator::peekable);
         let mut skip: Option<&'a RelPath> = None;
         loop {
             let Some(path) = heads
@@ -511,6 +550,46 @@ impl<'a> Reconciler<'a> {
                 skip = Some(path);
             }
         }
+    }
+
+    /// A side's tree and its problem paths.
+    fn side(&self, side: Side) -> (&'a Snapshot, &BTreeSet<RelPath>) {
+        match side {
+            Side::Alpha => (self.alpha, &self.alpha_problems),
+            Side::Beta => (self.beta, &self.beta_problems),
+        }
+    }
+
+    /// A side's entry at `path`; a problem entry counts as none.
+    fn get(&self, side: Side, path: &RelPath) -> Option<&'a Entry> {
+        let (tree, bad) = self.side(side);
+        match tree.get(path) {
+            Some(_) if !bad.is_empty() && bad.contains(path) => None,
+            e => e,
+        }
+    }
+
+    /// A side's subtree at `path`, without its problem entries.
+    fn sub<'s>(
+        &'s self,
+        side: Side,
+        path: &RelPath,
+    ) -> impl Iterator<Item = (&'a RelPath, &'a Entry)> + 's {
+        let (tree, bad) = self.side(side);
+        tree.subtree(path)
+            .filter(move |(p, _)| bad.is_empty() || !bad.contains(*p))
+    }
+
+    /// Whether `side`'s subtree at `path` holds anything the ancestor does not (a creation
+    /// or an edit, as opposed to only deletions).
+    fn creates_or_edits(&self, side: Side, path: &RelPath) -> bool {
+        self.sub(side, path)
+            .any(|(p, e)| self.ancestor.get(p) != Some(e))
+    }
+
+    /// Whether `side`'s subtree at `path` is the ancestor's.
+    fn unchanged(&self, side: Side, path: &RelPath) -> bool {
+        self.ancestor.subtree(path).eq(self.sub(side, path))
     }
 
     /// Decides `path`, given its entries; returns whether its children are to be visited
@@ -548,17 +627,19 @@ impl<'a> Reconciler<'a> {
     }
 
     fn bidirectional(&mut self, path: &RelPath) {
-        if self.ancestor.subtree_eq(self.beta, path) {
+        if self.unchanged(Side::Beta, path) {
             return self.propagate(Side::Beta, path);
         }
-        if self.ancestor.subtree_eq(self.alpha, path) {
+        if self.unchanged(Side::Alpha, path) {
             return self.propagate(Side::Alpha, path);
         }
-        let alpha_creates = creates_or_edits(self.ancestor, self.alpha, path);
-        let beta_creates = creates_or_edits(self.ancestor, self.beta, path);
+        let alpha_creates = self.creates_or_edits(Side::Alpha, path);
+        let beta_creates = self.creates_or_edits(Side::Beta, path);
         match (alpha_creates, beta_creates) {
             // Both only deleted, one of them everything: the fuller deletion wins.
-            (false, false) if self.alpha.get(path).is_none() => self.propagate(Side::Beta, path),
+            (false, false) if self.get(Side::Alpha, path).is_none() => {
+                self.propagate(Side::Beta, path)
+            }
             (false, false) => self.propagate(Side::Alpha, path),
             // Canary (simulation only): the deletion wins, losing the edit.
             (true, false) if crate::canary::delete_wins() => self.propagate(Side::Alpha, path),
@@ -572,13 +653,13 @@ impl<'a> Reconciler<'a> {
     }
 
     fn one_way_safe(&mut self, path: &RelPath) {
-        if !creates_or_edits(self.ancestor, self.beta, path) {
+        if !self.creates_or_edits(Side::Beta, path) {
             return self.propagate(Side::Beta, path);
         }
         let ancestor = self.ancestor.get(path);
-        let beta_is_dir = self.beta.get(path).is_some_and(Entry::is_dir);
+        let beta_is_dir = self.get(Side::Beta, path).is_some_and(Entry::is_dir);
         let ancestor_is_dir = ancestor.is_some_and(Entry::is_dir);
-        if self.alpha.get(path).is_none() && !(ancestor_is_dir && beta_is_dir) {
+        if self.get(Side::Alpha, path).is_none() && !(ancestor_is_dir && beta_is_dir) {
             // Beta's own content where alpha has nothing: leave it, stop tracking it.
             if ancestor.is_some() {
                 self.update_ancestor(path, None);
@@ -590,19 +671,18 @@ impl<'a> Reconciler<'a> {
 
     /// Makes `target`'s subtree at `path` equal to the other side's.
     fn propagate(&mut self, target: Side, path: &RelPath) {
-        let (old, new, target_problems) = match target {
-            Side::Alpha => (self.alpha, self.beta, &self.alpha_problems),
-            Side::Beta => (self.beta, self.alpha, &self.beta_problems),
-        };
-        let blocked = target_problems
+        let blocked = self
+            .side(target)
+            .1
             .range(path.clone()..)
             .next()
             .is_some_and(|p| p.starts_with(path));
         if blocked {
             return self.conflict(path, ConflictReason::Unsynchronizable(target));
         }
-        let old_sub = old.subtree_map(path);
-        let new_sub = new.subtree_map(path);
+        let owned = |(p, e): (&RelPath, &Entry)| (p.clone(), e.clone());
+        let old_sub: BTreeMap<RelPath, Entry> = self.sub(target, path).map(owned).collect();
+        let new_sub: BTreeMap<RelPath, Entry> = self.sub(target.other(), path).map(owned).collect();
         let mut ops = Vec::new();
         // Deletions first, children before parents.
         for (p, was) in old_sub.iter().rev() {
@@ -643,8 +723,8 @@ impl<'a> Reconciler<'a> {
             path: path.clone(),
             reason,
             ancestor: self.ancestor.get(path).cloned(),
-            alpha: self.alpha.get(path).cloned(),
-            beta: self.beta.get(path).cloned(),
+            alpha: self.get(Side::Alpha, path).cloned(),
+            beta: self.get(Side::Beta, path).cloned(),
         });
     }
 
@@ -654,12 +734,6 @@ impl<'a> Reconciler<'a> {
             entry,
         });
     }
-}
-
-/// Whether `side`'s subtree at `path` holds anything the ancestor does not (a creation or an
-/// edit, as opposed to only deletions).
-fn creates_or_edits(ancestor: &Snapshot, side: &Snapshot, path: &RelPath) -> bool {
-    side.subtree(path).any(|(p, e)| ancestor.get(p) != Some(e))
 }
 
 #[cfg(test)]

@@ -209,6 +209,15 @@ impl Snapshot {
         }
     }
 
+    /// `path` itself (if present) and everything below it, in component order, found as it
+    /// goes (where [`Snapshot::subtree`] first looks for the subtree's end).
+    pub fn below(&self, path: &RelPath) -> impl Iterator<Item = (&RelPath, &Entry)> {
+        let path = path.clone();
+        self.entries
+            .range(path.clone()..)
+            .take_while(move |(p, _)| p.starts_with(&path))
+    }
+
     /// The immediate children of `path`, in order.
     pub fn children<'s>(&'s self, path: &RelPath) -> impl Iterator<Item = &'s RelPath> + 's {
         let depth = path.depth() + 1;

@@ -3,11 +3,13 @@
 //! random edits, the plan is applied with `apply_to_snapshot` (the same re-checks as the real
 //! shell) and the result is checked against what each mode promises.
 
+use std::collections::BTreeSet;
+
 use proptest::prelude::*;
 
 use cs_sync::{
-    ancestor_after, apply_to_snapshot, content_hash, reconcile, Entry, Mode, Plan, RelPath,
-    Snapshot,
+    ancestor_after, apply_to_snapshot, content_hash, reconcile, reconcile_dirty, Entry, Mode, Plan,
+    RelPath, Snapshot,
 };
 
 #[derive(Clone, Debug)]
@@ -24,6 +26,9 @@ enum EditKind {
     ToggleExec,
     /// Create or overwrite a symlink (always portable: it points at a sibling name).
     Symlink { target: u8 },
+    /// Something sync cannot carry: an absolute symlink, or what a scan reports as a problem
+    /// (only in the tests that expect problems).
+    Unsyncable { symlink: bool },
 }
 
 #[derive(Clone, Debug)]
@@ -109,6 +114,21 @@ fn apply_edit(tree: &mut Snapshot, edit: &Edit) {
                     .expect("parents exist");
             }
         }
+        EditKind::Unsyncable { symlink } => {
+            if mkdir_parents(tree, &path) {
+                tree.take_subtree(&path);
+                let entry = if *symlink {
+                    Entry::Symlink {
+                        target: "/etc/passwd".into(),
+                    }
+                } else {
+                    Entry::Problem {
+                        reason: "a socket".into(),
+                    }
+                };
+                tree.insert(path, entry).expect("parents exist");
+            }
+        }
     }
 }
 
@@ -122,6 +142,40 @@ fn edit() -> impl Strategy<Value = Edit> {
         1 => (0u8..3).prop_map(|target| EditKind::Symlink { target }),
     ];
     (prop::collection::vec(0u8..3, 1..=3), kind).prop_map(|(path, kind)| Edit { path, kind })
+}
+
+/// [`edit`], now and then making something sync cannot carry.
+fn edit_or_problem() -> impl Strategy<Value = Edit> {
+    prop_oneof![
+        9 => edit(),
+        1 => (prop::collection::vec(0u8..3, 1..=3), any::<bool>())
+            .prop_map(|(path, symlink)| Edit { path, kind: EditKind::Unsyncable { symlink } }),
+    ]
+}
+
+/// Every path at which the three trees do not hold the same entry, or a side holds a
+/// problem: what a session must mark dirty.
+fn differing(ancestor: &Snapshot, alpha: &Snapshot, beta: &Snapshot) -> BTreeSet<RelPath> {
+    let mut all: Vec<&RelPath> = ancestor
+        .iter()
+        .chain(alpha.iter())
+        .chain(beta.iter())
+        .map(|(p, _)| p)
+        .collect();
+    all.sort();
+    all.dedup();
+    all.into_iter()
+        .filter(|p| {
+            let (a, b) = (alpha.get(p), beta.get(p));
+            let problem = |e: Option<&Entry>| match e {
+                Some(Entry::Problem { .. }) => true,
+                Some(Entry::Symlink { target }) => target.starts_with('/'),
+                _ => false,
+            };
+            ancestor.get(p) != a || a != b || problem(a) || problem(b)
+        })
+        .cloned()
+        .collect()
 }
 
 fn edits() -> impl Strategy<Value = Vec<Edit>> {
@@ -337,5 +391,41 @@ proptest! {
         }
         let next = ancestor_after(&ancestor, &plan, &applied);
         check_cycle(&next, &a, &b, Mode::TwoWaySafe);
+    }
+
+    /// Reconciling only around the dirty paths gives exactly the full plan, whatever else
+    /// is marked dirty too; and it does look only there: with nothing dirty, nothing moves.
+    #[test]
+    fn dirty_reconcile_equals_the_full_one(
+        base in prop::collection::vec(edit_or_problem(), 0..10),
+        ea in prop::collection::vec(edit_or_problem(), 0..10),
+        eb in prop::collection::vec(edit_or_problem(), 0..10),
+        extra in prop::collection::vec(prop::collection::vec(0u8..3, 0..=3), 0..4),
+        mode_index in 0usize..4,
+    ) {
+        let mode = [Mode::TwoWaySafe, Mode::TwoWayResolved, Mode::OneWaySafe, Mode::OneWayReplica][mode_index];
+        // The ancestor never holds problems: a session records only what it synced.
+        let ancestor = build(&Snapshot::with_root(), &base);
+        let ancestor = {
+            let mut a = ancestor.clone();
+            for (p, e) in ancestor.iter() {
+                if matches!(e, Entry::Problem { .. } | Entry::Symlink { .. }) && a.get(p).is_some() {
+                    a.take_subtree(p);
+                }
+            }
+            a
+        };
+        let alpha = build(&ancestor, &ea);
+        let beta = build(&ancestor, &eb);
+        let mut dirty = differing(&ancestor, &alpha, &beta);
+        let precise = reconcile_dirty(&ancestor, &alpha, &beta, mode, &dirty);
+        dirty.extend(extra.iter().map(|p| if p.is_empty() { RelPath::root() } else { rel(p) }));
+        let padded = reconcile_dirty(&ancestor, &alpha, &beta, mode, &dirty);
+        let full = reconcile(&ancestor, &alpha, &beta, mode);
+        prop_assert_eq!(&precise, &full);
+        prop_assert_eq!(&padded, &full);
+        if let Ok(plan) = reconcile_dirty(&ancestor, &alpha, &beta, mode, &BTreeSet::new()) {
+            prop_assert!(plan.is_empty() && plan.conflicts.is_empty() && plan.problems.is_empty(), "{:?}", plan);
+        }
     }
 }
