@@ -37,6 +37,7 @@ pub const SYNC_MARKERS: &[&str] = &[
     "sync: files sent to the workspace",
     "sync: files fetched from the workspace",
     "sync: file moved on its own stream",
+    "sync: reconciled around the changed paths only",
 ];
 
 /// The markers of `MARKERS` that are not in `reached`.

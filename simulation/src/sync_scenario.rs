@@ -390,6 +390,7 @@ fn inner(seed: u64, trace: Trace) -> Result<Outcome, String> {
                     // The large (80 KiB) files a seed creates go on streams of their own.
                     bulk_bytes_min: 64 * 1024,
                     guard: None,
+                    check_dirty: true,
                 };
                 session::run(spec, env, shared, rx).await;
                 Ok(())
@@ -423,6 +424,9 @@ fn inner(seed: u64, trace: Trace) -> Result<Outcome, String> {
     }
     if status.files_bulk > 0 {
         trace.sometimes("sync: file moved on its own stream");
+    }
+    if status.cycles_dirty > 0 {
+        trace.sometimes("sync: reconciled around the changed paths only");
     }
     Ok(Outcome {
         seed,

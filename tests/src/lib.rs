@@ -86,6 +86,9 @@ impl Laptop {
         c.args(args)
             .env("CS_HOME", self.home())
             .env_remove("CS_LOG")
+            // Sessions check each reconciliation around the changed paths against one of the
+            // whole trees, and halt if they differ.
+            .env("CS_SYNC_CHECK_DIRTY", "1")
             .stdin(Stdio::null());
         c
     }

@@ -209,6 +209,18 @@ impl Plan {
         }
     }
 
+    /// Every path this plan decides something at: its ops, ancestor updates, conflicts and
+    /// problems. The paths a session reconciles again next cycle (with what its scans
+    /// report changed, they make the dirty set of [`reconcile_dirty`]).
+    pub fn paths(&self) -> BTreeSet<RelPath> {
+        let ops = self.to_alpha.iter().chain(&self.to_beta).map(Op::path);
+        ops.chain(self.ancestor_updates.iter().map(|u| &u.path))
+            .chain(self.conflicts.iter().map(|c| &c.path))
+            .chain(self.problems.iter().map(|p| &p.path))
+            .cloned()
+            .collect()
+    }
+
     /// An [`Applied`] that says every op succeeded.
     pub fn all_applied(&self) -> Applied {
         Applied {

@@ -105,6 +105,8 @@ impl SyncHub {
             store: Rc::new(session::FileStore::new(dir)),
             bulk_bytes_min: session::BULK_BYTES_MIN,
             guard,
+            // The end-to-end tests turn the check on; it costs a whole-tree walk per cycle.
+            check_dirty: std::env::var_os("CS_SYNC_CHECK_DIRTY").is_some(),
         };
         actix::spawn(session::run(spec.clone(), env, shared.clone(), rx));
         self.sessions.insert(

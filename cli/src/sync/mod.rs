@@ -74,6 +74,10 @@ pub struct SyncStatus {
     pub state: String,
     /// Sync cycles completed.
     pub cycles: u64,
+    /// Of those, the ones that reconciled only around what changed (the others walked the
+    /// whole tree: the first after a start or reconnection, after a full rescan or a failed
+    /// cycle).
+    pub cycles_dirty: u64,
     pub conflicts: usize,
     pub problems: usize,
     pub last_error: Option<String>,

@@ -13,7 +13,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use cs_protocol::sync::{
     needs_content, split_delta, wants_delta, DeltaAssembler, SyncOpen, SyncReply, SyncRequest,
@@ -256,6 +256,9 @@ pub struct Env {
     pub bulk_bytes_min: u64,
     /// Kept alive as long as the session (a real watcher).
     pub guard: Option<Box<dyn std::any::Any>>,
+    /// Also reconcile the whole trees after each reconciliation around the dirty paths, and
+    /// halt if the plans differ (the simulation's check of the dirty tracking).
+    pub check_dirty: bool,
 }
 
 /// Runs a session until it is terminated.
@@ -299,6 +302,8 @@ pub async fn run(
         open: env.open.clone(),
         bulk_bytes_min: env.bulk_bytes_min,
         inflight: BTreeMap::new(),
+        dirty: None,
+        check_dirty: env.check_dirty,
         bulk_tx,
         bulk_rx,
         spec,
@@ -469,6 +474,13 @@ struct Session {
     bulk_bytes_min: u64,
     /// Bulk transfers under way, by path.
     inflight: BTreeMap<RelPath, tokio::task::JoinHandle<()>>,
+    /// The paths the last completed cycle left to look at again (its plan's paths, see
+    /// [`Plan::paths`], and those bulk streams settled since); with what the next scans
+    /// report changed, the dirty set of the next reconciliation. `None`: the next one walks
+    /// the whole trees (at the start, after a full rescan, after a cycle that did not
+    /// complete, after a reset).
+    dirty: Option<BTreeSet<RelPath>>,
+    check_dirty: bool,
     bulk_tx: mpsc::Sender<BulkDone>,
     bulk_rx: mpsc::Receiver<BulkDone>,
 }
@@ -501,6 +513,7 @@ impl Session {
             }
             Control::Reset => {
                 self.abort_bulk();
+                self.dirty = None;
                 self.ancestor = Snapshot::default();
                 if let Err(e) = self.store.save_full(&self.ancestor) {
                     self.shared.error(&e);
@@ -521,6 +534,8 @@ impl Session {
         }
         let t0 = tokio::time::Instant::now();
         let full = std::mem::replace(&mut self.full_due, false);
+        // Taken: a cycle that does not complete leaves the next one to walk everything.
+        let mut dirty = self.dirty.take().filter(|_| !full);
         // Without a watch every scan is full.
         let changed = self.watch.as_ref().and_then(|w| w.take(full));
         let (f, ig, prev) = (self.fs.clone(), self.ignorer.clone(), self.prev.take());
@@ -541,8 +556,16 @@ impl Session {
         let alpha = &scanned.snapshot;
         let local_problems = scanned.problems.len();
         self.prev = Some(scanned.clone());
+        match (&mut dirty, &scanned.changes) {
+            (Some(d), Some(changes)) => d.extend(changes.iter().map(|(p, _)| p.clone())),
+            _ => dirty = None,
+        }
         let t1 = tokio::time::Instant::now();
-        let (beta, remote_problems) = remote.scan(full).await?;
+        let (beta, remote_problems, remote_changed) = remote.scan(full).await?;
+        match (&mut dirty, remote_changed) {
+            (Some(d), Some(changed)) => d.extend(changed),
+            _ => dirty = None,
+        }
         let t2 = tokio::time::Instant::now();
         for (side, tree) in [("local", alpha), ("workspace", beta)] {
             if tree.len() as u64 > self.spec.max_entry_count {
@@ -554,7 +577,20 @@ impl Session {
             }
         }
         self.shared.state("reconciling");
-        let plan = match cs_sync::reconcile(&self.ancestor, alpha, beta, self.spec.mode) {
+        let reconciled = match &dirty {
+            Some(d) => cs_sync::reconcile_dirty(&self.ancestor, alpha, beta, self.spec.mode, d),
+            None => cs_sync::reconcile(&self.ancestor, alpha, beta, self.spec.mode),
+        };
+        if self.check_dirty && dirty.is_some() {
+            let whole = cs_sync::reconcile(&self.ancestor, alpha, beta, self.spec.mode);
+            if whole != reconciled {
+                return Ok(Outcome::Halted(format!(
+                    "internal error: reconciling around {:?} gave {reconciled:?}, the whole trees {whole:?}",
+                    dirty.as_ref().map(|d| d.len())
+                )));
+            }
+        }
+        let plan = match reconciled {
             Ok(p) => p,
             Err(halt) => {
                 return Ok(Outcome::Halted(format!(
@@ -570,7 +606,7 @@ impl Session {
         }
         *self.shared.conflicts.borrow_mut() = plan.conflicts.clone();
         if plan.is_empty() {
-            self.finish_cycle(alpha);
+            self.finish_cycle(alpha, &plan, dirty.is_some());
             return Ok(Outcome::Quiet);
         }
         self.shared.state("transferring");
@@ -614,7 +650,7 @@ impl Session {
             to_alpha = plan.to_alpha.len(),
             "cycle"
         );
-        self.finish_cycle(alpha);
+        self.finish_cycle(alpha, &plan, dirty.is_some());
         // Ops waiting for a bulk stream do not count: its report wakes the session.
         let moved = beta_moved || alpha_moved;
         Ok(if moved {
@@ -711,6 +747,9 @@ impl Session {
     /// Records what a bulk stream reported.
     fn bulk_done(&mut self, d: BulkDone) {
         self.inflight.remove(d.op.path());
+        if let Some(dirty) = &mut self.dirty {
+            dirty.insert(d.op.path().clone());
+        }
         let mut plan = Plan::default();
         match d.target {
             Side::Beta => plan.to_beta.push(d.op),
@@ -738,10 +777,13 @@ impl Session {
         self.shared.status.borrow_mut().bulk_in_flight = 0;
     }
 
-    fn finish_cycle(&self, alpha: &Snapshot) {
+    /// Ends a completed cycle: what `plan` decided is looked at again next cycle.
+    fn finish_cycle(&mut self, alpha: &Snapshot, plan: &Plan, was_dirty: bool) {
+        self.dirty = Some(plan.paths());
         let mut st = self.shared.status.borrow_mut();
         st.progress = None;
         st.cycles += 1;
+        st.cycles_dirty += u64::from(was_dirty);
         st.entries = alpha.len();
     }
 }
@@ -1073,8 +1115,11 @@ impl Remote {
     }
 
     /// Asks for a scan and gathers the snapshot: whole, or as changes to the stream's last
-    /// one. Returns it and the number of problems.
-    async fn scan(&mut self, full: bool) -> Result<(&Snapshot, usize), CycleError> {
+    /// one. Returns it, the number of problems, and the changed paths (`None`: a whole tree).
+    async fn scan(
+        &mut self,
+        full: bool,
+    ) -> Result<(&Snapshot, usize, Option<Vec<RelPath>>), CycleError> {
         self.send(&SyncRequest::Scan { full }).await?;
         let mut entries = Vec::new();
         let mut changes = Vec::new();
@@ -1118,7 +1163,9 @@ impl Remote {
         }
         // Whatever goes wrong below, the stream's last tree is no longer known.
         let base = self.beta.take();
+        let mut changed = None;
         let snapshot = if whole == Some(false) {
+            changed = Some(changes.iter().map(|(p, _)| p.clone()).collect());
             let mut b = base.ok_or_else(|| {
                 CycleError::Violation("the workspace sent changes before a whole tree".into())
             })?;
@@ -1136,7 +1183,7 @@ impl Remote {
                 CycleError::Violation(format!("the workspace sent an invalid tree: {e}"))
             })?
         };
-        Ok((self.beta.insert(snapshot), problems))
+        Ok((self.beta.insert(snapshot), problems, changed))
     }
 
     /// Sends a local file as `Data` chunks and the empty end chunk. Returns its size. A file
