@@ -7,6 +7,7 @@
 //! The root comes from [`Roots`]: the workspace home on the real filesystem ([`HomeRoots`]),
 //! or the simulation's in-memory trees.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,6 +30,8 @@ use tokio::sync::mpsc;
 pub const SYNC_STREAMS_MAX: usize = 64;
 /// Replies queued for the writer.
 const REPLIES_QUEUED_MAX: usize = 64;
+/// Requests decoded ahead of the loop that serves them (each at most a frame).
+const REQUESTS_QUEUED_MAX: usize = 8;
 /// Ops one `Apply` may carry, and signatures one request may ask for.
 const OPS_PER_APPLY_MAX: usize = 4096;
 /// How long filesystem events are gathered into one `Changed`.
@@ -113,7 +116,7 @@ pub fn resolve_root(home: &Path, root: &str) -> Result<PathBuf, String> {
 pub async fn serve<W, R>(open: SyncOpen, roots: Arc<dyn Roots>, mut send: W, mut recv: R)
 where
     W: AsyncWrite + Unpin + Send + 'static,
-    R: AsyncRead + Unpin + Send,
+    R: AsyncRead + Unpin + Send + 'static,
 {
     let prepared = open
         .ignore
@@ -139,40 +142,85 @@ where
             }
         }
     });
+    // One reader task decodes requests, so that the loop below can wait for a request and
+    // for filesystem events at once without cutting a frame in half.
+    let (req_tx, mut requests) = mpsc::channel::<Result<SyncRequest, String>>(REQUESTS_QUEUED_MAX);
+    let reader = tokio::spawn(async move {
+        loop {
+            let next = match read_frame::<_, SyncRequest>(&mut recv).await {
+                Ok(Some(r)) => Ok(r),
+                Ok(None) => break,
+                Err(e) => Err(e.to_string()),
+            };
+            let end = next.is_err();
+            if req_tx.send(next).await.is_err() || end {
+                break;
+            }
+        }
+    });
     let _ = tx
         .send(SyncReply::Ready {
             root: fs.describe(),
+            watched: root.watch.is_some(),
         })
         .await;
-    let pusher = root.watch.clone().map(|w| {
-        let tx = tx.clone();
-        tokio::spawn(async move {
-            loop {
-                w.changed().await;
-                tokio::time::sleep(std::time::Duration::from_millis(CHANGED_COALESCE_MS)).await;
-                if tx.send(SyncReply::Changed).await.is_err() {
-                    break;
-                }
-            }
-        })
-    });
     let mut state = ScanState::open(&fs, root.cache_file.clone()).await;
     loop {
-        let req = match read_frame::<_, SyncRequest>(&mut recv).await {
-            Ok(Some(r)) => r,
-            Ok(None) => break,
-            Err(e) => {
+        // Between requests, events are scanned as they come (once the laptop holds a tree),
+        // and `Changed` goes out only when the root now differs from the laptop's copy: the
+        // events of the laptop's own applies say nothing new.
+        let listen = state.sent.is_some() && !state.told;
+        let event = async {
+            match (&root.watch, listen) {
+                (Some(w), true) => w.changed().await,
+                _ => std::future::pending().await,
+            }
+        };
+        let req = tokio::select! {
+            biased;
+            r = requests.recv() => r,
+            () = event => {
+                tokio::time::sleep(Duration::from_millis(CHANGED_COALESCE_MS)).await;
+                let changed = root.watch.as_ref().and_then(|w| w.take(false));
+                let r = match rescan(&fs, &ignorer, &mut state, changed).await {
+                    Err(e) => Err(e),
+                    Ok(_) if !state.differs() => Ok(()),
+                    Ok(_) => {
+                        state.told = true;
+                        tx.send(SyncReply::Changed).await.map_err(|_| GONE.to_string())
+                    }
+                };
+                if let Err(e) = r {
+                    tracing::warn!(session = %open.session, error = %e, "sync stream broken");
+                    break;
+                }
+                continue;
+            }
+        };
+        let req = match req {
+            Some(Ok(r)) => r,
+            None => break,
+            Some(Err(e)) => {
                 tracing::info!(session = %open.session, error = %e, "sync stream ended");
                 break;
             }
         };
         let r = match req {
-            SyncRequest::Scan { full } => {
+            SyncRequest::Scan { paths, .. } if paths.len() > OPS_PER_APPLY_MAX => Err(format!(
+                "a Scan naming {} paths (the most is {OPS_PER_APPLY_MAX})",
+                paths.len()
+            )),
+            SyncRequest::Scan { full, paths } => {
                 // Without a watcher, every scan is a full one.
-                let changed = root.watch.as_ref().and_then(|w| w.take(full));
+                let changed = root.watch.as_ref().and_then(|w| w.take(full)).map(|mut c| {
+                    c.extend(paths);
+                    c
+                });
                 scan(&fs, &ignorer, &mut state, changed, &tx).await
             }
-            SyncRequest::Apply { ops, deltas } => apply(&fs, ops, &deltas, &mut recv, &tx).await,
+            SyncRequest::Apply { ops, deltas } => {
+                apply(&fs, ops, &deltas, &mut requests, &mut state, &tx).await
+            }
             SyncRequest::Read { files } => read(&fs, files, &tx).await,
             SyncRequest::Signatures { paths } => signatures(&fs, paths, &tx).await,
             SyncRequest::Data(_) | SyncRequest::Delta(_) => {
@@ -184,9 +232,7 @@ where
             break;
         }
     }
-    if let Some(p) = pusher {
-        p.abort();
-    }
+    reader.abort();
     state.close(&fs).await;
     drop(tx);
     let _ = writer.await;
@@ -197,10 +243,19 @@ const GONE: &str = "the stream's writer stopped";
 
 /// What a stream remembers between scans.
 struct ScanState {
-    /// The last scan: its snapshot is what the laptop holds, its cache the next scan's.
+    /// The last scan; its cache is the next scan's.
     prev: Option<ScanOutput>,
-    /// A whole snapshot went out on this stream; later scans send changes against it.
-    sent_whole: bool,
+    /// The laptop's copy of the tree: what the stream's scan replies told it, patched with
+    /// every op this stream reported applied exactly as the laptop patches it
+    /// ([`cs_sync::record_applied`]). `None` until a whole tree went out; later replies send
+    /// changes against it.
+    sent: Option<cs_sync::Snapshot>,
+    /// Paths at which `prev` may differ from `sent` (everywhere else they agree).
+    unsent: BTreeSet<RelPath>,
+    /// A `Changed` went out and no scan was asked for since.
+    told: bool,
+    /// The last scan's problems, sent with every reply.
+    problems: Vec<(RelPath, String)>,
     cache_file: Option<PathBuf>,
     cache_saved: tokio::time::Instant,
 }
@@ -229,9 +284,29 @@ impl ScanState {
                 cache,
                 ..ScanOutput::default()
             }),
-            sent_whole: false,
+            sent: None,
+            unsent: BTreeSet::new(),
+            told: false,
+            problems: Vec::new(),
             cache_file,
             cache_saved: tokio::time::Instant::now(),
+        }
+    }
+
+    /// Whether the last scan differs from the laptop's copy somewhere.
+    fn differs(&self) -> bool {
+        let (Some(sent), Some(prev)) = (&self.sent, &self.prev) else {
+            return true;
+        };
+        self.unsent
+            .iter()
+            .any(|p| sent.get(p) != prev.snapshot.get(p))
+    }
+
+    /// Notes that the laptop recorded `op` as applied in its copy.
+    fn applied(&mut self, op: &Op) {
+        if let Some(sent) = &mut self.sent {
+            self.unsent.extend(cs_sync::record_applied(sent, op));
         }
     }
 
@@ -249,15 +324,20 @@ fn save_cache(file: &Path, cache: &HashCache) {
     }
 }
 
-/// Scans (or, with `changed` and a previous scan, rescans those paths) and sends the
-/// snapshot: whole on the stream's first scan, else as changes against the previous one.
-async fn scan(
+/// Scans (or, with `changed` and a previous scan, rescans those paths and those where the
+/// laptop's copy was patched, whose events may lag behind) into `state.prev`, noting what
+/// changed in `state.unsent`. `Ok(Err(_))`: the root cannot be examined (the
+/// laptop's copy is then forgotten: the next reply is whole).
+async fn rescan(
     fs: &Arc<dyn RootFs>,
     ignorer: &Ignorer,
     state: &mut ScanState,
     changed: Option<Vec<RelPath>>,
-    tx: &mpsc::Sender<SyncReply>,
-) -> Result<(), String> {
+) -> Result<Result<(), String>, String> {
+    let changed = changed.map(|mut c| {
+        c.extend(state.unsent.iter().cloned());
+        c
+    });
     let (f, ig, before) = (fs.clone(), ignorer.clone(), state.prev.take());
     let now = tokio::time::Instant::now();
     let time_due = now.duration_since(state.cache_saved) >= Duration::from_millis(CACHE_SAVE_MS);
@@ -283,29 +363,76 @@ async fn scan(
             o
         }
         Err(e) => {
-            // The root cannot be examined: report it as a problem of an empty scan, which the
-            // laptop's safety checks turn into a halt rather than a wipe. The next scan is
-            // whole again.
-            state.sent_whole = false;
-            let problems = vec![(RelPath::root(), e)];
-            return tx
-                .send(SyncReply::Entries {
-                    entries: Vec::new(),
-                    problems,
-                    last: true,
-                })
-                .await
-                .map_err(|_| GONE.into());
+            state.sent = None;
+            state.unsent.clear();
+            return Ok(Err(e));
         }
     };
-    let problems: Vec<(RelPath, String)> = out
+    state.problems = out
         .problems
         .iter()
         .map(|p| (RelPath::root(), p.to_string()))
         .collect();
-    let bad = bad_tree_canary(&out.snapshot);
     match out.changes.take() {
-        Some(changes) if state.sent_whole => {
+        Some(changes) if state.sent.is_some() => {
+            state.unsent.extend(changes.into_iter().map(|(p, _)| p));
+        }
+        // A whole scan: the laptop's copy may differ anywhere.
+        _ => {
+            state.sent = None;
+            state.unsent.clear();
+        }
+    }
+    state.prev = Some(out);
+    Ok(Ok(()))
+}
+
+/// Answers a `Scan`: rescans, then sends the tree whole on the stream's first scan (or after
+/// the root could not be examined), else the changes that bring the laptop's copy up to it.
+async fn scan(
+    fs: &Arc<dyn RootFs>,
+    ignorer: &Ignorer,
+    state: &mut ScanState,
+    changed: Option<Vec<RelPath>>,
+    tx: &mpsc::Sender<SyncReply>,
+) -> Result<(), String> {
+    state.told = false;
+    if let Err(e) = rescan(fs, ignorer, state, changed).await? {
+        // The root cannot be examined: report it as a problem of an empty scan, which the
+        // laptop's safety checks turn into a halt rather than a wipe. The next reply is
+        // whole again.
+        let problems = vec![(RelPath::root(), e)];
+        return tx
+            .send(SyncReply::Entries {
+                entries: Vec::new(),
+                problems,
+                last: true,
+            })
+            .await
+            .map_err(|_| GONE.into());
+    }
+    let prev = &state
+        .prev
+        .as_ref()
+        .expect("a successful scan leaves its output")
+        .snapshot;
+    let bad = bad_tree_canary(prev);
+    let problems = state.problems.clone();
+    match &mut state.sent {
+        Some(sent) => {
+            let changes: Vec<cs_sync::Change> = std::mem::take(&mut state.unsent)
+                .into_iter()
+                .filter_map(|p| {
+                    let now = prev.get(&p);
+                    (sent.get(&p) != now).then(|| {
+                        let now = now.cloned();
+                        (p, now)
+                    })
+                })
+                .collect();
+            // Outside `unsent` the two agree, so this makes them equal; it cannot fail.
+            sent.apply_changes(changes.clone())
+                .map_err(|e| format!("the laptop's copy went wrong: {e}"))?;
             send_chunked(
                 changes.into_iter().chain(bad.map(|(p, e)| (p, Some(e)))),
                 problems,
@@ -316,10 +443,10 @@ async fn scan(
                     last,
                 },
             )
-            .await?
+            .await
         }
-        _ => {
-            let entries = out.snapshot.iter().map(|(p, e)| (p.clone(), e.clone()));
+        None => {
+            let entries = prev.iter().map(|(p, e)| (p.clone(), e.clone()));
             send_chunked(
                 entries.chain(bad),
                 problems,
@@ -331,11 +458,11 @@ async fn scan(
                 },
             )
             .await?;
-            state.sent_whole = true;
+            state.sent = Some(prev.clone());
+            state.unsent.clear();
+            Ok(())
         }
     }
-    state.prev = Some(out);
-    Ok(())
 }
 
 /// With `Canary::BadTree` on (simulation only): an entry below the tree's first file.
@@ -373,11 +500,20 @@ async fn send_chunked<E>(
         .map_err(|_| GONE.into())
 }
 
-async fn apply<R: AsyncRead + Unpin>(
+/// Requests as the stream's reader decoded them; an `Err` ends the stream.
+type Requests = mpsc::Receiver<Result<SyncRequest, String>>;
+
+/// The next request of the stream (`None`: it ended).
+async fn next_request(r: &mut Requests) -> Result<Option<SyncRequest>, String> {
+    r.recv().await.transpose()
+}
+
+async fn apply(
     fs: &Arc<dyn RootFs>,
     ops: Vec<Op>,
     deltas: &[u32],
-    recv: &mut R,
+    recv: &mut Requests,
+    state: &mut ScanState,
     tx: &mpsc::Sender<SyncReply>,
 ) -> Result<(), String> {
     if ops.len() > OPS_PER_APPLY_MAX {
@@ -387,6 +523,7 @@ async fn apply<R: AsyncRead + Unpin>(
         ));
     }
     let mut errors = Vec::with_capacity(ops.len());
+    let kept = ops.clone();
     for (i, op) in ops.into_iter().enumerate() {
         let f = fs.clone();
         let result = if deltas.contains(&(i as u32)) {
@@ -410,6 +547,12 @@ async fn apply<R: AsyncRead + Unpin>(
             *err = Some(e.clone());
         }
     }
+    // The laptop records these in its copy of the tree as it reads the reply.
+    for (op, err) in kept.iter().zip(&errors) {
+        if err.is_none() {
+            state.applied(op);
+        }
+    }
     tx.send(SyncReply::Applied { errors })
         .await
         .map_err(|_| GONE.into())
@@ -417,10 +560,10 @@ async fn apply<R: AsyncRead + Unpin>(
 
 /// Applies a file op whose content follows on the stream as `Data` chunks. On a real root the
 /// chunks stream into the blocking apply; in memory they are gathered first.
-async fn apply_streamed<R: AsyncRead + Unpin>(
+async fn apply_streamed(
     fs: &Arc<dyn RootFs>,
     op: Op,
-    recv: &mut R,
+    recv: &mut Requests,
 ) -> Result<Result<(), String>, String> {
     if !fs.blocking() {
         let mut data = Vec::new();
@@ -461,12 +604,11 @@ async fn apply_streamed<R: AsyncRead + Unpin>(
 }
 
 /// The next `Data` chunk of a file in an `Apply`.
-async fn next_data<R: AsyncRead + Unpin>(recv: &mut R) -> Result<Vec<u8>, String> {
-    match read_frame::<_, SyncRequest>(recv).await {
-        Ok(Some(SyncRequest::Data(d))) => Ok(d),
-        Ok(Some(_)) => Err("expected file content in an Apply".to_string()),
-        Ok(None) => Err("stream ended inside a file".to_string()),
-        Err(e) => Err(e.to_string()),
+async fn next_data(recv: &mut Requests) -> Result<Vec<u8>, String> {
+    match next_request(recv).await? {
+        Some(SyncRequest::Data(d)) => Ok(d),
+        Some(_) => Err("expected file content in an Apply".to_string()),
+        None => Err("stream ended inside a file".to_string()),
     }
 }
 
@@ -562,13 +704,11 @@ async fn signatures(
         .map_err(|_| GONE.into())
 }
 
-async fn receive_delta<R: AsyncRead + Unpin>(
-    recv: &mut R,
-) -> Result<cs_sync::delta::Delta, String> {
+async fn receive_delta(recv: &mut Requests) -> Result<cs_sync::delta::Delta, String> {
     let mut a = DeltaAssembler::default();
     loop {
-        match read_frame::<_, SyncRequest>(recv).await {
-            Ok(Some(SyncRequest::Delta(part))) => {
+        match next_request(recv).await? {
+            Some(SyncRequest::Delta(part)) => {
                 if let Some(d) = a
                     .push(part, DELTA_OPS_MAX, DELTA_FILE_BYTES_MAX)
                     .map_err(|e| e.to_string())?
@@ -576,9 +716,8 @@ async fn receive_delta<R: AsyncRead + Unpin>(
                     return Ok(d);
                 }
             }
-            Ok(Some(_)) => return Err("expected a delta in an Apply".into()),
-            Ok(None) => return Err("stream ended inside a delta".into()),
-            Err(e) => return Err(e.to_string()),
+            Some(_) => return Err("expected a delta in an Apply".into()),
+            None => return Err("stream ended inside a delta".into()),
         }
     }
 }

@@ -37,7 +37,9 @@ struct State {
 pub struct MemRoot {
     name: String,
     state: Mutex<State>,
-    watch: Watch,
+    /// Every watch handed out and still held: each stream (and each laptop session) gets a
+    /// watcher of its own, as on a real root.
+    watches: Mutex<Vec<Watch>>,
     disk: Mutex<Disk>,
 }
 
@@ -56,7 +58,7 @@ impl MemRoot {
         Arc::new(Self {
             name: name.to_string(),
             state: Mutex::default(),
-            watch: Watch::default(),
+            watches: Mutex::default(),
             disk: Mutex::default(),
         })
     }
@@ -94,8 +96,40 @@ impl MemRoot {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// A new watcher of this root: it sees every change from now on.
     pub fn watch(&self) -> Watch {
-        self.watch.clone()
+        let w = Watch::default();
+        let mut all = self.watches.lock().unwrap_or_else(|p| p.into_inner());
+        all.retain(|w| !w.abandoned());
+        all.push(w.clone());
+        w
+    }
+
+    fn note(&self, path: &RelPath) {
+        for w in self
+            .watches
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            w.note(path.clone());
+        }
+    }
+
+    fn note_everything(&self) {
+        for w in self
+            .watches
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            w.note_everything();
+        }
+    }
+
+    /// Whether applies are waiting for a `sync` (a crash now would take them back).
+    pub fn has_pending(&self) -> bool {
+        !self.lock().pending.is_empty()
     }
 
     /// The node crashed: every apply since the last `sync` is lost, newest first.
@@ -113,7 +147,7 @@ impl MemRoot {
             }
         }
         drop(s);
-        self.watch.note_everything();
+        self.note_everything();
     }
 
     /// Pending applies that crashes took back.
@@ -147,7 +181,7 @@ impl MemRoot {
         // Parents exist now: the insert cannot fail.
         let _ = s.tree.insert(path.clone(), entry);
         drop(s);
-        self.watch.note(path.clone());
+        self.note(path);
         removed
     }
 
@@ -162,7 +196,7 @@ impl MemRoot {
                 target: target.to_string(),
             },
         );
-        self.watch.note(path.clone());
+        self.note(path);
         removed
     }
 
@@ -191,7 +225,7 @@ impl MemRoot {
             .collect();
         s.tree.remove(path);
         drop(s);
-        self.watch.note(path.clone());
+        self.note(path);
         removed
     }
 
@@ -214,7 +248,7 @@ impl MemRoot {
                 None => {}
             }
             let _ = self.lock().tree.insert(dir.clone(), Entry::Dir);
-            self.watch.note(dir);
+            self.note(&dir);
         }
         removed
     }
@@ -281,7 +315,7 @@ impl RootFs for MemRoot {
             s.contents.insert(h, d);
         }
         drop(s);
-        self.watch.note(op.path().clone());
+        self.note(op.path());
         Ok(())
     }
 

@@ -462,7 +462,7 @@ fn drive(
             ));
         }
         let now_ms = sim.elapsed().as_millis() as u64;
-        for ws in faults.apply_due(sim, now_ms, trace, sleep) {
+        for ws in faults.apply_due(sim, now_ms, trace, sleep, &|_| false) {
             world.borrow_mut().active[ws] = None;
         }
         if !healed && now_ms >= opts.safety_ms {
@@ -535,6 +535,9 @@ pub(crate) fn heal(
     crate::net::heal_all();
 }
 
+/// How long a crash may wait for the moment a scenario aims it at.
+pub(crate) const CRASH_HOLD_MS_MAX: u64 = 500;
+
 /// The seed's fault schedule, applied as virtual time passes.
 pub(crate) struct FaultDriver {
     plan: std::iter::Peekable<std::vec::IntoIter<(u64, Act)>>,
@@ -574,16 +577,25 @@ impl FaultDriver {
     }
 
     /// Applies every fault due by `now_ms`. Returns the workspaces whose agent crashed.
+    /// A crash for which `hold` says "not yet" waits for it, at most `CRASH_HOLD_MS_MAX`
+    /// (with everything due after it): a scenario aims crashes at a moment that matters.
     pub(crate) fn apply_due(
         &mut self,
         sim: &mut turmoil::Sim<'_>,
         now_ms: u64,
         trace: &Trace,
         sleep: &Sleep,
+        hold: &dyn Fn(&FaultKind) -> bool,
     ) -> Vec<usize> {
         let laptop = "laptop";
         let mut crashed = Vec::new();
-        while let Some((_, act)) = self.plan.next_if(|(t, _)| *t <= now_ms) {
+        while let Some((_, act)) = self.plan.next_if(|(t, act)| {
+            let crash = matches!(
+                act,
+                Act::Start(k @ (FaultKind::AgentCrash { .. } | FaultKind::LaptopCrash)) if hold(k)
+            );
+            *t <= now_ms && !(crash && now_ms < t + CRASH_HOLD_MS_MAX)
+        }) {
             let at = u128::from(now_ms) * 1000;
             match act {
                 Act::Start(k) => {

@@ -12,6 +12,7 @@
 //! identical apart from the reported conflicts, before the deadline.
 
 use std::cell::RefCell;
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -92,6 +93,10 @@ pub struct SyncOptions {
     pub edits: Vec<Edit>,
     /// Each side's reads and writes fail at this rate until the heal (0 in half the seeds).
     pub disk_error_rate: f64,
+    /// Crashes wait (a little) for a moment when the node holds applied writes it has not
+    /// made durable (half the seeds; derived from the seed without drawing from its
+    /// generators, so the other options do not move).
+    pub aim_crashes: bool,
 }
 
 impl SyncOptions {
@@ -150,6 +155,7 @@ impl SyncOptions {
             faults,
             edits,
             disk_error_rate,
+            aim_crashes: seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 63 == 1,
         }
     }
 }
@@ -158,10 +164,15 @@ impl std::fmt::Display for SyncOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} edits {} disk errors {:.3}",
+            "{} edits {} disk errors {:.3}{}",
             self.faults,
             self.edits.len(),
-            self.disk_error_rate
+            self.disk_error_rate,
+            if self.aim_crashes {
+                " crashes aimed"
+            } else {
+                ""
+            }
         )
     }
 }
@@ -192,7 +203,10 @@ enum Action {
 
 /// The ancestor, kept outside the laptop node (it is on the laptop's disk).
 #[derive(Debug, Default)]
-struct MemStore(RefCell<Snapshot>);
+struct MemStore(
+    RefCell<Snapshot>,
+    RefCell<BTreeMap<RelPath, cs_sync::Intent>>,
+);
 
 impl AncestorStore for MemStore {
     fn load(&self) -> Snapshot {
@@ -202,10 +216,26 @@ impl AncestorStore for MemStore {
         *self.0.borrow_mut() = a.clone();
         Ok(())
     }
-    fn append(&self, records: &[cs_sync::Change], _full: &Snapshot) -> Result<(), String> {
+    fn append(
+        &self,
+        records: &[cs_sync::Change],
+        settled: &[RelPath],
+        _full: &Snapshot,
+    ) -> Result<(), String> {
         // Replayed, as the journal is on load, so a bad record would show.
         cs_sync::replay_records(&mut self.0.borrow_mut(), records);
+        for p in settled {
+            self.1.borrow_mut().remove(p);
+        }
         Ok(())
+    }
+    fn intend(&self, intents: &[cs_sync::Intent]) -> Result<(), String> {
+        let mut all = self.1.borrow_mut();
+        all.extend(intents.iter().map(|i| (i.path.clone(), i.clone())));
+        Ok(())
+    }
+    fn pending(&self) -> Vec<cs_sync::Intent> {
+        self.1.borrow().values().cloned().collect()
     }
 }
 
@@ -469,7 +499,16 @@ fn drive(
         let now_ms = sim.elapsed().as_millis() as u64;
         let laptop_crashes = faults.laptop_crashes;
         // A crashed node loses what it applied and had not made durable.
-        if !faults.apply_due(sim, now_ms, trace, sleep).is_empty() {
+        // On half the seeds a crash waits (a little) until the node has applied writes it
+        // has not made durable yet: the moment a crash can take something back.
+        let aim = |k: &FaultKind| {
+            opts.aim_crashes
+                && match k {
+                    FaultKind::AgentCrash { .. } => !beta.has_pending(),
+                    _ => !alpha.has_pending(),
+                }
+        };
+        if !faults.apply_due(sim, now_ms, trace, sleep, &aim).is_empty() {
             beta.crash();
         }
         if faults.laptop_crashes != laptop_crashes {

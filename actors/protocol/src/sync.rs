@@ -55,10 +55,13 @@ impl IgnoreSpec {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SyncRequest {
     /// Scan the root: all of it when `full`, else what its filesystem events say changed
-    /// since the last scan of this stream. The first scan of a stream (and one after a failed
-    /// scan) is answered by `Entries` chunks, the whole snapshot; later ones by `Changes`
-    /// chunks against the snapshot the previous scan sent. The last chunk has `last: true`.
-    Scan { full: bool },
+    /// since the last scan of this stream, the paths that ops touched since, and `paths`
+    /// (what the laptop's other streams applied: events may lag behind the writes). The
+    /// first scan of a stream (and one after a failed scan) is answered by `Entries` chunks,
+    /// the whole snapshot; later ones by `Changes` chunks that bring the laptop's copy
+    /// (the snapshots sent, patched with every op reported applied on this stream) up to
+    /// date. The last chunk has `last: true`.
+    Scan { full: bool, paths: Vec<RelPath> },
     /// Apply these ops, in order. Each `Create`/`Replace` of a file is followed by its content:
     /// `Data` chunks totalling the file's size, or, when `deltas` names the op's index,
     /// `Delta` parts against the file the endpoint has there. Answered by `Applied`.
@@ -84,7 +87,12 @@ pub enum SyncRequest {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SyncReply {
     /// The stream is open: the absolute root in the workspace.
-    Ready { root: String },
+    Ready {
+        root: String,
+        /// The workspace watches the root: it says `Changed` when the root differs from
+        /// what the laptop holds. Without a watcher, only scans find changes.
+        watched: bool,
+    },
     /// The endpoint cannot serve this stream (a bad root, ...); it closes after this.
     Refused { reason: String },
     /// A chunk of a scan's snapshot; entries in snapshot order.

@@ -215,6 +215,11 @@ mod watch {
             self.lock().take().filter(|_| !full)
         }
 
+        /// Whether every other holder of this watch dropped it (its stream or session ended).
+        pub fn abandoned(&self) -> bool {
+            std::sync::Arc::strong_count(&self.changes) == 1
+        }
+
         /// Waits until something changed since the last wait.
         pub async fn changed(&self) {
             self.wake.notified().await

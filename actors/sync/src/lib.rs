@@ -30,8 +30,8 @@ pub mod tree;
 
 pub use path::{PathError, RelPath};
 pub use reconcile::{
-    ancestor_after, apply_to_snapshot, reconcile, reconcile_dirty, replay_records, update_ancestor,
-    Applied, Conflict, ConflictReason, Halt, HaltReason, Mode, Op, Plan, Problem, ProblemReason,
-    Side,
+    ancestor_after, apply_to_snapshot, reconcile, reconcile_dirty, record_applied, replay_records,
+    update_ancestor, Applied, Conflict, ConflictReason, Halt, HaltReason, Intent, Mode, Op, Plan,
+    Problem, ProblemReason, Side,
 };
 pub use tree::{content_hash, Change, ContentHash, Entry, Snapshot, SnapshotError};

@@ -372,6 +372,79 @@ pub fn update_ancestor(next: &mut Snapshot, plan: &Plan, applied: &Applied) -> V
     records
 }
 
+/// What a copy of a side's tree becomes when `op` was applied there: `path` holds the op's
+/// result and nothing below it (a deleted or replaced directory's children went first); an
+/// entry whose parent is missing is left out. Both ends of a sync stream patch the laptop's
+/// copy of the workspace tree with it for every op the workspace reports applied, in the
+/// same order, so that the two copies stay the same without a scan. Returns the paths it
+/// touched.
+pub fn record_applied(tree: &mut Snapshot, op: &Op) -> Vec<RelPath> {
+    let path = op.path();
+    let mut touched: Vec<RelPath> = tree
+        .take_subtree(path)
+        .into_iter()
+        .map(|(p, _)| p)
+        .collect();
+    if let Some(e) = op.result() {
+        // An error means the parent is missing: left out, on both ends alike.
+        let _ = tree.insert(path.clone(), e.clone());
+    }
+    if touched.first() != Some(path) {
+        touched.insert(0, path.clone());
+    }
+    touched
+}
+
+/// An op sent to a side whose outcome is not known yet: written down before it goes, so that
+/// a session that loses the answer (a dropped connection, a crash) can tell afterwards from
+/// what that side holds whether it was applied. Without it the ancestor keeps the old entry,
+/// and a side that meanwhile went back to that old entry would look unchanged and lose.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Intent {
+    pub path: RelPath,
+    /// What the side held there when the op was planned.
+    pub old: Option<Entry>,
+    /// What it holds if the op was applied.
+    pub new: Option<Entry>,
+}
+
+impl Intent {
+    /// The intent of `op`, unless it involves a directory (which carries no content to
+    /// lose, and whose children have intents of their own).
+    pub fn of(op: &Op) -> Option<Intent> {
+        let (old, new) = match op {
+            Op::Create { entry, .. } => (None, Some(entry)),
+            Op::Replace {
+                expected, entry, ..
+            } => (Some(expected), Some(entry)),
+            Op::Delete { expected, .. } => (Some(expected), None),
+        };
+        if old.is_some_and(Entry::is_dir) || new.is_some_and(Entry::is_dir) {
+            return None;
+        }
+        Some(Intent {
+            path: op.path().clone(),
+            old: old.cloned(),
+            new: new.cloned(),
+        })
+    }
+
+    /// The ancestor record that settles this intent, given what the side holds there now:
+    /// the new entry if it holds that (applied), the old one if it holds that (not applied),
+    /// else none at all (it changed since: both sides then count as changed there, so a
+    /// difference is a conflict, never a silent overwrite).
+    pub fn settle(&self, now: Option<&Entry>) -> Change {
+        let entry = if now == self.new.as_ref() {
+            self.new.clone()
+        } else if now == self.old.as_ref() {
+            self.old.clone()
+        } else {
+            None
+        };
+        (self.path.clone(), entry)
+    }
+}
+
 /// Applies ancestor records as [`update_ancestor`] made them.
 pub fn replay_records(ancestor: &mut Snapshot, records: &[Change]) {
     for (path, entry) in records {

@@ -7,7 +7,7 @@
 //! because the ancestor only moves for ops that were applied. Large whole files move on bulk
 //! streams of their own while cycles go on (see `Session::transfer`).
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -23,7 +23,7 @@ use cs_protocol::{StreamOpen, DATA_CHUNK_BYTES_MAX};
 use cs_sync::delta::Signature;
 use cs_sync::fs::{RootFs, Watch};
 use cs_sync::scan::{HashCache, ScanOutput, CACHE_MAGIC};
-use cs_sync::{Applied, Op, Plan, RelPath, Side, Snapshot};
+use cs_sync::{Applied, Intent, Op, Plan, RelPath, Side, Snapshot};
 use cs_transport::chunks::off_thread;
 use cs_transport::{read_frame, write_frame};
 use tokio::sync::{mpsc, oneshot, Notify};
@@ -95,7 +95,7 @@ impl Shared {
     }
 }
 
-/// Where a session keeps its ancestor.
+/// The directory of a session's state (its ancestor, journal and hash cache).
 pub fn session_dir(home: &CsHome, name: &str) -> PathBuf {
     home.dir.join("sync").join(name)
 }
@@ -103,12 +103,22 @@ pub fn session_dir(home: &CsHome, name: &str) -> PathBuf {
 /// Where a session keeps its ancestor.
 pub trait AncestorStore {
     fn load(&self) -> Snapshot;
-    /// Replaces what is stored by `a`.
+    /// Replaces what is stored by `a` (pending intents stay).
     fn save_full(&self, a: &Snapshot) -> Result<(), String>;
     /// Makes the ancestor's latest `records` durable (`full` is the ancestor after them),
-    /// before the session decides anything else. An ancestor older than the trees is not
-    /// safe: a side that changed a path back to an old version would look unchanged.
-    fn append(&self, records: &[cs_sync::Change], full: &Snapshot) -> Result<(), String>;
+    /// and settles the intents at `settled`, before the session decides anything else. An
+    /// ancestor older than the trees is not safe: a side that changed a path back to an old
+    /// version would look unchanged.
+    fn append(
+        &self,
+        records: &[cs_sync::Change],
+        settled: &[RelPath],
+        full: &Snapshot,
+    ) -> Result<(), String>;
+    /// Makes these intents durable before their ops go to the workspace.
+    fn intend(&self, intents: &[Intent]) -> Result<(), String>;
+    /// The intents not settled yet (after `load`: those a crash left).
+    fn pending(&self) -> Vec<Intent>;
     /// The local root's hash cache as last saved (so a restart does not rehash the tree).
     fn load_cache(&self) -> HashCache {
         HashCache::new()
@@ -117,36 +127,87 @@ pub trait AncestorStore {
     fn save_cache(&self, _cache: &HashCache) {}
 }
 
+/// One entry of the ancestor's journal.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+enum Journaled {
+    /// A cycle's ancestor records, and the intents whose outcome they settle.
+    Records {
+        records: Vec<cs_sync::Change>,
+        settled: Vec<RelPath>,
+    },
+    /// Ops about to go to the workspace.
+    Intents(Vec<Intent>),
+}
+
 /// The ancestor in files under the session's directory: a base (`ancestor`: a magic line,
 /// then a generation number and the snapshot in the codec's encoding) and a journal
-/// (`ancestor.journal`: each cycle's records with the generation of the base they follow,
-/// length-prefixed), replayed on load. Records of another generation (a journal left by a
+/// (`ancestor.log`: each cycle's records and intents with the generation of the base they
+/// follow, length-prefixed), replayed on load. Records of another generation (a journal left by a
 /// crash between writing a new base and removing the old journal) are skipped. A cycle appends a few records and
 /// syncs them (cheap, whatever the tree's size); the base is rewritten when the journal
-/// grows past `JOURNAL_BYTES_MAX`. A torn last record (a crash mid-append) is ignored: the
-/// cycle that wrote it did not finish. An unreadable base starts from an empty ancestor,
-/// which only costs a full reconciliation (nothing counts as deleted).
+/// grows past `JOURNAL_BYTES_MAX`, and the pending intents are written again after it. A
+/// torn last record (a crash mid-append) is ignored: the cycle that wrote it did not finish.
+/// An unreadable base starts from an empty ancestor, which only costs a full
+/// reconciliation (nothing counts as deleted). A journal of the previous format
+/// (`ancestor.journal`, records only) is replayed before the log.
 #[derive(Debug)]
 pub struct FileStore {
     dir: PathBuf,
-    generation: std::cell::Cell<u64>,
+    generation: Cell<u64>,
+    intents: RefCell<BTreeMap<RelPath, Intent>>,
 }
 
 impl FileStore {
     pub fn new(dir: PathBuf) -> Self {
         Self {
             dir,
-            generation: std::cell::Cell::new(0),
+            generation: Cell::new(0),
+            intents: RefCell::default(),
         }
+    }
+
+    /// Appends one entry to the log and syncs it.
+    fn log(&self, entry: &Journaled) -> Result<(), String> {
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let path = self.dir.join(LOG_FILE);
+        let body = cs_protocol::codec::encode_state(&(self.generation.get(), entry))
+            .map_err(|e| e.to_string())?;
+        let mut frame = (body.len() as u32).to_le_bytes().to_vec();
+        frame.extend(body);
+        let fail =
+            |e: std::io::Error| format!("cannot save the ancestor in {}: {e}", path.display());
+        std::fs::create_dir_all(&self.dir).map_err(fail)?;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(fail)?;
+        f.write_all(&frame).map_err(fail)?;
+        f.sync_data().map_err(fail)
     }
 }
 
 const ANCESTOR_FILE: &str = "ancestor";
+/// The journal of the previous format (records only), replayed if present.
 const JOURNAL_FILE: &str = "ancestor.journal";
+const LOG_FILE: &str = "ancestor.log";
 const ANCESTOR_MAGIC: &[u8] = b"cs-ancestor/1\n";
 const CACHE_FILE: &str = "hash-cache";
 /// The journal is folded into the base past this size.
 const JOURNAL_BYTES_MAX: u64 = 4 << 20;
+
+/// The length-prefixed frames of a journal file, up to a torn one.
+fn frames(bytes: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut rest = bytes;
+    std::iter::from_fn(move || {
+        let len = u32::from_le_bytes(rest.get(..4)?.try_into().ok()?) as usize;
+        let body = rest.get(4..4 + len)?;
+        rest = &rest[4 + len..];
+        Some(body)
+    })
+}
 
 impl AncestorStore for FileStore {
     fn load(&self) -> Snapshot {
@@ -158,19 +219,31 @@ impl AncestorStore for FileStore {
                 })
                 .unwrap_or_default();
         self.generation.set(generation);
-        let journal = std::fs::read(self.dir.join(JOURNAL_FILE)).unwrap_or_default();
-        let mut rest = &journal[..];
-        while rest.len() >= 4 {
-            let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
-            let Some(body) = rest.get(4..4 + len) else {
-                break;
-            };
+        let old = std::fs::read(self.dir.join(JOURNAL_FILE)).unwrap_or_default();
+        for body in frames(&old) {
             match cs_protocol::codec::decode_state::<(u64, Vec<cs_sync::Change>)>(body) {
                 Ok((g, records)) if g == generation => cs_sync::replay_records(&mut a, &records),
                 Ok(_) => {}
                 Err(_) => break,
             }
-            rest = &rest[4 + len..];
+        }
+        let log = std::fs::read(self.dir.join(LOG_FILE)).unwrap_or_default();
+        let mut intents = self.intents.borrow_mut();
+        intents.clear();
+        for body in frames(&log) {
+            match cs_protocol::codec::decode_state::<(u64, Journaled)>(body) {
+                Ok((g, _)) if g != generation => {}
+                Ok((_, Journaled::Records { records, settled })) => {
+                    cs_sync::replay_records(&mut a, &records);
+                    for p in &settled {
+                        intents.remove(p);
+                    }
+                }
+                Ok((_, Journaled::Intents(new))) => {
+                    intents.extend(new.into_iter().map(|i| (i.path.clone(), i)));
+                }
+                Err(_) => break,
+            }
         }
         a
     }
@@ -181,39 +254,60 @@ impl AncestorStore for FileStore {
         cs_transport::state::save(&base, ANCESTOR_MAGIC, &(generation, a))?;
         sync_file(&base)?;
         self.generation.set(generation);
-        match std::fs::remove_file(self.dir.join(JOURNAL_FILE)) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                Err(format!("cannot reset the ancestor journal: {e}"))
+        for file in [JOURNAL_FILE, LOG_FILE] {
+            match std::fs::remove_file(self.dir.join(file)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(format!("cannot reset the ancestor journal: {e}"))
+                }
+                _ => {}
             }
-            _ => Ok(()),
         }
-    }
-
-    fn append(&self, records: &[cs_sync::Change], full: &Snapshot) -> Result<(), String> {
-        use std::io::Write as _;
-        use std::os::unix::fs::OpenOptionsExt as _;
-        if records.is_empty() {
+        let pending = self.pending();
+        if pending.is_empty() {
             return Ok(());
         }
-        let path = self.dir.join(JOURNAL_FILE);
+        self.log(&Journaled::Intents(pending))
+    }
+
+    fn append(
+        &self,
+        records: &[cs_sync::Change],
+        settled: &[RelPath],
+        full: &Snapshot,
+    ) -> Result<(), String> {
+        {
+            let mut intents = self.intents.borrow_mut();
+            let before = intents.len();
+            for p in settled {
+                intents.remove(p);
+            }
+            if records.is_empty() && intents.len() == before {
+                return Ok(());
+            }
+        }
+        let path = self.dir.join(LOG_FILE);
         let grown = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
         if grown > JOURNAL_BYTES_MAX || !self.dir.join(ANCESTOR_FILE).exists() {
             return self.save_full(full);
         }
-        let body = cs_protocol::codec::encode_state(&(self.generation.get(), records))
-            .map_err(|e| e.to_string())?;
-        let mut frame = (body.len() as u32).to_le_bytes().to_vec();
-        frame.extend(body);
-        let fail =
-            |e: std::io::Error| format!("cannot save the ancestor in {}: {e}", path.display());
-        let mut f = std::fs::OpenOptions::new()
-            .append(true)
-            .create(true)
-            .mode(0o600)
-            .open(&path)
-            .map_err(fail)?;
-        f.write_all(&frame).map_err(fail)?;
-        f.sync_data().map_err(fail)
+        self.log(&Journaled::Records {
+            records: records.to_vec(),
+            settled: settled.to_vec(),
+        })
+    }
+
+    fn intend(&self, intents: &[Intent]) -> Result<(), String> {
+        if intents.is_empty() {
+            return Ok(());
+        }
+        self.log(&Journaled::Intents(intents.to_vec()))?;
+        let mut all = self.intents.borrow_mut();
+        all.extend(intents.iter().map(|i| (i.path.clone(), i.clone())));
+        Ok(())
+    }
+
+    fn pending(&self) -> Vec<Intent> {
+        self.intents.borrow().values().cloned().collect()
     }
 
     fn load_cache(&self) -> HashCache {
@@ -295,6 +389,7 @@ pub async fn run(
         created: false,
         mover: Mover {
             fs: env.fs.clone(),
+            store: env.store.clone(),
             shared: shared.clone(),
             name: spec.name.clone(),
             whole: Rc::default(),
@@ -304,6 +399,9 @@ pub async fn run(
         inflight: BTreeMap::new(),
         dirty: None,
         check_dirty: env.check_dirty,
+        settle: Vec::new(),
+        recheck_alpha: Vec::new(),
+        recheck_beta: BTreeSet::new(),
         bulk_tx,
         bulk_rx,
         spec,
@@ -311,6 +409,10 @@ pub async fn run(
     };
     let _guard = env.guard;
     let mut failures = 0u32;
+    // After a cycle in which some op failed (a disk error, content that changed meanwhile),
+    // the next runs after this delay even if nothing else happens; it doubles up to
+    // `RETRY_DELAY_MS_MAX` while ops keep failing.
+    let mut op_retry: Option<u64> = None;
     loop {
         if s.paused || s.halted {
             s.shared.state(if s.paused { "paused" } else { "halted" });
@@ -348,6 +450,7 @@ pub async fn run(
         loop {
             match s.cycle(&mut remote).await {
                 Ok(Outcome::Quiet) => {
+                    op_retry = None;
                     s.shared.status.borrow_mut().last_error = None;
                     // Agreement is not reached while a file is still on its way.
                     if s.inflight.is_empty() {
@@ -362,8 +465,12 @@ pub async fn run(
                 {
                     continue
                 }
-                Ok(Outcome::Moved { failed: false }) => {}
-                Ok(Outcome::Moved { failed: true }) => {}
+                Ok(Outcome::Moved { failed: false }) => op_retry = None,
+                Ok(Outcome::Moved { failed: true }) => {
+                    op_retry = Some(
+                        op_retry.map_or(RETRY_DELAY_MS_MIN, |d| (d * 2).min(RETRY_DELAY_MS_MAX)),
+                    );
+                }
                 Ok(Outcome::Halted(why)) => {
                     s.abort_bulk();
                     s.halted = true;
@@ -404,6 +511,7 @@ pub async fn run(
                     false
                 }
                 _ = local_changed(&s.watch) => false,
+                _ = tokio::time::sleep(Duration::from_millis(op_retry.unwrap_or(0))), if op_retry.is_some() => false,
                 _ = tokio::time::sleep(Duration::from_millis(RESCAN_MS)) => {
                     s.full_due = true;
                     false
@@ -481,6 +589,14 @@ struct Session {
     /// complete, after a reset).
     dirty: Option<BTreeSet<RelPath>>,
     check_dirty: bool,
+    /// Paths whose ops went to the workspace on the main stream this cycle: their outcome
+    /// is known, so their intents are settled with the cycle's records.
+    settle: Vec<RelPath>,
+    /// Paths applied here since the last local scan, which rescans them.
+    recheck_alpha: Vec<RelPath>,
+    /// Paths bulk streams applied in the workspace since the last remote scan, which
+    /// rescans them (the main stream's own ops are in both ends' copies already).
+    recheck_beta: BTreeSet<RelPath>,
     bulk_tx: mpsc::Sender<BulkDone>,
     bulk_rx: mpsc::Receiver<BulkDone>,
 }
@@ -538,6 +654,13 @@ impl Session {
         let mut dirty = self.dirty.take().filter(|_| !full);
         // Without a watch every scan is full.
         let changed = self.watch.as_ref().and_then(|w| w.take(full));
+        // What was applied here is rescanned from the disk whatever the events say: they
+        // may lag behind the writes, and a stale entry would look like an edit undone.
+        let recheck = std::mem::take(&mut self.recheck_alpha);
+        let changed = changed.map(|mut c| {
+            c.extend(recheck);
+            c
+        });
         let (f, ig, prev) = (self.fs.clone(), self.ignorer.clone(), self.prev.take());
         // A failed scan leaves `prev` empty: the changes it took are gone, so the next is full.
         // The last cycle's references are gone, so the previous scan is ours to update.
@@ -561,10 +684,47 @@ impl Session {
             _ => dirty = None,
         }
         let t1 = tokio::time::Instant::now();
-        let (beta, remote_problems, remote_changed) = remote.scan(full).await?;
+        // The workspace says when its root differs from our copy of it: without that, its
+        // scan would only confirm the copy, a round trip an edit need not wait for. (An op
+        // planned on a copy that just went stale is refused by the workspace's re-check.)
+        // Paths the bulk streams applied there are rescanned (from the disk) there.
+        let current = !full
+            && dirty.is_some()
+            && remote.watched
+            && !remote.beta_changed.get()
+            && self.recheck_beta.is_empty();
+        let (beta, remote_problems, remote_changed) = match &remote.beta {
+            Some(b) if current => (b, remote.problems, Some(Vec::new())),
+            _ => {
+                let paths = std::mem::take(&mut self.recheck_beta);
+                remote.scan(full, paths.into_iter().collect()).await?
+            }
+        };
         match (&mut dirty, remote_changed) {
             (Some(d), Some(changed)) => d.extend(changed),
             _ => dirty = None,
+        }
+        // Ops whose answer was lost (a dropped stream, a crash): what the workspace holds
+        // now says whether they were applied.
+        let unsettled: Vec<Intent> = self
+            .store
+            .pending()
+            .into_iter()
+            .filter(|i| !self.inflight.contains_key(&i.path))
+            .collect();
+        if !unsettled.is_empty() {
+            let records: Vec<cs_sync::Change> = unsettled
+                .iter()
+                .map(|i| i.settle(beta.get(&i.path)))
+                .collect();
+            cs_sync::replay_records(&mut self.ancestor, &records);
+            let settled: Vec<RelPath> = unsettled.into_iter().map(|i| i.path).collect();
+            self.store
+                .append(&records, &settled, &self.ancestor)
+                .map_err(CycleError::Local)?;
+            if let Some(d) = &mut dirty {
+                d.extend(settled);
+            }
         }
         let t2 = tokio::time::Instant::now();
         for (side, tree) in [("local", alpha), ("workspace", beta)] {
@@ -636,8 +796,9 @@ impl Session {
         let failed = beta_failed || alpha_failed;
         let applied = Applied { to_alpha, to_beta };
         let records = cs_sync::update_ancestor(&mut self.ancestor, &plan, &applied);
+        let settled = std::mem::take(&mut self.settle);
         self.store
-            .append(&records, &self.ancestor)
+            .append(&records, &settled, &self.ancestor)
             .map_err(CycleError::Local)?;
         tracing::debug!(
             session = %self.spec.name,
@@ -699,13 +860,35 @@ impl Session {
             Side::Alpha => self.mover.fetch_to_alpha(remote, &main_ops).await?,
         };
         let failed = done.iter().any(|ok| !ok);
+        if target == Side::Beta {
+            self.settle
+                .extend(main_ops.iter().map(|op| op.path().clone()));
+        }
+        for (op, _) in main_ops.iter().zip(&done).filter(|(_, ok)| **ok) {
+            match (target, &mut remote.beta) {
+                (Side::Beta, Some(copy)) => {
+                    cs_sync::record_applied(copy, op);
+                }
+                (Side::Beta, None) => {}
+                (Side::Alpha, _) => self.recheck_alpha.push(op.path().clone()),
+            }
+        }
         for (i, ok) in main.iter().zip(done) {
             applied[*i] = ok;
         }
+        let mut held = false;
         for i in bulk {
+            // Only into a directory that is there: an op on an ancestor that waits or failed
+            // holds the file back (else its stream fails, and keeps that ancestor waiting).
+            let path = ops[i].path();
+            let blocked = (0..i).any(|j| !applied[j] && path.starts_with(ops[j].path()));
+            if blocked {
+                held = true;
+                continue;
+            }
             self.spawn_bulk(ops[i].clone(), target);
         }
-        Ok((applied, !main.is_empty(), failed))
+        Ok((applied, !main.is_empty(), failed || held))
     }
 
     /// Moves one op's content on a stream of its own; its outcome comes back as a
@@ -747,8 +930,20 @@ impl Session {
     /// Records what a bulk stream reported.
     fn bulk_done(&mut self, d: BulkDone) {
         self.inflight.remove(d.op.path());
+        // A failed transfer may still have been applied (its answer lost): its intent
+        // stays, and the next cycle settles it from what the workspace then holds.
+        let settled = match (d.target, d.ok) {
+            (Side::Beta, true) => vec![d.op.path().clone()],
+            _ => Vec::new(),
+        };
         if let Some(dirty) = &mut self.dirty {
             dirty.insert(d.op.path().clone());
+        }
+        match d.target {
+            Side::Alpha => self.recheck_alpha.push(d.op.path().clone()),
+            Side::Beta => {
+                self.recheck_beta.insert(d.op.path().clone());
+            }
         }
         let mut plan = Plan::default();
         match d.target {
@@ -760,7 +955,7 @@ impl Session {
             to_beta: vec![d.ok; plan.to_beta.len()],
         };
         let records = cs_sync::update_ancestor(&mut self.ancestor, &plan, &applied);
-        if let Err(e) = self.store.append(&records, &self.ancestor) {
+        if let Err(e) = self.store.append(&records, &settled, &self.ancestor) {
             self.shared.error(&e);
         }
         if d.ok {
@@ -793,6 +988,8 @@ impl Session {
 #[derive(Clone)]
 struct Mover {
     fs: Arc<dyn RootFs>,
+    /// Where the intents of ops sent to the workspace are written down first.
+    store: Rc<dyn AncestorStore>,
     shared: Rc<Shared>,
     name: String,
     /// Paths whose last delta was refused (a wrong result, which the whole-file hash
@@ -850,6 +1047,8 @@ impl Mover {
                 }
             }
             let delta_sent: Vec<usize> = sigs.keys().copied().collect();
+            let intents: Vec<Intent> = batch.iter().filter_map(Intent::of).collect();
+            self.store.intend(&intents).map_err(CycleError::Local)?;
             remote
                 .send(&SyncRequest::Apply {
                     ops: batch.to_vec(),
@@ -1030,8 +1229,16 @@ struct Remote {
     replies: mpsc::Receiver<SyncReply>,
     changed: Rc<Notify>,
     lost: Rc<Notify>,
-    /// The workspace's tree as this stream's last scan gave it (the base of `Changes`).
+    /// The workspace's tree as this stream's scans gave it (the base of `Changes`), patched
+    /// with every op the workspace reported applied, as the workspace patches its record of
+    /// it ([`cs_sync::record_applied`]).
     beta: Option<Snapshot>,
+    /// The last scan's problem count.
+    problems: usize,
+    /// The workspace watches its root, so it says `Changed` when it differs from `beta`.
+    watched: bool,
+    /// A `Changed` came since the last `Scan` went out (or none went out yet).
+    beta_changed: Rc<Cell<bool>>,
     /// Set by the reader when the workspace sent something that does not decode (a path
     /// with `..`, an absolute path, a malformed frame).
     violation: Rc<RefCell<Option<String>>>,
@@ -1055,23 +1262,33 @@ impl Remote {
         });
         let opened = opener(open).await?;
         let payload = &opened.first_frame[cs_protocol::codec::FRAME_HEADER_BYTES..];
-        match cs_protocol::decode::<SyncReply>(payload).map_err(|e| e.to_string())? {
-            SyncReply::Ready { root } => {
-                tracing::info!(session = %spec.name, %root, "sync stream open");
+        let watched = match cs_protocol::decode::<SyncReply>(payload).map_err(|e| e.to_string())? {
+            SyncReply::Ready { root, watched } => {
+                tracing::info!(session = %spec.name, %root, watched, "sync stream open");
+                watched
             }
             SyncReply::Refused { reason } => return Err(reason),
             _ => return Err("the workspace did not acknowledge the sync stream".into()),
-        }
+        };
         let (tx, replies) = mpsc::channel(REPLIES_QUEUED_MAX);
         let changed = Rc::new(Notify::new());
         let lost = Rc::new(Notify::new());
         let violation = Rc::new(RefCell::new(None));
-        let (c, l, v) = (changed.clone(), lost.clone(), violation.clone());
+        let beta_changed = Rc::new(Cell::new(true));
+        let (c, l, v, bc) = (
+            changed.clone(),
+            lost.clone(),
+            violation.clone(),
+            beta_changed.clone(),
+        );
         let mut recv = opened.recv;
         tokio::task::spawn_local(async move {
             loop {
                 match read_frame::<_, SyncReply>(&mut recv).await {
-                    Ok(Some(SyncReply::Changed)) => c.notify_one(),
+                    Ok(Some(SyncReply::Changed)) => {
+                        bc.set(true);
+                        c.notify_one();
+                    }
                     Ok(Some(r)) => {
                         if tx.send(r).await.is_err() {
                             break;
@@ -1095,6 +1312,9 @@ impl Remote {
             lost,
             violation,
             beta: None,
+            problems: 0,
+            watched,
+            beta_changed,
         })
     }
 
@@ -1119,8 +1339,10 @@ impl Remote {
     async fn scan(
         &mut self,
         full: bool,
+        paths: Vec<RelPath>,
     ) -> Result<(&Snapshot, usize, Option<Vec<RelPath>>), CycleError> {
-        self.send(&SyncRequest::Scan { full }).await?;
+        self.beta_changed.set(false);
+        self.send(&SyncRequest::Scan { full, paths }).await?;
         let mut entries = Vec::new();
         let mut changes = Vec::new();
         let mut whole = None;
@@ -1183,6 +1405,7 @@ impl Remote {
                 CycleError::Violation(format!("the workspace sent an invalid tree: {e}"))
             })?
         };
+        self.problems = problems;
         Ok((self.beta.insert(snapshot), problems, changed))
     }
 
@@ -1336,7 +1559,7 @@ mod tests {
         let mut a = Snapshot::default();
         let step = |a: &mut Snapshot, records: Vec<cs_sync::Change>| {
             cs_sync::replay_records(a, &records);
-            store.append(&records, a).unwrap();
+            store.append(&records, &[], a).unwrap();
         };
         step(
             &mut a,
@@ -1348,7 +1571,7 @@ mod tests {
         assert_eq!(fresh(), a);
         assert!(a.get(&p("x")).is_none() && a.get(&p("y")).is_some());
         // A crash mid-append leaves a torn record: it is ignored.
-        let journal = dir.path().join(JOURNAL_FILE);
+        let journal = dir.path().join(LOG_FILE);
         let mut bytes = std::fs::read(&journal).unwrap();
         let whole = bytes.clone();
         bytes.extend([200, 0, 0, 0, 1, 2]);
@@ -1361,5 +1584,54 @@ mod tests {
         store.save_full(&a).unwrap();
         std::fs::write(&journal, &whole).unwrap();
         assert_eq!(fresh(), a);
+    }
+
+    #[test]
+    fn intents_stay_pending_until_settled_across_restarts_and_rebases() {
+        let dir = tempfile::tempdir().unwrap().into_path().join("session");
+        let fresh = || {
+            let s = FileStore::new(dir.clone());
+            let a = s.load();
+            (s, a)
+        };
+        let intent = |name: &str, n: u8| Intent {
+            path: p(name),
+            old: Some(file(n)),
+            new: Some(file(n + 1)),
+        };
+        let (store, a) = fresh();
+        // The session's directory does not exist yet: the first intent makes it.
+        store.intend(&[intent("x", 1), intent("y", 3)]).unwrap();
+        let (store, _) = fresh();
+        assert_eq!(store.pending(), vec![intent("x", 1), intent("y", 3)]);
+        // Settling one (with or without records) leaves the other.
+        store.append(&[], &[p("x")], &a).unwrap();
+        let (store, _) = fresh();
+        assert_eq!(store.pending(), vec![intent("y", 3)]);
+        // A new base keeps what is still pending.
+        store.save_full(&a).unwrap();
+        let (store, _) = fresh();
+        assert_eq!(store.pending(), vec![intent("y", 3)]);
+        store
+            .append(&[(p(""), Some(Entry::Dir))], &[p("y")], &a)
+            .unwrap();
+        let (store, a2) = fresh();
+        assert!(store.pending().is_empty());
+        assert!(a2.has_root());
+    }
+
+    #[test]
+    fn a_journal_of_the_previous_format_is_replayed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::new(dir.path().to_path_buf());
+        store.load();
+        store.save_full(&Snapshot::with_root()).unwrap();
+        let records: Vec<cs_sync::Change> = vec![(p("x"), Some(file(1)))];
+        let body = cs_protocol::codec::encode_state(&(1u64, &records)).unwrap();
+        let mut frame = (body.len() as u32).to_le_bytes().to_vec();
+        frame.extend(body);
+        std::fs::write(dir.path().join(JOURNAL_FILE), frame).unwrap();
+        let a = FileStore::new(dir.path().to_path_buf()).load();
+        assert_eq!(a.get(&p("x")), Some(&file(1)));
     }
 }

@@ -372,3 +372,36 @@ fn apply_to_snapshot_rechecks() {
         Err(OpError::NotEmpty { path: d })
     );
 }
+
+#[test]
+fn an_intent_settles_by_what_the_side_holds() {
+    let f = |n: u8| Entry::File {
+        size: 1,
+        exec: false,
+        hash: content_hash(&[n]),
+    };
+    let path = RelPath::parse("a/b").unwrap();
+    let op = Op::Replace {
+        path: path.clone(),
+        expected: f(1),
+        entry: f(2),
+    };
+    let i = Intent::of(&op).expect("a file op has an intent");
+    // Applied, not applied, changed since by someone else, deleted since.
+    assert_eq!(i.settle(Some(&f(2))), (path.clone(), Some(f(2))));
+    assert_eq!(i.settle(Some(&f(1))), (path.clone(), Some(f(1))));
+    assert_eq!(i.settle(Some(&f(3))), (path.clone(), None));
+    assert_eq!(i.settle(None), (path.clone(), None));
+    // A create that did not happen leaves nothing; directories have no intents.
+    let create = Intent::of(&Op::Create {
+        path: path.clone(),
+        entry: f(5),
+    })
+    .unwrap();
+    assert_eq!(create.settle(None), (path.clone(), None));
+    assert!(Intent::of(&Op::Create {
+        path: path.clone(),
+        entry: Entry::Dir
+    })
+    .is_none());
+}
