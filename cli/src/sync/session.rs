@@ -1588,7 +1588,8 @@ mod tests {
 
     #[test]
     fn intents_stay_pending_until_settled_across_restarts_and_rebases() {
-        let dir = tempfile::tempdir().unwrap().into_path().join("session");
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("session");
         let fresh = || {
             let s = FileStore::new(dir.clone());
             let a = s.load();
