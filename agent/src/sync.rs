@@ -165,22 +165,37 @@ where
         })
         .await;
     let mut state = ScanState::open(&fs, root.cache_file.clone()).await;
+    // When gathered filesystem events are due to be scanned.
+    let mut event_due: Option<tokio::time::Instant> = None;
     loop {
         // Between requests, events are scanned as they come (once the laptop holds a tree),
         // and `Changed` goes out only when the root now differs from the laptop's copy: the
         // events of the laptop's own applies say nothing new.
-        let listen = state.sent.is_some() && !state.told;
+        let listen = state.sent.is_some() && !state.told && event_due.is_none();
         let event = async {
             match (&root.watch, listen) {
                 (Some(w), true) => w.changed().await,
                 _ => std::future::pending().await,
             }
         };
+        let due = async {
+            match event_due {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
         let req = tokio::select! {
             biased;
             r = requests.recv() => r,
+            // Events are gathered for a moment; requests keep being served meanwhile.
             () = event => {
-                tokio::time::sleep(Duration::from_millis(CHANGED_COALESCE_MS)).await;
+                event_due = Some(
+                    tokio::time::Instant::now() + Duration::from_millis(CHANGED_COALESCE_MS),
+                );
+                continue;
+            }
+            () = due => {
+                event_due = None;
                 let changed = root.watch.as_ref().and_then(|w| w.take(false));
                 let r = match rescan(&fs, &ignorer, &mut state, changed).await {
                     Err(e) => Err(e),
@@ -303,10 +318,24 @@ impl ScanState {
             .any(|p| sent.get(p) != prev.snapshot.get(p))
     }
 
-    /// Notes that the laptop recorded `op` as applied in its copy.
+    /// Notes that the laptop recorded `op` as applied in its copy, and that the root now
+    /// holds its result (a later change there shows up as an event, and is rescanned).
     fn applied(&mut self, op: &Op) {
-        if let Some(sent) = &mut self.sent {
-            self.unsent.extend(cs_sync::record_applied(sent, op));
+        let Some(sent) = &mut self.sent else {
+            return;
+        };
+        let mut touched = cs_sync::record_applied(sent, op);
+        if let Some(prev) = &mut self.prev {
+            touched.extend(cs_sync::record_applied(&mut prev.snapshot, op));
+        }
+        self.unsent.extend(touched);
+        self.prune();
+    }
+
+    /// Drops from `unsent` the paths where the last scan and the laptop's copy agree.
+    fn prune(&mut self) {
+        if let (Some(sent), Some(prev)) = (&self.sent, &self.prev) {
+            self.unsent.retain(|p| sent.get(p) != prev.snapshot.get(p));
         }
     }
 
@@ -324,9 +353,8 @@ fn save_cache(file: &Path, cache: &HashCache) {
     }
 }
 
-/// Scans (or, with `changed` and a previous scan, rescans those paths and those where the
-/// laptop's copy was patched, whose events may lag behind) into `state.prev`, noting what
-/// changed in `state.unsent`. `Ok(Err(_))`: the root cannot be examined (the
+/// Scans (or, with `changed` and a previous scan, rescans those paths) into `state.prev`,
+/// noting what changed in `state.unsent`. `Ok(Err(_))`: the root cannot be examined (the
 /// laptop's copy is then forgotten: the next reply is whole).
 async fn rescan(
     fs: &Arc<dyn RootFs>,
@@ -334,10 +362,6 @@ async fn rescan(
     state: &mut ScanState,
     changed: Option<Vec<RelPath>>,
 ) -> Result<Result<(), String>, String> {
-    let changed = changed.map(|mut c| {
-        c.extend(state.unsent.iter().cloned());
-        c
-    });
     let (f, ig, before) = (fs.clone(), ignorer.clone(), state.prev.take());
     let now = tokio::time::Instant::now();
     let time_due = now.duration_since(state.cache_saved) >= Duration::from_millis(CACHE_SAVE_MS);
@@ -384,6 +408,7 @@ async fn rescan(
         }
     }
     state.prev = Some(out);
+    state.prune();
     Ok(Ok(()))
 }
 

@@ -110,8 +110,15 @@ impl Handler<AllLinks> for Hub {
 impl Handler<Forget> for Hub {
     type Result = ();
     fn handle(&mut self, Forget(sandbox): Forget, _: &mut Context<Self>) {
-        // Dropping the last Addr stops the link actor, which drops its connection.
-        self.links.retain(|k, _| k.sandbox != sandbox);
+        // Stopped outright: a session's task that still holds a link's address (it is being
+        // aborted) must not make it reconnect, which would restart a local agent mid-delete.
+        self.links.retain(|k, (_, link)| {
+            let keep = k.sandbox != sandbox;
+            if !keep {
+                link.do_send(crate::link::Stop);
+            }
+            keep
+        });
     }
 }
 

@@ -79,6 +79,26 @@ pub struct GetStatus;
 #[rtype(result = "()")]
 struct Lost(usize);
 
+/// Stops the link now (its sandbox is being deleted): it closes its connection and never
+/// reconnects, whoever still holds its address.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Stop;
+
+impl Handler<Stop> for Link {
+    type Result = ();
+    fn handle(&mut self, _: Stop, ctx: &mut Context<Self>) {
+        for w in self.waiters.drain(..) {
+            let _ = w.send(Err(format!("{} is being deleted", self.name)));
+        }
+        if let LinkState::Connected { conn, .. } = &self.state {
+            conn.close(0u32.into(), b"workspace forgotten");
+        }
+        self.state = LinkState::Idle;
+        ctx.stop();
+    }
+}
+
 impl Link {
     /// A link to the workspace `name` at `addr` (both only for messages and status).
     pub fn new(name: String, addr: String, connector: Rc<dyn Connector>) -> Self {

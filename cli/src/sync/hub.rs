@@ -23,6 +23,17 @@ struct Running {
     spec: SyncSpec,
     shared: Rc<Shared>,
     control: mpsc::Sender<Control>,
+    /// The session's task: stopped when the session leaves the hub (terminate, a deleted
+    /// sandbox), wherever it is, so that it cannot reconnect (restarting a local agent that
+    /// is being deleted) or write into a directory already removed. Its journal makes that
+    /// as safe as a crash.
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 /// Owns every sync session of this daemon.
@@ -108,13 +119,14 @@ impl SyncHub {
             // The end-to-end tests turn the check on; it costs a whole-tree walk per cycle.
             check_dirty: std::env::var_os("CS_SYNC_CHECK_DIRTY").is_some(),
         };
-        actix::spawn(session::run(spec.clone(), env, shared.clone(), rx));
+        let task = actix::spawn(session::run(spec.clone(), env, shared.clone(), rx));
         self.sessions.insert(
             spec.name.clone(),
             Running {
                 spec,
                 shared,
                 control: tx,
+                task,
             },
         );
     }

@@ -42,6 +42,8 @@ const RETRY_DELAY_MS_MIN: u64 = 200;
 const RETRY_DELAY_MS_MAX: u64 = 10_000;
 /// Ops sent in one `Apply`, and files asked for in one `Read`.
 const OPS_PER_BATCH_MAX: usize = 256;
+/// `Apply` batches sent to the workspace before the first one's answer is read.
+const APPLIES_IN_FLIGHT_MAX: usize = 8;
 /// Replies buffered from the stream before the reader waits.
 const REPLIES_QUEUED_MAX: usize = 64;
 /// Entries one snapshot from the workspace may have.
@@ -389,7 +391,6 @@ pub async fn run(
         created: false,
         mover: Mover {
             fs: env.fs.clone(),
-            store: env.store.clone(),
             shared: shared.clone(),
             name: spec.name.clone(),
             whole: Rc::default(),
@@ -400,7 +401,7 @@ pub async fn run(
         dirty: None,
         check_dirty: env.check_dirty,
         settle: Vec::new(),
-        recheck_alpha: Vec::new(),
+        applied_alpha: Vec::new(),
         recheck_beta: BTreeSet::new(),
         bulk_tx,
         bulk_rx,
@@ -592,8 +593,8 @@ struct Session {
     /// Paths whose ops went to the workspace on the main stream this cycle: their outcome
     /// is known, so their intents are settled with the cycle's records.
     settle: Vec<RelPath>,
-    /// Paths applied here since the last local scan, which rescans them.
-    recheck_alpha: Vec<RelPath>,
+    /// Ops applied here since the last local scan, which records them in the scan before.
+    applied_alpha: Vec<Op>,
     /// Paths bulk streams applied in the workspace since the last remote scan, which
     /// rescans them (the main stream's own ops are in both ends' copies already).
     recheck_beta: BTreeSet<RelPath>,
@@ -654,17 +655,20 @@ impl Session {
         let mut dirty = self.dirty.take().filter(|_| !full);
         // Without a watch every scan is full.
         let changed = self.watch.as_ref().and_then(|w| w.take(full));
-        // What was applied here is rescanned from the disk whatever the events say: they
-        // may lag behind the writes, and a stale entry would look like an edit undone.
-        let recheck = std::mem::take(&mut self.recheck_alpha);
-        let changed = changed.map(|mut c| {
-            c.extend(recheck);
-            c
-        });
         let (f, ig, prev) = (self.fs.clone(), self.ignorer.clone(), self.prev.take());
         // A failed scan leaves `prev` empty: the changes it took are gone, so the next is full.
         // The last cycle's references are gone, so the previous scan is ours to update.
         let prev = prev.map(|p| Arc::try_unwrap(p).unwrap_or_else(|p| (*p).clone()));
+        // What was applied here is in the root now, whenever its events arrive (they may
+        // lag behind the writes, and a stale entry would look like an edit undone): the
+        // previous scan takes it, and a later change there is an event like any other.
+        let applied = std::mem::take(&mut self.applied_alpha);
+        let prev = prev.map(|mut p| {
+            for op in &applied {
+                cs_sync::record_applied(&mut p.snapshot, op);
+            }
+            p
+        });
         let scanned = off_thread(self.fs.blocking(), move || f.scan(&ig, prev, changed))
             .await
             .map_err(CycleError::Local)?
@@ -855,6 +859,15 @@ impl Session {
             main.push(i);
         }
         let main_ops: Vec<Op> = main.iter().map(|i| ops[*i].clone()).collect();
+        if target == Side::Beta {
+            // Written down (and synced) once for the cycle, before anything goes out.
+            let intents: Vec<Intent> = main
+                .iter()
+                .chain(&bulk)
+                .filter_map(|i| Intent::of(&ops[*i]))
+                .collect();
+            self.store.intend(&intents).map_err(CycleError::Local)?;
+        }
         let done = match target {
             Side::Beta => self.mover.send_to_beta(remote, &main_ops).await?,
             Side::Alpha => self.mover.fetch_to_alpha(remote, &main_ops).await?,
@@ -870,7 +883,7 @@ impl Session {
                     cs_sync::record_applied(copy, op);
                 }
                 (Side::Beta, None) => {}
-                (Side::Alpha, _) => self.recheck_alpha.push(op.path().clone()),
+                (Side::Alpha, _) => self.applied_alpha.push(op.clone()),
             }
         }
         for (i, ok) in main.iter().zip(done) {
@@ -940,7 +953,8 @@ impl Session {
             dirty.insert(d.op.path().clone());
         }
         match d.target {
-            Side::Alpha => self.recheck_alpha.push(d.op.path().clone()),
+            Side::Alpha if d.ok => self.applied_alpha.push(d.op.clone()),
+            Side::Alpha => {}
             Side::Beta => {
                 self.recheck_beta.insert(d.op.path().clone());
             }
@@ -988,8 +1002,6 @@ impl Session {
 #[derive(Clone)]
 struct Mover {
     fs: Arc<dyn RootFs>,
-    /// Where the intents of ops sent to the workspace are written down first.
-    store: Rc<dyn AncestorStore>,
     shared: Rc<Shared>,
     name: String,
     /// Paths whose last delta was refused (a wrong result, which the whole-file hash
@@ -1023,9 +1035,15 @@ impl Mover {
         }
     }
 
-    /// Sends beta's ops with their content. Returns which were applied.
+    /// Sends beta's ops with their content, in batches; up to `APPLIES_IN_FLIGHT_MAX`
+    /// batches go out before the first one's `Applied` is read, so the workspace applies
+    /// and syncs one while the next is on its way. Returns which ops were applied.
     async fn send_to_beta(&self, remote: &mut Remote, ops: &[Op]) -> Result<Vec<bool>, CycleError> {
         let mut applied = Vec::with_capacity(ops.len());
+        // Batches sent whose `Applied` has not been read, oldest first, with the indexes of
+        // their ops that went as deltas.
+        let mut waiting: std::collections::VecDeque<(&[Op], Vec<usize>)> =
+            std::collections::VecDeque::new();
         for batch in ops.chunks(OPS_PER_BATCH_MAX) {
             // Changed large files move as deltas against what the workspace has.
             let want: Vec<usize> = (0..batch.len())
@@ -1033,6 +1051,10 @@ impl Mover {
                 .collect();
             let mut sigs: BTreeMap<usize, Signature> = BTreeMap::new();
             if !want.is_empty() {
+                // Answers come in order: the batches before are answered first.
+                while let Some(w) = waiting.pop_front() {
+                    self.read_applied(remote, w, &mut applied).await?;
+                }
                 let paths = want.iter().map(|i| batch[*i].path().clone()).collect();
                 remote.send(&SyncRequest::Signatures { paths }).await?;
                 match remote.reply().await? {
@@ -1047,8 +1069,6 @@ impl Mover {
                 }
             }
             let delta_sent: Vec<usize> = sigs.keys().copied().collect();
-            let intents: Vec<Intent> = batch.iter().filter_map(Intent::of).collect();
-            self.store.intend(&intents).map_err(CycleError::Local)?;
             remote
                 .send(&SyncRequest::Apply {
                     ops: batch.to_vec(),
@@ -1087,26 +1107,41 @@ impl Mover {
                     st.advance(op);
                 }
             }
-            match remote.reply().await? {
-                SyncReply::Applied { errors } if errors.len() == batch.len() => {
-                    for i in &delta_sent {
-                        self.delta_outcome(
-                            batch[*i].path(),
-                            errors[*i].as_deref().map_or(Ok(()), Err),
-                        );
-                    }
-                    for (op, e) in batch.iter().zip(&errors) {
-                        if let Some(e) = e {
-                            tracing::info!(session = %self.name, path = %op.path(), error = %e, "not applied in the workspace");
-                            self.shared.status.borrow_mut().last_error = Some(e.clone());
-                        }
-                    }
-                    applied.extend(errors.iter().map(Option::is_none));
-                }
-                other => return Err(unexpected(&other)),
+            waiting.push_back((batch, delta_sent));
+            if waiting.len() >= APPLIES_IN_FLIGHT_MAX {
+                let w = waiting.pop_front().expect("not empty");
+                self.read_applied(remote, w, &mut applied).await?;
             }
         }
+        while let Some(w) = waiting.pop_front() {
+            self.read_applied(remote, w, &mut applied).await?;
+        }
         Ok(applied)
+    }
+
+    /// Reads the `Applied` of a batch sent earlier and notes its outcome in `applied`.
+    async fn read_applied(
+        &self,
+        remote: &mut Remote,
+        (batch, delta_sent): (&[Op], Vec<usize>),
+        applied: &mut Vec<bool>,
+    ) -> Result<(), CycleError> {
+        match remote.reply().await? {
+            SyncReply::Applied { errors } if errors.len() == batch.len() => {
+                for i in &delta_sent {
+                    self.delta_outcome(batch[*i].path(), errors[*i].as_deref().map_or(Ok(()), Err));
+                }
+                for (op, e) in batch.iter().zip(&errors) {
+                    if let Some(e) = e {
+                        tracing::info!(session = %self.name, path = %op.path(), error = %e, "not applied in the workspace");
+                        self.shared.status.borrow_mut().last_error = Some(e.clone());
+                    }
+                }
+                applied.extend(errors.iter().map(Option::is_none));
+                Ok(())
+            }
+            other => Err(unexpected(&other)),
+        }
     }
 
     /// Fetches the content alpha's ops need and applies them, in order.
