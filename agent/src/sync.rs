@@ -567,7 +567,13 @@ async fn apply(
     // Durable before reported: the laptop records what it is told was applied.
     let f = fs.clone();
     let skip = cs_protocol::canary::active(cs_protocol::Canary::UnsyncedApply);
-    if let Err(e) = off_thread(fs.blocking(), move || if skip { Ok(()) } else { f.sync() }).await? {
+    let paths: Vec<RelPath> = kept.iter().map(|op| op.path().clone()).collect();
+    if let Err(e) = off_thread(
+        fs.blocking(),
+        move || if skip { Ok(()) } else { f.sync(&paths) },
+    )
+    .await?
+    {
         for err in errors.iter_mut().filter(|e| e.is_none()) {
             *err = Some(e.clone());
         }

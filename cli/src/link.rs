@@ -79,8 +79,9 @@ pub struct GetStatus;
 #[rtype(result = "()")]
 struct Lost(usize);
 
-/// Stops the link now (its sandbox is being deleted): it closes its connection and never
-/// reconnects, whoever still holds its address.
+/// Stops the link now (its sandbox is being deleted): it never reconnects, whoever still
+/// holds its address. Streams still open keep the connection until the agent goes (its
+/// shutdown ends their commands).
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Stop;
@@ -90,9 +91,6 @@ impl Handler<Stop> for Link {
     fn handle(&mut self, _: Stop, ctx: &mut Context<Self>) {
         for w in self.waiters.drain(..) {
             let _ = w.send(Err(format!("{} is being deleted", self.name)));
-        }
-        if let LinkState::Connected { conn, .. } = &self.state {
-            conn.close(0u32.into(), b"workspace forgotten");
         }
         self.state = LinkState::Idle;
         ctx.stop();

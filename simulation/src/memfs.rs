@@ -319,8 +319,9 @@ impl RootFs for MemRoot {
         Ok(())
     }
 
-    fn sync(&self) -> Result<(), String> {
-        self.lock().pending.clear();
+    fn sync(&self, paths: &[RelPath]) -> Result<(), String> {
+        // Only what is named becomes durable: a shell that forgot a path leaves it pending.
+        self.lock().pending.retain(|(p, _)| !paths.contains(p));
         Ok(())
     }
 

@@ -12,11 +12,12 @@
 //! - **Never half-written.** New content goes to a temporary file in the same directory
 //!   (named with [`TEMP_PREFIX`], which scans skip), is checked against the expected size
 //!   and hash, and then linked (create: fails if the name appeared meanwhile) or renamed
-//!   (replace) into place. A failure removes the temporary file. Nothing is fsynced per file
-//!   (two flushes per file made a first sync of the kernel tree disk-bound): a crashed
-//!   process cannot tear a file, and the shells make a whole batch durable at once
-//!   ([`sync_root`]) before they report it applied, so no ancestor ever records content
-//!   that a power loss could take back.
+//!   (replace) into place. A failure removes the temporary file. Nothing is fsynced while
+//!   applying (two flushes per file made a first sync of the kernel tree disk-bound): a
+//!   crashed process cannot tear a file, and the shells make a whole batch durable
+//!   ([`sync_paths`]: a few files and their directories one by one, a large batch with one
+//!   `syncfs`) before they report it applied, so no ancestor ever records content that a
+//!   power loss could take back.
 //! - Permissions: only the executable bit syncs: files get [`FILE_MODE`] or [`EXEC_MODE`],
 //!   directories [`DIR_MODE`].
 
@@ -403,6 +404,53 @@ fn write_checked(
 
 /// Makes everything written under `root` durable: one `syncfs(2)` of its filesystem, after
 /// a batch of ops and before they are reported applied.
+/// Up to this many applied paths are synced one by one ([`sync_paths`]); more, and the
+/// whole filesystem is (one `syncfs`).
+pub const SYNC_PATHS_MAX: usize = 16;
+
+/// Makes the applies at `paths` under `root` durable: for a few, each file (or directory)
+/// that is there and every directory holding one of them, so that its creation, rename or
+/// removal is on disk too; for more, [`sync_root`]. A small edit then costs two `fsync`s,
+/// not a flush of everything the machine has written lately.
+pub fn sync_paths(root: &Path, paths: &[RelPath]) -> io::Result<()> {
+    if paths.is_empty() {
+        return Ok(());
+    }
+    if paths.len() > SYNC_PATHS_MAX {
+        return sync_root(root);
+    }
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut dirs: Vec<RelPath> = Vec::new();
+    for path in paths {
+        let target = path.to_fs_path(root);
+        // Never through a symlink: the applies checked their parents, and a symlink itself
+        // is made durable by its directory's sync.
+        match fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&target)
+        {
+            Ok(f) => f.sync_all()?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {}
+            Err(e) => return Err(e),
+        }
+        dirs.push(path.parent().unwrap_or_default());
+    }
+    dirs.sort();
+    dirs.dedup();
+    for dir in dirs {
+        match File::open(dir.to_fs_path(root)) {
+            Ok(d) => d.sync_all()?,
+            // Removed since (a later op of the batch): nothing to keep.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Makes everything written on `root`'s filesystem durable (one `syncfs`).
 pub fn sync_root(root: &Path) -> io::Result<()> {
     use std::os::fd::AsRawFd;
     let dir = File::open(root)?;

@@ -30,9 +30,9 @@ pub trait RootFs: Send + Sync {
     ) -> Result<ScanOutput, String>;
     /// Applies one op, re-checking what it replaces or deletes; file content from `content`.
     fn apply(&self, op: &Op, content: Option<&mut dyn Read>) -> Result<(), String>;
-    /// Makes the ops applied so far durable (the real root: one `syncfs`); called after a
-    /// batch, before it is reported applied.
-    fn sync(&self) -> Result<(), String> {
+    /// Makes the ops applied at `paths` durable (the real root: each file and its directory
+    /// for a few, one `syncfs` for more); called after a batch, before it is reported applied.
+    fn sync(&self, _paths: &[RelPath]) -> Result<(), String> {
         Ok(())
     }
     /// Opens a file for reading, never through a symlink or out of the root.
@@ -113,8 +113,8 @@ impl RootFs for OsRoot {
         apply(&self.root, op, content).map_err(|e| e.to_string())
     }
 
-    fn sync(&self) -> Result<(), String> {
-        crate::apply::sync_root(&self.root)
+    fn sync(&self, paths: &[RelPath]) -> Result<(), String> {
+        crate::apply::sync_paths(&self.root, paths)
             .map_err(|e| format!("cannot sync {}: {e}", self.root.display()))
     }
 

@@ -476,3 +476,21 @@ fn end_to_end_two_way_cycle() {
         .unwrap()
         .is_empty());
 }
+
+/// Syncing what a batch applied works for what is there, what was removed and what is
+/// below a removed directory, one by one and (past the limit) as a whole filesystem; a
+/// symlink is never followed out of the root.
+#[test]
+fn sync_paths_covers_files_removals_and_large_batches() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    write(root, "d/a.c", b"x");
+    std::os::unix::fs::symlink("/etc/passwd", root.join("link")).unwrap();
+    let few = [p("d/a.c"), p("d"), p("gone"), p("gone/below"), p("link")];
+    cs_sync::apply::sync_paths(root, &few).unwrap();
+    let many: Vec<RelPath> = (0..=cs_sync::apply::SYNC_PATHS_MAX)
+        .map(|i| p(&format!("f{i}")))
+        .collect();
+    cs_sync::apply::sync_paths(root, &many).unwrap();
+    cs_sync::apply::sync_paths(root, &[]).unwrap();
+}

@@ -1229,7 +1229,8 @@ impl Mover {
             // Durable before recorded: the ancestor must never hold what a power loss could
             // take back.
             let f = self.fs.clone();
-            if let Err(e) = off_thread(self.fs.blocking(), move || f.sync())
+            let paths: Vec<RelPath> = batch.iter().map(|op| op.path().clone()).collect();
+            if let Err(e) = off_thread(self.fs.blocking(), move || f.sync(&paths))
                 .await
                 .and_then(|r| r)
             {
