@@ -123,11 +123,48 @@ impl Spawner for OsSpawner {
 }
 
 /// Starts `cmd` on three pipes, in a process group of its own, and starts its pump tasks.
+/// Gives the child default signal dispositions and an empty signal mask, as sshd does: an
+/// agent started with SIGINT ignored (`nohup`, a background job of a script) must not pass
+/// that on, or a command would shrug off Ctrl-C. Only async-signal-safe calls: it runs
+/// between fork and exec.
+fn reset_signals() -> io::Result<()> {
+    for sig in [
+        libc::SIGINT,
+        libc::SIGQUIT,
+        libc::SIGHUP,
+        libc::SIGTERM,
+        libc::SIGPIPE,
+        libc::SIGTSTP,
+        libc::SIGTTIN,
+        libc::SIGTTOU,
+        libc::SIGCHLD,
+    ] {
+        // SAFETY: signal(2) with SIG_DFL is async-signal-safe and touches no memory of ours.
+        if unsafe { libc::signal(sig, libc::SIG_DFL) } == libc::SIG_ERR {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    // SAFETY: an empty set on the stack, filled and passed to sigprocmask, both
+    // async-signal-safe.
+    unsafe {
+        let mut none: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut none);
+        if libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut()) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
 fn spawn_piped(mut cmd: std::process::Command) -> io::Result<ChildHandle> {
     cmd.stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
+    // SAFETY: `reset_signals` makes only async-signal-safe calls and allocates nothing.
+    unsafe {
+        cmd.pre_exec(reset_signals);
+    }
     let mut child = tokio::process::Command::from(cmd).spawn()?;
     let pid = child_pid(&child);
     // The three pipes were requested just above, so the child has them.
@@ -177,6 +214,7 @@ fn spawn_on_pty(
     // child's process group id equals its pid.
     unsafe {
         cmd.pre_exec(|| {
+            reset_signals()?;
             if libc::setsid() < 0 {
                 return Err(io::Error::last_os_error());
             }
@@ -625,6 +663,28 @@ mod tests {
             start.elapsed() < Duration::from_secs(5),
             "took {:?}",
             start.elapsed()
+        );
+    }
+
+    /// An agent started with SIGINT ignored (a background job, `nohup`) must not hand that
+    /// on: CI once ran the suite that way and the signal tests above timed out.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn spawn_gives_children_default_signal_handling() {
+        let home = tempfile::tempdir().unwrap();
+        // SAFETY: ignoring SIGINT in this test process only changes how a Ctrl-C of the
+        // test run behaves; it is restored below.
+        let before = unsafe { libc::signal(libc::SIGINT, libc::SIG_IGN) };
+        let spawned = spawner("/bin/sh", home.path()).spawn(&run("grep SigIgn /proc/self/status"));
+        // SAFETY: as above.
+        unsafe { libc::signal(libc::SIGINT, before) };
+        let seen = collect(&mut spawned.unwrap()).await;
+        let line = String::from_utf8_lossy(&seen.stdout).to_string();
+        let mask = u64::from_str_radix(line.trim().trim_start_matches("SigIgn:").trim(), 16)
+            .unwrap_or_else(|e| panic!("{line:?}: {e}"));
+        assert_eq!(
+            mask & (1 << (libc::SIGINT - 1)),
+            0,
+            "SIGINT ignored: {line}"
         );
     }
 
