@@ -308,14 +308,10 @@ impl ScanState {
         }
     }
 
-    /// Whether the last scan differs from the laptop's copy somewhere.
+    /// Whether the last scan differs from the laptop's copy somewhere (`unsent` holds
+    /// exactly those paths once pruned, which every scan and apply does).
     fn differs(&self) -> bool {
-        let (Some(sent), Some(prev)) = (&self.sent, &self.prev) else {
-            return true;
-        };
-        self.unsent
-            .iter()
-            .any(|p| sent.get(p) != prev.snapshot.get(p))
+        self.sent.is_none() || self.prev.is_none() || !self.unsent.is_empty()
     }
 
     /// Notes that the laptop recorded `op` as applied in its copy, and that the root now
