@@ -144,8 +144,9 @@ async fn serve_connection(conn: quinn::Connection, served: Served) {
                 match served.sync_permits.clone().try_acquire_owned() {
                     Ok(permit) => {
                         let roots = served.roots.clone();
+                        let probe = cs_transport::TailProbe::new(conn.clone());
                         tokio::spawn(async move {
-                            crate::sync::serve(open, roots, send, recv).await;
+                            crate::sync::serve(open, roots, send, recv, probe).await;
                             drop(permit);
                         });
                     }

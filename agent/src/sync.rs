@@ -113,8 +113,13 @@ pub fn resolve_root(home: &Path, root: &str) -> Result<PathBuf, String> {
 }
 
 /// Serves one sync stream until the laptop closes it.
-pub async fn serve<W, R>(open: SyncOpen, roots: Arc<dyn Roots>, mut send: W, mut recv: R)
-where
+pub async fn serve<W, R>(
+    open: SyncOpen,
+    roots: Arc<dyn Roots>,
+    mut send: W,
+    mut recv: R,
+    probe: cs_transport::TailProbe,
+) where
     W: AsyncWrite + Unpin + Send + 'static,
     R: AsyncRead + Unpin + Send + 'static,
 {
@@ -133,13 +138,19 @@ where
     };
     let fs = root.fs.clone();
     tracing::info!(session = %open.session, root = %fs.describe(), "sync stream open");
-    // One writer task owns the stream's send half: replies and `Changed` share it.
+    // One writer task owns the stream's send half: replies and `Changed` share it. File
+    // content is packed here, on its way out.
     let (tx, mut rx) = mpsc::channel::<SyncReply>(REPLIES_QUEUED_MAX);
     let writer = tokio::spawn(async move {
         while let Some(r) = rx.recv().await {
+            let r = match r {
+                SyncReply::Data(d) => SyncReply::data(d),
+                other => other,
+            };
             if write_frame(&mut send, &r).await.is_err() {
                 break;
             }
+            probe.poke();
         }
     });
     // One reader task decodes requests, so that the loop below can wait for a request and
@@ -148,7 +159,7 @@ where
     let reader = tokio::spawn(async move {
         loop {
             let next = match read_frame::<_, SyncRequest>(&mut recv).await {
-                Ok(Some(r)) => Ok(r),
+                Ok(Some(r)) => r.unpacked(),
                 Ok(None) => break,
                 Err(e) => Err(e.to_string()),
             };
@@ -238,7 +249,7 @@ where
             }
             SyncRequest::Read { files } => read(&fs, files, &tx).await,
             SyncRequest::Signatures { paths } => signatures(&fs, paths, &tx).await,
-            SyncRequest::Data(_) | SyncRequest::Delta(_) => {
+            SyncRequest::Data(_) | SyncRequest::Packed(_) | SyncRequest::Delta(_) => {
                 Err("content outside an Apply".to_string())
             }
         };

@@ -282,6 +282,8 @@ pub struct Opened {
     pub first_frame: Vec<u8>,
     /// 1, or 2 when the first connection turned out dead and a fresh one was used.
     pub attempts: u32,
+    /// Tail-loss probes on the stream's connection.
+    pub probe: cs_transport::TailProbe,
 }
 
 /// Opening a stream failed; `retry` when the connection was lost before the agent answered, so
@@ -325,6 +327,7 @@ pub async fn open_on_link(
                     recv,
                     first_frame,
                     attempts: attempt,
+                    probe: cs_transport::TailProbe::new(conn.clone()),
                 })
             }
             Err(OpenFailed {

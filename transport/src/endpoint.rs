@@ -77,6 +77,9 @@ fn transport_config(
     let mut acks = quinn::AckFrequencyConfig::default();
     acks.max_ack_delay(Some(Duration::from_millis(ACK_DELAY_MS_MAX)));
     t.ack_frequency_config(Some(acks));
+    // Datagrams carry only tail-loss probes (`probe`), which nobody reads: a small buffer.
+    t.datagram_receive_buffer_size(Some(crate::probe::PROBE_BUFFER_BYTES))
+        .datagram_send_buffer_size(crate::probe::PROBE_BUFFER_BYTES);
     // BBR paces at the measured bandwidth instead of halving its window at every loss: on a
     // link that drops a few percent of datagrams at random, a loss-based window stays a few
     // packets wide and a 20 KB save takes several round trips.

@@ -16,6 +16,7 @@ pub mod framed;
 pub mod identity;
 pub mod pairing;
 pub mod pin;
+pub mod probe;
 pub mod state;
 
 pub use endpoint::{client_config, server_config, EndpointError, TransportLimits};
@@ -23,6 +24,7 @@ pub use framed::{read_frame, write_frame, FrameError};
 pub use identity::{Fingerprint, Identity, IdentityError};
 pub use pairing::{Pairing, PairingError, Token};
 pub use pin::TrustPolicy;
+pub use probe::TailProbe;
 
 /// The crypto provider of the whole workspace.
 pub fn crypto_provider() -> std::sync::Arc<rustls::crypto::CryptoProvider> {

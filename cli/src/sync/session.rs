@@ -850,7 +850,7 @@ impl Session {
                 continue;
             }
             let large = matches!(op.result(), Some(cs_sync::Entry::File { size, .. }) if *size >= self.bulk_bytes_min);
-            if large && needs_content(op) && !self.mover.delta_for(op) {
+            if large && needs_content(op) && !self.mover.delta_for(op, target) {
                 if self.inflight.len() + bulk.len() < BULK_STREAMS_MAX {
                     bulk.push(i);
                 }
@@ -1014,8 +1014,13 @@ struct Mover {
 const WHOLE_NEXT_MAX: usize = 4096;
 
 impl Mover {
-    fn delta_for(&self, op: &Op) -> bool {
-        wants_delta(op) && !self.whole.borrow().contains(op.path())
+    /// Whether `op`'s content moves to `target` as a delta.
+    fn delta_for(&self, op: &Op, target: Side) -> bool {
+        let min = match target {
+            Side::Alpha => cs_protocol::sync::DELTA_FILE_BYTES_MIN,
+            Side::Beta => cs_protocol::sync::DELTA_UPLOAD_BYTES_MIN,
+        };
+        wants_delta(op, min) && !self.whole.borrow().contains(op.path())
     }
 
     /// Records how a delta for `path` went: only a wrong result moves it whole next time.
@@ -1047,7 +1052,7 @@ impl Mover {
         for batch in ops.chunks(OPS_PER_BATCH_MAX) {
             // Changed large files move as deltas against what the workspace has.
             let want: Vec<usize> = (0..batch.len())
-                .filter(|i| self.delta_for(&batch[*i]))
+                .filter(|i| self.delta_for(&batch[*i], Side::Beta))
                 .collect();
             let mut sigs: BTreeMap<usize, Signature> = BTreeMap::new();
             if !want.is_empty() {
@@ -1156,7 +1161,7 @@ impl Mover {
             // workspace answers with a delta against it.
             let mut files = Vec::new();
             for op in batch.iter().filter(|op| needs_content(op)) {
-                let sig = if self.delta_for(op) {
+                let sig = if self.delta_for(op, Side::Alpha) {
                     let (f, p) = (self.fs.clone(), op.path().clone());
                     off_thread(self.fs.blocking(), move || {
                         f.read(&p, DELTA_FILE_BYTES_MAX)
@@ -1253,6 +1258,7 @@ fn unexpected(r: &SyncReply) -> CycleError {
         SyncReply::Signatures { .. } => "Signatures",
         SyncReply::File(_) => "File",
         SyncReply::Data(_) => "Data",
+        SyncReply::Packed(_) => "Packed",
         SyncReply::Delta(_) => "Delta",
         SyncReply::Changed => "Changed",
     };
@@ -1278,6 +1284,8 @@ struct Remote {
     /// Set by the reader when the workspace sent something that does not decode (a path
     /// with `..`, an absolute path, a malformed frame).
     violation: Rc<RefCell<Option<String>>>,
+    /// Poked after every frame sent: the end of each burst is probed.
+    probe: cs_transport::TailProbe,
 }
 
 impl Remote {
@@ -1325,11 +1333,18 @@ impl Remote {
                         bc.set(true);
                         c.notify_one();
                     }
-                    Ok(Some(r)) => {
-                        if tx.send(r).await.is_err() {
+                    Ok(Some(r)) => match r.unpacked() {
+                        Ok(r) => {
+                            if tx.send(r).await.is_err() {
+                                break;
+                            }
+                        }
+                        Err(e) => {
+                            *v.borrow_mut() =
+                                Some(format!("the workspace sent an invalid message: {e}"));
                             break;
                         }
-                    }
+                    },
                     Ok(None) => break,
                     Err(cs_transport::framed::FrameError::Decode(e)) => {
                         *v.borrow_mut() =
@@ -1342,6 +1357,7 @@ impl Remote {
             l.notify_one();
         });
         Ok(Self {
+            probe: opened.probe,
             send: opened.send,
             replies,
             changed,
@@ -1357,7 +1373,9 @@ impl Remote {
     async fn send(&mut self, r: &SyncRequest) -> Result<(), CycleError> {
         write_frame(&mut self.send, r)
             .await
-            .map_err(|e| CycleError::Stream(format!("sending to the workspace: {e}")))
+            .map_err(|e| CycleError::Stream(format!("sending to the workspace: {e}")))?;
+        self.probe.poke();
+        Ok(())
     }
 
     async fn reply(&mut self) -> Result<SyncReply, CycleError> {
@@ -1453,7 +1471,7 @@ impl Remote {
             let data = fs.read(path, DELTA_FILE_BYTES_MAX).unwrap_or_default();
             for c in data.chunks(DATA_CHUNK_BYTES_MAX) {
                 sent += c.len() as u64;
-                self.send(&SyncRequest::Data(c.to_vec())).await?;
+                self.send(&SyncRequest::data(c.to_vec())).await?;
             }
         } else {
             let (f, p) = (fs.clone(), path.clone());
@@ -1463,7 +1481,7 @@ impl Remote {
                 match c {
                     Ok(data) => {
                         sent += data.len() as u64;
-                        self.send(&SyncRequest::Data(data)).await?;
+                        self.send(&SyncRequest::data(data)).await?;
                     }
                     Err(e) => {
                         tracing::info!(error = %e, "cannot read a file to send; the workspace will refuse it");

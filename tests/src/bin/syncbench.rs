@@ -41,7 +41,7 @@ use cs_tests::benchkit::{
 };
 
 const USAGE: &str = "usage: syncbench [--quick] [--edits N] [--peer-edits N] [--lossy-edits N]
-                 [--idle-secs N] [--seed N] [--keep]
+                 [--idle-secs N] [--seed N] [--keep] [--only-lossy] [--loss PCT]
   --quick          part of the kernel tree (drivers/net fs kernel net), a smaller git
                    repository and lossy tree, fewer edits, 10 s idle
   --edits N        cs edits per save kind (default 100; --quick 20)
@@ -49,7 +49,10 @@ const USAGE: &str = "usage: syncbench [--quick] [--edits N] [--peer-edits N] [--
   --lossy-edits N  cs edits per save kind through the lossy relay (default 50; --quick 10)
   --idle-secs N    the idle window (default 60; --quick 10)
   --seed N         seed of the edited files, the edits and the relay's losses (default 1)
-  --keep           keep the temporary directory (trees, logs of cs, agents and peers)";
+  --keep           keep the temporary directory (trees, logs of cs, agents and peers)
+  --only-lossy     measure only cs through the lossy relay (no peers, no other phase)
+  --loss PCT       the relay's loss, in percent (default 5)
+With SYNCBENCH_TRACE set, every edit's size and latency is printed as it is measured.";
 
 const TARBALL: &str = "/usr/src/linux-source-6.1.tar.xz";
 const TREE: &str = "linux-source-6.1";
@@ -114,6 +117,9 @@ struct Opts {
     lossy_edits: usize,
     idle: Duration,
     seed: u64,
+    only_lossy: bool,
+    /// The relay's loss, a fraction.
+    loss: f64,
 }
 
 impl Opts {
@@ -135,6 +141,8 @@ fn opts() -> anyhow::Result<Option<Opts>> {
         lossy_edits: 50,
         idle: Duration::from_secs(60),
         seed: 1,
+        only_lossy: false,
+        loss: LOSS,
     };
     let (mut edits, mut peer, mut lossy, mut idle) = (None, None, None, None);
     let mut args = std::env::args().skip(1);
@@ -148,6 +156,15 @@ fn opts() -> anyhow::Result<Option<Opts>> {
             "--lossy-edits" => lossy = Some(num("--lossy-edits")?.clamp(1, 10_000) as usize),
             "--idle-secs" => idle = Some(num("--idle-secs")?.clamp(1, 3_600)),
             "--seed" => o.seed = num("--seed")?,
+            "--only-lossy" => o.only_lossy = true,
+            "--loss" => {
+                let pct = num("--loss")?;
+                ensure!(
+                    pct <= 50,
+                    "invalid --loss '{pct}': expected a percentage up to 50"
+                );
+                o.loss = pct as f64 / 100.0;
+            }
             "-h" | "--help" => {
                 println!("{USAGE}");
                 return Ok(None);
@@ -662,6 +679,13 @@ fn edit_latencies(
             .with_context(|| format!("cannot save {}", path.display()))?;
         match wait_content(&remote.join(rel), &content, limit)? {
             Some(d) => {
+                if std::env::var_os("SYNCBENCH_TRACE").is_some() {
+                    say!(
+                        "{who}: edit {i} kind {k} {} bytes {:.1} ms",
+                        content.len(),
+                        d.as_secs_f64() * 1e3
+                    );
+                }
                 lat[k].ms.push(d.as_secs_f64() * 1e3);
                 missed_in_a_row = 0;
             }
@@ -1219,6 +1243,10 @@ fn measure_cs(cs_bin: PathBuf, x: &Ctx<'_>, r: &mut Report) -> anyhow::Result<()
         agent,
     };
 
+    if o.only_lossy {
+        return measure_lossy(&mut c, x, &cs_bin, r);
+    }
+
     // 1. Initial sync.
     let alpha = tmp.join("cs-alpha");
     say!("cs: copying the tree for the laptop side");
@@ -1370,14 +1398,24 @@ fn measure_cs(cs_bin: PathBuf, x: &Ctx<'_>, r: &mut Report) -> anyhow::Result<()
         c.check_restarts("the git checkout", r);
     }
 
-    // 6. Through a lossy relay.
+    measure_lossy(&mut c, x, &cs_bin, r)
+}
+
+/// 6. Through a lossy relay.
+fn measure_lossy(
+    c: &mut CsRun<'_>,
+    x: &Ctx<'_>,
+    cs_bin: &Path,
+    r: &mut Report,
+) -> anyhow::Result<()> {
+    let o = x.o;
     say!(
         "cs: through a relay dropping {:.0}% and adding {:?} each way",
-        LOSS * 100.0,
+        o.loss * 100.0,
         ONE_WAY_DELAY
     );
     let lossy = attempt("cs lossy", || {
-        lossy_run(&mut c, o, x.kernel, &cs_bin.with_file_name("cs-agent"), r)
+        lossy_run(c, o, x.kernel, &cs_bin.with_file_name("cs-agent"), r)
     })?;
     match lossy {
         Ok(lat) => push_lat(&mut r.lossy, "`cs sync` through the relay", Ok(lat)),
@@ -1455,7 +1493,7 @@ fn lossy_run(
     let agent_port = free_udp_port()?;
     let relay = Relay::start(
         SocketAddr::from(([127, 0, 0, 1], agent_port)),
-        LOSS,
+        o.loss,
         ONE_WAY_DELAY,
         o.seed,
     )?;
@@ -1525,7 +1563,7 @@ fn lossy_run(
         "Relay: {:.0}% loss and {} ms each way (RTT {} ms), seed {}; {fwd} datagrams forwarded, \
          {dropped} dropped ({:.1}%). Tree: {}/ ({} files), initial sync through the relay \
          {}.",
-        LOSS * 100.0,
+        o.loss * 100.0,
         ONE_WAY_DELAY.as_millis(),
         2 * ONE_WAY_DELAY.as_millis(),
         o.seed,
@@ -2549,7 +2587,7 @@ fn run(o: &Opts) -> anyhow::Result<bool> {
         .collect();
     let big_orig = t.join("big-orig.bin");
     write_big(&big_orig, o.seed)?;
-    let repo = if git_ok {
+    let repo = if git_ok && !o.only_lossy {
         say!("making the git repository");
         match attempt("git repository", || {
             git_repo(&kernel, t, &scratch, o.seed, o.scale())
@@ -2600,7 +2638,8 @@ fn run(o: &Opts) -> anyhow::Result<bool> {
         anyhow::Ok(())
     })?;
 
-    let sshd = if rsync {
+    let measure_peers = !o.only_lossy;
+    let sshd = if rsync && measure_peers {
         let s = Sshd::start(&t.join("sshd"))?;
         say!("sshd listening on 127.0.0.1:{}", s.port);
         Some(s)
@@ -2613,15 +2652,21 @@ fn run(o: &Opts) -> anyhow::Result<bool> {
         rsync,
         unison: unison_ok,
     };
-    p.initial(&mut r)?;
-    p.big(&mut r)?;
-    p.git(&mut r)?;
-    p.unison_repeat(&mut r)?;
-    if syncthing {
-        p.syncthing(&mut r)?;
-    } else {
+    if !measure_peers {
         r.missing
-            .push("syncthing: not measured: not installed (`apt-get install -y syncthing`)".into());
+            .push("--only-lossy: only cs through the lossy relay was measured".into());
+    } else {
+        p.initial(&mut r)?;
+        p.big(&mut r)?;
+        p.git(&mut r)?;
+        p.unison_repeat(&mut r)?;
+        if syncthing {
+            p.syncthing(&mut r)?;
+        } else {
+            r.missing.push(
+                "syncthing: not measured: not installed (`apt-get install -y syncthing`)".into(),
+            );
+        }
     }
     drop(sshd);
 
