@@ -266,6 +266,53 @@ mod tests {
         assert_eq!(peer_fingerprint(&conn), Some(agent.fingerprint()));
     }
 
+    /// Pokes in a burst send one probe, a later burst another; the peer takes them as 1-byte
+    /// datagrams and the stream traffic is untouched.
+    #[tokio::test]
+    async fn a_burst_of_pokes_sends_one_probe_datagram() {
+        let agent = Identity::generate("agent").unwrap();
+        let laptop = Identity::generate("laptop").unwrap();
+        let (ep, addr) = server(&agent, laptop.fingerprint()).await;
+        let (tx, mut got) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let conn = ep.accept().await.unwrap().await.unwrap();
+            let (mut s, mut r) = conn.accept_bi().await.unwrap();
+            let data = r.read_to_end(10).await.unwrap();
+            s.write_all(&data).await.unwrap();
+            s.finish().unwrap();
+            while let Ok(d) = conn.read_datagram().await {
+                if tx.send(d.to_vec()).is_err() {
+                    break;
+                }
+            }
+        });
+        let conn = try_connect(&laptop, agent.fingerprint(), addr)
+            .await
+            .unwrap();
+        let probe = crate::TailProbe::new(conn.clone());
+        let limit = std::time::Duration::from_secs(5);
+        for _ in 0..10 {
+            probe.clone().poke();
+        }
+        assert_eq!(
+            tokio::time::timeout(limit, got.recv()).await.unwrap(),
+            Some(vec![0])
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert!(
+            got.try_recv().is_err(),
+            "ten pokes in a burst sent more than one probe"
+        );
+        probe.poke();
+        assert_eq!(
+            tokio::time::timeout(limit, got.recv()).await.unwrap(),
+            Some(vec![0])
+        );
+        assert_eq!(conn.stats().frame_tx.datagram, 2);
+        // A probe without a connection sends nothing, anywhere.
+        crate::TailProbe::none().poke();
+    }
+
     #[tokio::test]
     async fn wrong_agent_key_is_refused_by_the_laptop() {
         let agent = Identity::generate("agent").unwrap();

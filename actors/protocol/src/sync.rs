@@ -387,6 +387,38 @@ mod tests {
     }
 
     #[test]
+    fn a_delta_is_wanted_from_the_given_size_for_changed_content_only() {
+        let file = |size: u64, h: u8| Entry::File {
+            size,
+            exec: false,
+            hash: [h; 32],
+        };
+        let replace = |old: Entry, new: Entry| Op::Replace {
+            path: RelPath::parse("a.c").unwrap(),
+            expected: old,
+            entry: new,
+        };
+        let k = 1024;
+        let mid = replace(file(100 * k, 1), file(100 * k + 40, 2));
+        assert!(wants_delta(&mid, DELTA_FILE_BYTES_MIN));
+        assert!(!wants_delta(&mid, DELTA_UPLOAD_BYTES_MIN));
+        let big = replace(file(300 * k, 1), file(300 * k, 2));
+        assert!(wants_delta(&big, DELTA_UPLOAD_BYTES_MIN));
+        // Same content (an executable-bit change), too small, too large, or a new file: whole.
+        assert!(!wants_delta(
+            &replace(file(300 * k, 1), file(300 * k, 1)),
+            1
+        ));
+        assert!(!wants_delta(
+            &replace(file(10 * k, 1), file(10 * k, 2)),
+            DELTA_FILE_BYTES_MIN
+        ));
+        let huge = DELTA_FILE_BYTES_MAX + 1;
+        assert!(!wants_delta(&replace(file(huge, 1), file(huge, 2)), 1));
+        assert!(!wants_delta(&replace(Entry::Dir, file(300 * k, 2)), 1));
+    }
+
+    #[test]
     fn content_is_packed_only_when_it_shrinks_and_comes_back_the_same() {
         let source: Vec<u8> = (0..2000)
             .flat_map(|i| format!("static int f{i}(void) {{ return {i}; }}\n").into_bytes())
