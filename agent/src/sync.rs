@@ -144,7 +144,7 @@ pub async fn serve<W, R>(
     let writer = tokio::spawn(async move {
         while let Some(r) = rx.recv().await {
             let r = match r {
-                SyncReply::Data(d) => SyncReply::data(d),
+                SyncReply::Data(d) => SyncReply::data(d, packs(&probe)),
                 other => other,
             };
             if write_frame(&mut send, &r).await.is_err() {
@@ -639,6 +639,14 @@ async fn apply_streamed(
     }
     drop(chunks);
     task.await.map_err(|e| format!("apply task failed: {e}"))
+}
+
+/// Whether content goes packed on this stream's connection: only on a distant link
+/// ([`cs_protocol::sync::PACK_RTT_MS_MIN`]).
+fn packs(probe: &cs_transport::TailProbe) -> bool {
+    probe
+        .rtt()
+        .is_some_and(|r| r >= Duration::from_millis(cs_protocol::sync::PACK_RTT_MS_MIN))
 }
 
 /// The next `Data` chunk of a file in an `Apply`.

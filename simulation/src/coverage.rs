@@ -38,6 +38,7 @@ pub const SYNC_MARKERS: &[&str] = &[
     "sync: files fetched from the workspace",
     "sync: file moved on its own stream",
     "sync: reconciled around the changed paths only",
+    "sync: content packed over a distant link",
 ];
 
 /// The markers of `MARKERS` that are not in `reached`.

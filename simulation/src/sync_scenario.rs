@@ -455,6 +455,9 @@ fn inner(seed: u64, trace: Trace) -> Result<Outcome, String> {
     if status.files_bulk > 0 {
         trace.sometimes("sync: file moved on its own stream");
     }
+    if status.chunks_packed > 0 {
+        trace.sometimes("sync: content packed over a distant link");
+    }
     if status.cycles_dirty > 0 {
         trace.sometimes("sync: reconciled around the changed paths only");
     }

@@ -362,6 +362,10 @@ impl CsHome {
     pub fn cmd<S: AsRef<OsStr>>(&self, args: &[S]) -> Command {
         let mut c = Command::new(&self.bin);
         c.args(args).env("CS_HOME", &self.home).env_remove("CS_LOG");
+        // The daemon's log level, for a look inside a run (`CS_BENCH_LOG=cs_cli=debug`).
+        if let Some(level) = std::env::var_os("CS_BENCH_LOG") {
+            c.env("CS_LOG", level);
+        }
         c
     }
 

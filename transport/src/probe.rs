@@ -24,8 +24,8 @@ pub const PROBE_DELAY_MS: u64 = 3;
 /// The datagram receive buffer of a connection: room for this many probes, at most.
 pub const PROBE_BUFFER_BYTES: usize = 64;
 
-/// Sends tail-loss probes on one connection (or nowhere, for streams without one). Clones
-/// share one pending probe: pokes in a burst send one datagram.
+/// Sends tail-loss probes on one connection (or nowhere, for streams without one), and tells
+/// its round trip. Clones share one pending probe: pokes in a burst send one datagram.
 #[derive(Clone, Debug, Default)]
 pub struct TailProbe {
     conn: Option<quinn::Connection>,
@@ -43,6 +43,11 @@ impl TailProbe {
     /// A probe that sends nothing (a stream that is not QUIC, as in unit tests).
     pub fn none() -> Self {
         Self::default()
+    }
+
+    /// The connection's smoothed round trip (`None` without a connection).
+    pub fn rtt(&self) -> Option<Duration> {
+        self.conn.as_ref().map(quinn::Connection::rtt)
     }
 
     /// The burst just written ends here: probe behind it, unless a probe is already pending.

@@ -271,6 +271,12 @@ impl DeltaAssembler {
     }
 }
 
+/// Content is packed on links whose round trip is at least this long: a link that far away
+/// is slower than zstd (hundreds of MB/s per core), and a save packed to a third is a third
+/// of the packets to lose. On loopback, a LAN or within a region it would only cost CPU:
+/// packing made the benchmark's initial sync over loopback 40% slower.
+pub const PACK_RTT_MS_MIN: u64 = 5;
+
 /// zstd level of [`pack`]: the fastest, which still shrinks source code about threefold.
 const PACK_LEVEL: i32 = 1;
 
@@ -303,8 +309,12 @@ pub fn unpack(packed: &[u8]) -> Result<Vec<u8>, String> {
 }
 
 impl SyncRequest {
-    /// A chunk of an `Apply`'s file content, packed when worth it (`Data` when empty).
-    pub fn data(chunk: Vec<u8>) -> Self {
+    /// A chunk of an `Apply`'s file content, packed when asked and worth it (`Data` when
+    /// empty).
+    pub fn data(chunk: Vec<u8>, packed: bool) -> Self {
+        if !packed {
+            return Self::Data(chunk);
+        }
         match pack(chunk) {
             Ok(z) => Self::Packed(z),
             Err(raw) => Self::Data(raw),
@@ -321,8 +331,12 @@ impl SyncRequest {
 }
 
 impl SyncReply {
-    /// A chunk of a `Read`'s file content, packed when worth it (`Data` when empty).
-    pub fn data(chunk: Vec<u8>) -> Self {
+    /// A chunk of a `Read`'s file content, packed when asked and worth it (`Data` when
+    /// empty).
+    pub fn data(chunk: Vec<u8>, packed: bool) -> Self {
+        if !packed {
+            return Self::Data(chunk);
+        }
         match pack(chunk) {
             Ok(z) => Self::Packed(z),
             Err(raw) => Self::Data(raw),
@@ -424,7 +438,11 @@ mod tests {
             .flat_map(|i| format!("static int f{i}(void) {{ return {i}; }}\n").into_bytes())
             .take(crate::DATA_CHUNK_BYTES_MAX)
             .collect();
-        let req = SyncRequest::data(source.clone());
+        assert_eq!(
+            SyncRequest::data(source.clone(), false),
+            SyncRequest::Data(source.clone())
+        );
+        let req = SyncRequest::data(source.clone(), true);
         let SyncRequest::Packed(z) = &req else {
             panic!("source code was not packed: {req:?}");
         };
@@ -435,7 +453,7 @@ mod tests {
             source.len()
         );
         assert_eq!(req.unpacked().unwrap(), SyncRequest::Data(source.clone()));
-        let reply = SyncReply::data(source.clone());
+        let reply = SyncReply::data(source.clone(), true);
         assert_eq!(reply.unpacked().unwrap(), SyncReply::Data(source));
         // Random bytes do not shrink; the end chunk and tiny chunks are never packed.
         let mut x = 1u64;
@@ -447,10 +465,16 @@ mod tests {
                 (x >> 56) as u8
             })
             .collect();
-        assert_eq!(SyncRequest::data(noise.clone()), SyncRequest::Data(noise));
-        assert_eq!(SyncRequest::data(Vec::new()), SyncRequest::Data(Vec::new()));
         assert_eq!(
-            SyncReply::data(b"ab".to_vec()),
+            SyncRequest::data(noise.clone(), true),
+            SyncRequest::Data(noise)
+        );
+        assert_eq!(
+            SyncRequest::data(Vec::new(), true),
+            SyncRequest::Data(Vec::new())
+        );
+        assert_eq!(
+            SyncReply::data(b"ab".to_vec(), true),
             SyncReply::Data(b"ab".to_vec())
         );
     }

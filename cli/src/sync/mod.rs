@@ -94,6 +94,9 @@ pub struct SyncStatus {
     /// Large files on their way on streams of their own, and how many made it so far.
     pub bulk_in_flight: usize,
     pub files_bulk: u64,
+    /// Content chunks that moved packed (zstd), both ways: only over a distant link.
+    #[serde(default)]
+    pub chunks_packed: u64,
 }
 
 /// How far a cycle's transfer is: files with content (both ways) and their sizes.

@@ -52,6 +52,9 @@ const SNAPSHOT_ENTRIES_MAX: usize = 4_000_000;
 /// `CACHE_SAVE_HASHED_MIN` files (a first scan): a stale cache only costs some rehashing.
 const CACHE_SAVE_MS: u64 = 60_000;
 const CACHE_SAVE_HASHED_MIN: usize = 1_000;
+/// While an answer is late, the session probes the link at most this often (`Remote::reply`).
+const WAITING_PROBE_MS_MIN: u64 = 20;
+
 /// The daemon's `Env::bulk_bytes_min`.
 pub const BULK_BYTES_MIN: u64 = 1 << 20;
 /// Bulk streams one session runs at once.
@@ -697,6 +700,17 @@ impl Session {
             && remote.watched
             && !remote.beta_changed.get()
             && self.recheck_beta.is_empty();
+        let remote_scan_why = if current {
+            "none"
+        } else if full {
+            "full"
+        } else if dirty.is_none() {
+            "local scan was whole"
+        } else if remote.beta_changed.get() {
+            "the workspace changed"
+        } else {
+            "rechecks"
+        };
         let (beta, remote_problems, remote_changed) = match &remote.beta {
             Some(b) if current => (b, remote.problems, Some(Vec::new())),
             _ => {
@@ -770,6 +784,7 @@ impl Session {
         }
         *self.shared.conflicts.borrow_mut() = plan.conflicts.clone();
         if plan.is_empty() {
+            self.shared.status.borrow_mut().chunks_packed += remote.packed.take();
             self.finish_cycle(alpha, &plan, dirty.is_some());
             return Ok(Outcome::Quiet);
         }
@@ -813,8 +828,10 @@ impl Session {
             save_us = t4.elapsed().as_micros() as u64,
             to_beta = plan.to_beta.len(),
             to_alpha = plan.to_alpha.len(),
+            remote_scan = remote_scan_why,
             "cycle"
         );
+        self.shared.status.borrow_mut().chunks_packed += remote.packed.take();
         self.finish_cycle(alpha, &plan, dirty.is_some());
         // Ops waiting for a bulk stream do not count: its report wakes the session.
         let moved = beta_moved || alpha_moved;
@@ -1286,6 +1303,8 @@ struct Remote {
     violation: Rc<RefCell<Option<String>>>,
     /// Poked after every frame sent: the end of each burst is probed.
     probe: cs_transport::TailProbe,
+    /// Content chunks sent or received packed since the session last took the count.
+    packed: Rc<Cell<u64>>,
 }
 
 impl Remote {
@@ -1326,6 +1345,8 @@ impl Remote {
             beta_changed.clone(),
         );
         let mut recv = opened.recv;
+        let packed = Rc::new(Cell::new(0));
+        let pk = packed.clone();
         tokio::task::spawn_local(async move {
             loop {
                 match read_frame::<_, SyncReply>(&mut recv).await {
@@ -1333,7 +1354,10 @@ impl Remote {
                         bc.set(true);
                         c.notify_one();
                     }
-                    Ok(Some(r)) => match r.unpacked() {
+                    Ok(Some(r)) => match {
+                        pk.set(pk.get() + u64::from(matches!(r, SyncReply::Packed(_))));
+                        r.unpacked()
+                    } {
                         Ok(r) => {
                             if tx.send(r).await.is_err() {
                                 break;
@@ -1357,6 +1381,7 @@ impl Remote {
             l.notify_one();
         });
         Ok(Self {
+            packed,
             probe: opened.probe,
             send: opened.send,
             replies,
@@ -1379,7 +1404,25 @@ impl Remote {
     }
 
     async fn reply(&mut self) -> Result<SyncReply, CycleError> {
-        match self.replies.recv().await {
+        // While the answer is late, probe every half round trip: each probe carries our
+        // acknowledgements again (one of them may be what got lost) and draws the workspace's,
+        // so a lost request or answer, or a lost retransmission of either, is found within
+        // about a round trip instead of a probe timeout that doubles each time.
+        let every = self
+            .probe
+            .rtt()
+            .map(|r| (r / 2).max(Duration::from_millis(WAITING_PROBE_MS_MIN)));
+        let got = loop {
+            let Some(every) = every else {
+                break self.replies.recv().await;
+            };
+            tokio::select! {
+                biased;
+                r = self.replies.recv() => break r,
+                () = tokio::time::sleep(every) => self.probe.poke(),
+            }
+        };
+        match got {
             Some(r) => Ok(r),
             None => Err(match self.violation.borrow_mut().take() {
                 Some(v) => CycleError::Violation(v),
@@ -1463,15 +1506,29 @@ impl Remote {
         Ok((self.beta.insert(snapshot), problems, changed))
     }
 
+    /// Sends a chunk of file content, packed if `packed` and worth it.
+    async fn send_data(&mut self, chunk: Vec<u8>, packed: bool) -> Result<(), CycleError> {
+        let r = SyncRequest::data(chunk, packed);
+        if matches!(r, SyncRequest::Packed(_)) {
+            self.packed.set(self.packed.get() + 1);
+        }
+        self.send(&r).await
+    }
+
     /// Sends a local file as `Data` chunks and the empty end chunk. Returns its size. A file
     /// that cannot be read is sent short: the workspace refuses it (wrong size or hash).
     async fn send_file(&mut self, fs: &Arc<dyn RootFs>, path: &RelPath) -> Result<u64, CycleError> {
         let mut sent = 0u64;
+        // Content goes packed only over a distant link (`PACK_RTT_MS_MIN`).
+        let packed = self
+            .probe
+            .rtt()
+            .is_some_and(|r| r >= Duration::from_millis(cs_protocol::sync::PACK_RTT_MS_MIN));
         if !fs.blocking() {
             let data = fs.read(path, DELTA_FILE_BYTES_MAX).unwrap_or_default();
             for c in data.chunks(DATA_CHUNK_BYTES_MAX) {
                 sent += c.len() as u64;
-                self.send(&SyncRequest::data(c.to_vec())).await?;
+                self.send_data(c.to_vec(), packed).await?;
             }
         } else {
             let (f, p) = (fs.clone(), path.clone());
@@ -1481,7 +1538,7 @@ impl Remote {
                 match c {
                     Ok(data) => {
                         sent += data.len() as u64;
-                        self.send(&SyncRequest::data(data)).await?;
+                        self.send_data(data, packed).await?;
                     }
                     Err(e) => {
                         tracing::info!(error = %e, "cannot read a file to send; the workspace will refuse it");

@@ -100,7 +100,7 @@ const LONG: Duration = Duration::from_secs(30 * 60);
 /// Progress on stderr, stamped with the seconds since the run started.
 macro_rules! say {
     ($($t:tt)*) => {
-        eprintln!("syncbench: [{:6.1} s] {}", started().elapsed().as_secs_f64(), format_args!($($t)*))
+        eprintln!("syncbench: [{:8.3} s] {}", started().elapsed().as_secs_f64(), format_args!($($t)*))
     };
 }
 
@@ -674,6 +674,9 @@ fn edit_latencies(
             std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
         let line = format!("/* syncbench edit {i} {:016x} */\n", rng.next());
         content.extend_from_slice(line.as_bytes());
+        if std::env::var_os("SYNCBENCH_TRACE").is_some() {
+            say!("{who}: edit {i} saving");
+        }
         SAVES[k]
             .write(&path, &content)
             .with_context(|| format!("cannot save {}", path.display()))?;
@@ -954,6 +957,7 @@ impl Relay {
             let (client_r, client_s) = (client.clone(), client.clone());
             let (dropped, forwarded) = (dropped.clone(), forwarded.clone());
             let mut rng = Rng(seed ^ if up { 0x0F } else { 0xF0 });
+            let trace = std::env::var_os("SYNCBENCH_TRACE").is_some();
             threads.push(std::thread::spawn(move || {
                 let mut buf = vec![0u8; 65_536];
                 while !stop_r.load(Ordering::SeqCst) {
@@ -973,7 +977,21 @@ impl Relay {
                     };
                     if rng.chance(loss) {
                         dropped.fetch_add(1, Ordering::Relaxed);
+                        if trace {
+                            say!(
+                                "relay: dropped {} bytes {}",
+                                n,
+                                if up { "up" } else { "down" }
+                            );
+                        }
                         continue;
+                    }
+                    if trace {
+                        say!(
+                            "relay: passed {} bytes {}",
+                            n,
+                            if up { "up" } else { "down" }
+                        );
                     }
                     if tx
                         .send((Instant::now() + delay, buf[..n].to_vec()))
