@@ -1354,21 +1354,21 @@ impl Remote {
                         bc.set(true);
                         c.notify_one();
                     }
-                    Ok(Some(r)) => match {
+                    Ok(Some(r)) => {
                         pk.set(pk.get() + u64::from(matches!(r, SyncReply::Packed(_))));
-                        r.unpacked()
-                    } {
-                        Ok(r) => {
-                            if tx.send(r).await.is_err() {
+                        match r.unpacked() {
+                            Ok(r) => {
+                                if tx.send(r).await.is_err() {
+                                    break;
+                                }
+                            }
+                            Err(e) => {
+                                *v.borrow_mut() =
+                                    Some(format!("the workspace sent an invalid message: {e}"));
                                 break;
                             }
                         }
-                        Err(e) => {
-                            *v.borrow_mut() =
-                                Some(format!("the workspace sent an invalid message: {e}"));
-                            break;
-                        }
-                    },
+                    }
                     Ok(None) => break,
                     Err(cs_transport::framed::FrameError::Decode(e)) => {
                         *v.borrow_mut() =
