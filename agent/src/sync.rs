@@ -645,7 +645,7 @@ async fn apply_streamed(
 /// ([`cs_protocol::sync::PACK_RTT_MS_MIN`]).
 fn packs(probe: &cs_transport::TailProbe) -> bool {
     probe
-        .rtt()
+        .base_rtt()
         .is_some_and(|r| r >= Duration::from_millis(cs_protocol::sync::PACK_RTT_MS_MIN))
 }
 

@@ -13,7 +13,7 @@
 //! and sent again at once. The peer never reads the probes: its datagram receive buffer holds
 //! [`PROBE_BUFFER_BYTES`], and older datagrams are dropped as new ones come.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,17 +26,39 @@ pub const PROBE_BUFFER_BYTES: usize = 64;
 
 /// Sends tail-loss probes on one connection (or nowhere, for streams without one), and tells
 /// its round trip. Clones share one pending probe: pokes in a burst send one datagram.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct TailProbe {
     conn: Option<quinn::Connection>,
     pending: Arc<AtomicBool>,
+    /// The least smoothed round trip seen, in microseconds (`u64::MAX`: none yet).
+    rtt_min_us: Arc<AtomicU64>,
+}
+
+impl Default for TailProbe {
+    fn default() -> Self {
+        Self {
+            conn: None,
+            pending: Arc::default(),
+            rtt_min_us: Arc::new(AtomicU64::new(u64::MAX)),
+        }
+    }
 }
 
 impl TailProbe {
     pub fn new(conn: quinn::Connection) -> Self {
-        Self {
+        let p = Self {
             conn: Some(conn),
-            pending: Arc::default(),
+            ..Self::default()
+        };
+        p.sample();
+        p
+    }
+
+    /// Notes the connection's round trip now.
+    fn sample(&self) {
+        if let Some(c) = &self.conn {
+            let us = u64::try_from(c.rtt().as_micros()).unwrap_or(u64::MAX);
+            self.rtt_min_us.fetch_min(us, Ordering::Relaxed);
         }
     }
 
@@ -45,15 +67,27 @@ impl TailProbe {
         Self::default()
     }
 
-    /// The connection's smoothed round trip (`None` without a connection).
+    /// The connection's smoothed round trip now (`None` without a connection). It grows
+    /// with queueing: a busy loopback connection can show tens of milliseconds.
     pub fn rtt(&self) -> Option<Duration> {
         self.conn.as_ref().map(quinn::Connection::rtt)
+    }
+
+    /// The least round trip seen since this probe was made (sampled at every poke): how far
+    /// away the peer is, without the queueing of a busy moment.
+    pub fn base_rtt(&self) -> Option<Duration> {
+        self.sample();
+        match self.rtt_min_us.load(Ordering::Relaxed) {
+            u64::MAX => None,
+            us => Some(Duration::from_micros(us)),
+        }
     }
 
     /// The burst just written ends here: probe behind it, unless a probe is already pending.
     /// Needs a tokio runtime.
     pub fn poke(&self) {
         let Some(conn) = &self.conn else { return };
+        self.sample();
         if self.pending.swap(true, Ordering::AcqRel) {
             return;
         }

@@ -271,7 +271,8 @@ impl DeltaAssembler {
     }
 }
 
-/// Content is packed on links whose round trip is at least this long: a link that far away
+/// Content is packed on links whose base round trip (the least seen: a busy loopback link
+/// shows tens of milliseconds of queueing) is at least this long: a link that far away
 /// is slower than zstd (hundreds of MB/s per core), and a save packed to a third is a third
 /// of the packets to lose. On loopback, a LAN or within a region it would only cost CPU:
 /// packing made the benchmark's initial sync over loopback 40% slower.

@@ -1522,7 +1522,7 @@ impl Remote {
         // Content goes packed only over a distant link (`PACK_RTT_MS_MIN`).
         let packed = self
             .probe
-            .rtt()
+            .base_rtt()
             .is_some_and(|r| r >= Duration::from_millis(cs_protocol::sync::PACK_RTT_MS_MIN));
         if !fs.blocking() {
             let data = fs.read(path, DELTA_FILE_BYTES_MAX).unwrap_or_default();
