@@ -172,21 +172,18 @@ fn new_pairing(
     })
 }
 
-/// The workspace names of a definition; other keys belong to the supervisor.
+/// The workspace names of a definition, after checking all of it (a bad key or value is an
+/// error naming it and its line).
 fn definition_workspaces(path: &Path) -> anyhow::Result<Vec<String>> {
-    #[derive(serde::Deserialize)]
-    struct Def {
-        workspaces: Vec<Ws>,
-    }
-    #[derive(serde::Deserialize)]
-    struct Ws {
-        name: String,
-    }
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read definition {}", path.display()))?;
-    let def: Def = serde_yaml_ng::from_str(&text)
+    let def = cs_supervisor::definition::Definition::parse(&text)
         .with_context(|| format!("invalid definition {}", path.display()))?;
-    Ok(def.workspaces.into_iter().map(|w| w.name).collect())
+    Ok(def
+        .workspaces
+        .into_iter()
+        .map(|w| w.name.as_str().to_string())
+        .collect())
 }
 
 fn command_env(home: &Path, shell: &Path, workspace: &str) -> Vec<(String, String)> {

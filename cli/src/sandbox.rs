@@ -148,33 +148,20 @@ fn stop_local_agent(local: &LocalAgent) {
 
 /// Workspace names of a definition file (`workspaces: [{name: ...}, ...]`).
 fn definition_workspaces(path: &Path) -> anyhow::Result<Vec<String>> {
-    #[derive(serde::Deserialize)]
-    struct Def {
-        workspaces: Vec<Ws>,
-    }
-    #[derive(serde::Deserialize)]
-    struct Ws {
-        name: String,
-    }
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let def: Def = serde_yaml_ng::from_str(&text)
+    // The whole definition is checked here, so a bad key or value is named (with its line)
+    // before anything is created.
+    let def = cs_supervisor::definition::Definition::parse(&text)
         .with_context(|| format!("invalid sandbox definition {}", path.display()))?;
-    if def.workspaces.is_empty() {
-        bail!("sandbox definition {} has no workspaces", path.display());
-    }
-    let mut seen = std::collections::BTreeSet::new();
     for w in &def.workspaces {
-        check_name("workspace", &w.name)?;
-        if !seen.insert(w.name.clone()) {
-            bail!(
-                "sandbox definition {} names workspace '{}' twice",
-                path.display(),
-                w.name
-            );
-        }
+        check_name("workspace", w.name.as_str())?;
     }
-    Ok(def.workspaces.into_iter().map(|w| w.name).collect())
+    Ok(def
+        .workspaces
+        .into_iter()
+        .map(|w| w.name.as_str().to_string())
+        .collect())
 }
 
 /// `cs sandbox create NAME --local [-f FILE]`.

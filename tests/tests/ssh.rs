@@ -250,6 +250,37 @@ fn definition_with_several_workspaces() {
     );
 }
 
+#[test]
+fn a_bad_definition_is_refused_naming_the_key_and_line_and_creates_nothing() {
+    let l = Laptop::new();
+    let def = l.dir.path().join("sandbox.yaml");
+    for (yaml, needles) in [
+        (
+            "workspaces:\n  - name: api\n    checkouts:\n      - path: src\n        repo: {git: /r}\n        histroy: {depth: 1}\n",
+            vec!["unknown field `histroy`", "line 6"],
+        ),
+        (
+            "workspaces:\n  - name: api\n    checkouts:\n      - path: src\n        repo: {git: /r}\n        manifest:\n          overlays:\n            - inline:\n                jobs:\n                  j: {run: {cmd: x}, schedule: '* * * *'}\n",
+            vec!["schedule '* * * *' has 4 fields", "line 10"],
+        ),
+        (
+            "workspaces:\n  - name: api\n    system:\n      files:\n        - {path: etc/x, content: x}\n",
+            vec!["invalid path 'etc/x'", "line 5"],
+        ),
+    ] {
+        std::fs::write(&def, yaml).unwrap();
+        let out = l.run(&["sandbox", "create", "bad", "--local", "-f", def.to_str().unwrap()]);
+        let err = text(&out.stderr);
+        assert!(!out.status.success(), "{err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        for n in needles {
+            assert!(err.contains(n), "{n}: {err}");
+        }
+        let out = l.run(&["sandbox", "show", "bad"]);
+        assert!(text(&out.stderr).contains("unknown sandbox 'bad'"), "{}", text(&out.stderr));
+    }
+}
+
 /// A remote-style agent started by hand, as on another machine.
 struct ManualAgent {
     child: std::process::Child,
