@@ -695,11 +695,14 @@ impl Session {
         // scan would only confirm the copy, a round trip an edit need not wait for. (An op
         // planned on a copy that just went stale is refused by the workspace's re-check.)
         // Paths the bulk streams applied there are rescanned (from the disk) there.
+        // A flush asks the workspace too: it must see what changed there before it was
+        // asked for, even if the workspace's `Changed` is still on its way.
         let current = !full
             && dirty.is_some()
             && remote.watched
             && !remote.beta_changed.get()
-            && self.recheck_beta.is_empty();
+            && self.recheck_beta.is_empty()
+            && self.shared.flush_waiters.borrow().is_empty();
         let remote_scan_why = if current {
             "none"
         } else if full {
@@ -708,8 +711,10 @@ impl Session {
             "local scan was whole"
         } else if remote.beta_changed.get() {
             "the workspace changed"
-        } else {
+        } else if !self.recheck_beta.is_empty() {
             "rechecks"
+        } else {
+            "a flush"
         };
         let (beta, remote_problems, remote_changed) = match &remote.beta {
             Some(b) if current => (b, remote.problems, Some(Vec::new())),
