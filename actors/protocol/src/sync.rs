@@ -309,17 +309,20 @@ pub fn unpack(packed: &[u8]) -> Result<Vec<u8>, String> {
     Ok(data)
 }
 
+/// A chunk packed when asked and worth it (`Ok`), else as it is (`Err`).
+fn pack_if(chunk: Vec<u8>, packed: bool) -> Result<Vec<u8>, Vec<u8>> {
+    if packed {
+        pack(chunk)
+    } else {
+        Err(chunk)
+    }
+}
+
 impl SyncRequest {
     /// A chunk of an `Apply`'s file content, packed when asked and worth it (`Data` when
     /// empty).
     pub fn data(chunk: Vec<u8>, packed: bool) -> Self {
-        if !packed {
-            return Self::Data(chunk);
-        }
-        match pack(chunk) {
-            Ok(z) => Self::Packed(z),
-            Err(raw) => Self::Data(raw),
-        }
+        pack_if(chunk, packed).map_or_else(Self::Data, Self::Packed)
     }
 
     /// The request with a packed chunk unpacked to `Data`; other requests unchanged.
@@ -335,13 +338,7 @@ impl SyncReply {
     /// A chunk of a `Read`'s file content, packed when asked and worth it (`Data` when
     /// empty).
     pub fn data(chunk: Vec<u8>, packed: bool) -> Self {
-        if !packed {
-            return Self::Data(chunk);
-        }
-        match pack(chunk) {
-            Ok(z) => Self::Packed(z),
-            Err(raw) => Self::Data(raw),
-        }
+        pack_if(chunk, packed).map_or_else(Self::Data, Self::Packed)
     }
 
     /// The reply with a packed chunk unpacked to `Data`; other replies unchanged.

@@ -697,25 +697,22 @@ impl Session {
         // Paths the bulk streams applied there are rescanned (from the disk) there.
         // A flush asks the workspace too: it must see what changed there before it was
         // asked for, even if the workspace's `Changed` is still on its way.
-        let current = !full
-            && dirty.is_some()
-            && remote.watched
-            && !remote.beta_changed.get()
-            && self.recheck_beta.is_empty()
-            && self.shared.flush_waiters.borrow().is_empty();
-        let remote_scan_why = if current {
-            "none"
-        } else if full {
-            "full"
+        let remote_scan_why = if full {
+            Some("full")
         } else if dirty.is_none() {
-            "local scan was whole"
+            Some("local scan was whole")
+        } else if !remote.watched {
+            Some("the workspace is not watched")
         } else if remote.beta_changed.get() {
-            "the workspace changed"
+            Some("the workspace changed")
         } else if !self.recheck_beta.is_empty() {
-            "rechecks"
+            Some("rechecks")
+        } else if !self.shared.flush_waiters.borrow().is_empty() {
+            Some("a flush")
         } else {
-            "a flush"
+            None
         };
+        let current = remote_scan_why.is_none();
         let (beta, remote_problems, remote_changed) = match &remote.beta {
             Some(b) if current => (b, remote.problems, Some(Vec::new())),
             _ => {
@@ -833,7 +830,7 @@ impl Session {
             save_us = t4.elapsed().as_micros() as u64,
             to_beta = plan.to_beta.len(),
             to_alpha = plan.to_alpha.len(),
-            remote_scan = remote_scan_why,
+            remote_scan = remote_scan_why.unwrap_or("none"),
             "cycle"
         );
         self.shared.status.borrow_mut().chunks_packed += remote.packed.take();
