@@ -89,6 +89,16 @@ pub struct ServeArgs {
     /// Shell for commands (default: $SHELL, the user's login shell, or /bin/sh).
     #[arg(long)]
     pub shell: Option<PathBuf>,
+    /// The workspace owner: when the agent runs as root, checkouts, hooks, daemons, jobs and
+    /// `~/.sandbox/setup` run as this user (system-level steps stay root).
+    #[arg(long)]
+    pub owner: Option<String>,
+    /// Directory of secrets, one file per secret, for `{{secret "NAME"}}` in templates.
+    #[arg(long)]
+    pub secrets: Option<PathBuf>,
+    /// Do not retry a failed setup step on its own (retry with `cs status --retry`).
+    #[arg(long)]
+    pub no_auto_retry: bool,
 }
 
 /// Time sessions get between SIGHUP and SIGKILL when the agent shuts down.
@@ -172,25 +182,27 @@ fn new_pairing(
     })
 }
 
-/// The workspace names of a definition, after checking all of it (a bad key or value is an
-/// error naming it and its line).
-fn definition_workspaces(path: &Path) -> anyhow::Result<Vec<String>> {
+/// A definition, after checking all of it (a bad key or value is an error naming it and its
+/// line).
+fn load_definition(path: &Path) -> anyhow::Result<cs_supervisor::definition::Definition> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read definition {}", path.display()))?;
-    let def = cs_supervisor::definition::Definition::parse(&text)
-        .with_context(|| format!("invalid definition {}", path.display()))?;
-    Ok(def
-        .workspaces
-        .into_iter()
-        .map(|w| w.name.as_str().to_string())
-        .collect())
+    cs_supervisor::definition::Definition::parse(&text)
+        .with_context(|| format!("invalid definition {}", path.display()))
 }
 
-fn command_env(home: &Path, shell: &Path, workspace: &str) -> Vec<(String, String)> {
-    let user = nix::unistd::User::from_uid(nix::unistd::getuid())
-        .ok()
-        .flatten()
-        .map(|u| u.name);
+fn command_env(
+    home: &Path,
+    shell: &Path,
+    workspace: &str,
+    user: Option<&str>,
+) -> Vec<(String, String)> {
+    let user = user.map(str::to_string).or_else(|| {
+        nix::unistd::User::from_uid(nix::unistd::getuid())
+            .ok()
+            .flatten()
+            .map(|u| u.name)
+    });
     let user = user
         .or_else(|| std::env::var("USER").ok())
         .unwrap_or_else(|| "owner".into());
@@ -221,9 +233,16 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         .home
         .canonicalize()
         .with_context(|| format!("cannot resolve {}", a.home.display()))?;
+    let mut definition = None;
     let workspace = match (&a.definition, &a.workspace) {
         (Some(def), ws) => {
-            let names = definition_workspaces(def)?;
+            let loaded = load_definition(def)?;
+            let names: Vec<String> = loaded
+                .workspaces
+                .iter()
+                .map(|w| w.name.as_str().to_string())
+                .collect();
+            definition = Some(loaded);
             match ws {
                 Some(w) if names.contains(w) => w.clone(),
                 Some(w) => bail!(
@@ -248,8 +267,68 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         &format!("cs-agent {workspace}"),
     )?;
     let trust = Arc::new(TrustStore::open(&paths.state)?);
-    let shell = a.shell.clone().unwrap_or_else(default_shell);
-    let env = command_env(&home, &shell, &workspace);
+    let owner = match &a.owner {
+        Some(name) if nix::unistd::geteuid().is_root() => {
+            Some(crate::supervise::identity::User::lookup(name)?)
+        }
+        Some(name) => {
+            let me = nix::unistd::User::from_uid(nix::unistd::geteuid())
+                .ok()
+                .flatten();
+            if me.as_ref().is_some_and(|u| &u.name == name) {
+                None
+            } else {
+                bail!("--owner {name}: the agent runs as an ordinary user and can run programs only as itself; run it as root to use --owner");
+            }
+        }
+        None => None,
+    };
+    if let Some(dir) = &a.secrets {
+        if !dir.is_dir() {
+            bail!("--secrets {}: not a directory", dir.display());
+        }
+    }
+    let shell = a
+        .shell
+        .clone()
+        .or_else(|| {
+            owner
+                .as_ref()
+                .map(|u| u.shell.clone())
+                .filter(|s| s.is_file())
+        })
+        .unwrap_or_else(default_shell);
+    let env = command_env(
+        &home,
+        &shell,
+        &workspace,
+        owner.as_ref().map(|u| u.name.as_str()),
+    );
+    let root_env = if owner.is_some() {
+        command_env(Path::new("/root"), &shell, &workspace, Some("root"))
+    } else {
+        env.clone()
+    };
+    let ws_def = definition
+        .map(|d| {
+            d.workspaces
+                .into_iter()
+                .find(|w| w.name.as_str() == workspace)
+        })
+        .unwrap_or_default();
+    let sup_cfg = crate::supervise::Config {
+        workspace: ws_def,
+        home: home.clone(),
+        root: a.root.clone(),
+        etc: paths.etc.clone(),
+        state: paths.state.clone(),
+        shell: shell.clone(),
+        env: env.clone(),
+        root_env,
+        owner,
+        secrets: a.secrets.clone(),
+        auto_retry: !a.no_auto_retry,
+    };
 
     // One thread: the actors, quinn and the pumps share it. On this workload a multi-thread
     // runtime spent more CPU handing buffers between threads than it gained (see ARCHITECTURE.md).
@@ -275,6 +354,8 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         tracing::info!(%local, %workspace, home = %home.display(), key = %identity.fingerprint(), "serving");
         let spawner = OsSpawner { shell, home: home.clone(), env };
         let exec = ExecActor::new(Rc::new(spawner)).start();
+        let logs = crate::logs::LogHub::new(paths.log.clone(), cs_log::rotate::Policy::DEFAULT);
+        let supervisor = crate::supervise::Supervisor::new(sup_cfg, logs.clone()).start();
         let served = Served {
             workspace,
             trust: trust.clone(),
@@ -284,6 +365,9 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
                 caches: Some(paths.state.join("sync-cache")),
             }),
             sync_permits: Arc::new(tokio::sync::Semaphore::new(crate::sync::SYNC_STREAMS_MAX)),
+            supervisor: Some(supervisor.clone()),
+            logs: Some(logs),
+            log_permits: Arc::new(tokio::sync::Semaphore::new(crate::serve::LOG_STREAMS_MAX)),
         };
         let accept = tokio::spawn(accept_loop(endpoint.clone(), served));
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -292,6 +376,8 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
             _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
             _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
         }
+        // Daemons, jobs and a running step get SIGTERM, a grace, then SIGKILL.
+        let _ = supervisor.send(crate::supervise::Shutdown).await;
         // Hang up every session, as sshd's sessions are when it goes; then kill what stayed.
         let hung_up = exec.send(cs_exec::SignalAll(libc::SIGHUP)).await.unwrap_or(0);
         if hung_up > 0 {

@@ -2,7 +2,9 @@
 //! simulation runs the same server ([`serve`]) on a simulated network.
 
 pub mod app;
+pub mod logs;
 pub mod serve;
 pub mod spawn;
 pub mod state;
+pub mod supervise;
 pub mod sync;

@@ -71,7 +71,15 @@ pub struct Served {
     pub roots: Arc<dyn crate::sync::Roots>,
     /// Sync streams served at once ([`crate::sync::SYNC_STREAMS_MAX`]).
     pub sync_permits: Arc<tokio::sync::Semaphore>,
+    /// The workspace's supervisor and logs (the simulation runs without).
+    pub supervisor: Option<Addr<crate::supervise::Supervisor>>,
+    pub logs: Option<crate::logs::LogHub>,
+    /// Log streams served at once ([`LOG_STREAMS_MAX`]).
+    pub log_permits: Arc<tokio::sync::Semaphore>,
 }
+
+/// `cs logs` streams served at once.
+pub const LOG_STREAMS_MAX: usize = 64;
 
 fn unix_now() -> u64 {
     std::time::SystemTime::now()
@@ -161,6 +169,59 @@ async fn serve_connection(conn: quinn::Connection, served: Served) {
                             &cs_protocol::sync::SyncReply::Refused { reason },
                         )
                         .await;
+                    }
+                }
+            }
+            Ok(Ok(Some(StreamOpen::Supervise(req)))) => {
+                let supervisor = served.supervisor.clone();
+                tokio::spawn(async move {
+                    use cs_protocol::supervise::SuperviseReply;
+                    let reply = match supervisor {
+                        Some(s) => s
+                            .send(crate::supervise::Ask(req))
+                            .await
+                            .unwrap_or_else(|_| {
+                                SuperviseReply::Error("the supervisor stopped".into())
+                            }),
+                        None => SuperviseReply::Error("this agent runs no supervisor".into()),
+                    };
+                    let mut send = send;
+                    let _ = write_frame(&mut send, &reply).await;
+                    let _ = send.finish();
+                    let _ = tokio::time::timeout(Duration::from_secs(5), send.stopped()).await;
+                    drop(recv);
+                });
+            }
+            Ok(Ok(Some(StreamOpen::Logs(open)))) => {
+                let mut send = send;
+                match (
+                    served.logs.clone(),
+                    served.log_permits.clone().try_acquire_owned(),
+                ) {
+                    (Some(hub), Ok(permit)) => {
+                        tokio::spawn(async move {
+                            // The laptop finishing or resetting its side ends a follow.
+                            let mut recv = recv;
+                            let mut buf = [0u8; 64];
+                            tokio::select! {
+                                _ = crate::logs::serve(hub, open, &mut send) => {}
+                                _ = async { while let Ok(Some(_)) = recv.read(&mut buf).await {} } => {}
+                            }
+                            let _ = send.finish();
+                            drop(permit);
+                        });
+                    }
+                    (None, _) => {
+                        let msg = cs_protocol::supervise::LogsMsg::Error(
+                            "this agent keeps no logs".into(),
+                        );
+                        let _ = write_frame(&mut send, &msg).await;
+                    }
+                    (Some(_), Err(_)) => {
+                        let msg = cs_protocol::supervise::LogsMsg::Error(format!(
+                            "the workspace serves {LOG_STREAMS_MAX} log streams, the most it allows"
+                        ));
+                        let _ = write_frame(&mut send, &msg).await;
                     }
                 }
             }

@@ -127,7 +127,7 @@ impl Spawner for OsSpawner {
 /// agent started with SIGINT ignored (`nohup`, a background job of a script) must not pass
 /// that on, or a command would shrug off Ctrl-C. Only async-signal-safe calls: it runs
 /// between fork and exec.
-fn reset_signals() -> io::Result<()> {
+pub(crate) fn reset_signals() -> io::Result<()> {
     for sig in [
         libc::SIGINT,
         libc::SIGQUIT,
@@ -442,7 +442,7 @@ async fn serve_control(pgid: Pid, mut control: mpsc::Receiver<Control>, pty: Opt
 
 /// Sends signal `n` to the process group `pgid`: the child's own group (pipes), or its session's
 /// first group (PTY, where setsid made the group id the child's pid).
-fn signal_group(pgid: Pid, n: i32) {
+pub(crate) fn signal_group(pgid: Pid, n: i32) {
     let signal = match Signal::try_from(n) {
         Ok(signal) => signal,
         Err(_) => {

@@ -10,7 +10,8 @@ use std::path::PathBuf;
 use anyhow::bail;
 use clap::{Parser, Subcommand};
 use cs_cli::home::CsHome;
-use cs_cli::{client, daemon, sandbox, ssh, sync, wire};
+use cs_cli::{automation, client, daemon, sandbox, ssh, sync, wire};
+use cs_protocol::supervise::{SuperviseReply, SuperviseRequest};
 
 /// Edit on your laptop, build and run in a cloud workspace.
 #[derive(Debug, Parser)]
@@ -58,6 +59,61 @@ enum Cmd {
         #[command(subcommand)]
         cmd: SyncCmd,
     },
+    /// Every daemon and job of a workspace: state, pid, restarts, last exit, next run.
+    Ps {
+        #[arg(short = 'W', long = "workspace")]
+        workspace: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The workspace's start sequence: Progressing, Ready or Problematic, and what blocks it.
+    Status {
+        #[arg(short = 'W', long = "workspace")]
+        workspace: Option<String>,
+        #[arg(long)]
+        json: bool,
+        /// Retry the failed step now (when automatic retry is off, or to not wait for it).
+        #[arg(long)]
+        retry: bool,
+    },
+    /// Start a daemon (or run a job now).
+    Start {
+        #[arg(short = 'W', long = "workspace")]
+        workspace: Option<String>,
+        name: String,
+    },
+    /// Stop a daemon (SIGTERM to its process group, then SIGKILL); it stays stopped.
+    Stop {
+        #[arg(short = 'W', long = "workspace")]
+        workspace: Option<String>,
+        name: String,
+    },
+    /// Restart a daemon, or every daemon without a name.
+    Restart {
+        #[arg(short = 'W', long = "workspace")]
+        workspace: Option<String>,
+        name: Option<String>,
+    },
+    /// Run the build hooks of every checkout again (then `cs restart` restarts the daemons).
+    Build {
+        #[arg(short = 'W', long = "workspace")]
+        workspace: Option<String>,
+    },
+    /// Show a daemon's, job's or setup step's log (`setup`, `checkout:PATH`, `build:PATH`).
+    Logs {
+        #[arg(short = 'W', long = "workspace")]
+        workspace: Option<String>,
+        name: String,
+        /// Keep printing new lines (survives a reconnect with no gap and no repeat).
+        #[arg(short = 'f', long)]
+        follow: bool,
+        /// Lines to show first.
+        #[arg(short = 'n', long = "lines", default_value_t = 100)]
+        lines: u32,
+        /// Prefix each line with its sequence number and Unix time in milliseconds.
+        #[arg(long)]
+        stamps: bool,
+    },
     /// Create (once) the local sandbox `demo` and run a command in it.
     Demo,
     /// The laptop daemon that holds the connections.
@@ -100,6 +156,27 @@ enum SandboxCmd {
     Delete { name: String },
     /// Make SANDBOX/WORKSPACE the default for -W.
     Use { target: String },
+    /// Enable or disable a cron job.
+    Job {
+        #[command(subcommand)]
+        cmd: JobCmd,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum JobCmd {
+    /// Let the job run on its schedule.
+    Enable {
+        #[arg(short = 'W', long = "workspace")]
+        workspace: Option<String>,
+        name: String,
+    },
+    /// Keep the job from running on its schedule.
+    Disable {
+        #[arg(short = 'W', long = "workspace")]
+        workspace: Option<String>,
+        name: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -263,7 +340,82 @@ async fn run_async(home: CsHome, cmd: Cmd) -> anyhow::Result<i32> {
                 SandboxCmd::Show { name, json } => sandbox::list(&home, Some(&name), json).await?,
                 SandboxCmd::Delete { name } => sandbox::delete(&home, &name).await?,
                 SandboxCmd::Use { target } => sandbox::use_default(&home, &target)?,
+                SandboxCmd::Job { cmd } => {
+                    let (ws, name, on) = match cmd {
+                        JobCmd::Enable { workspace, name } => (workspace, name, true),
+                        JobCmd::Disable { workspace, name } => (workspace, name, false),
+                    };
+                    let ws = resolve(&home, ws.as_deref())?;
+                    let req = SuperviseRequest::JobEnabled(name, on);
+                    automation::done(automation::ask(&home, &ws, req).await?)?;
+                }
             }
+            Ok(0)
+        }
+        Cmd::Ps { workspace, json } => {
+            let ws = resolve(&home, workspace.as_deref())?;
+            match automation::ask(&home, &ws, SuperviseRequest::Ps).await? {
+                SuperviseReply::Ps(procs) => automation::print_ps(&procs, json)?,
+                other => automation::done(other)?,
+            }
+            Ok(0)
+        }
+        Cmd::Status {
+            workspace,
+            json,
+            retry,
+        } => {
+            let ws = resolve(&home, workspace.as_deref())?;
+            if retry {
+                automation::done(automation::ask(&home, &ws, SuperviseRequest::Retry).await?)?;
+                return Ok(0);
+            }
+            match automation::ask(&home, &ws, SuperviseRequest::Status).await? {
+                SuperviseReply::Status(s) => {
+                    automation::print_status(&s, json)?;
+                    // Scripts can wait for Ready: Problematic exits 1, Progressing 3.
+                    Ok(match s.state.as_str() {
+                        "Ready" => 0,
+                        "Problematic" => 1,
+                        _ => 3,
+                    })
+                }
+                other => automation::done(other).map(|_| 0),
+            }
+        }
+        Cmd::Start { workspace, name } => {
+            let ws = resolve(&home, workspace.as_deref())?;
+            automation::done(automation::ask(&home, &ws, SuperviseRequest::Start(name)).await?)?;
+            Ok(0)
+        }
+        Cmd::Stop { workspace, name } => {
+            let ws = resolve(&home, workspace.as_deref())?;
+            automation::done(automation::ask(&home, &ws, SuperviseRequest::Stop(name)).await?)?;
+            Ok(0)
+        }
+        Cmd::Restart { workspace, name } => {
+            let ws = resolve(&home, workspace.as_deref())?;
+            let req = match name {
+                Some(n) => SuperviseRequest::Restart(n),
+                None => SuperviseRequest::RestartAll,
+            };
+            automation::done(automation::ask(&home, &ws, req).await?)?;
+            Ok(0)
+        }
+        Cmd::Build { workspace } => {
+            let ws = resolve(&home, workspace.as_deref())?;
+            automation::done(automation::ask(&home, &ws, SuperviseRequest::Build).await?)?;
+            Ok(0)
+        }
+        Cmd::Logs {
+            workspace,
+            name,
+            follow,
+            lines,
+            stamps,
+        } => {
+            let ws = resolve(&home, workspace.as_deref())?;
+            automation::logs(&home, &ws, &name, follow, lines, stamps).await?;
             Ok(0)
         }
         Cmd::Ssh {
@@ -446,4 +598,11 @@ async fn demo(home: &CsHome) -> anyhow::Result<i32> {
         "next: `cs ssh -W demo/dev` for a shell, `cs sandbox show demo`, `cs sandbox delete demo`"
     );
     Ok(0)
+}
+
+/// The workspace `-W` names (or the default), as SANDBOX/WORKSPACE.
+fn resolve(home: &CsHome, workspace: Option<&str>) -> anyhow::Result<String> {
+    let reg = home.registry()?;
+    let (r, _) = reg.resolve(workspace)?;
+    Ok(r.to_string())
 }

@@ -394,6 +394,9 @@ fn run_seed_inner(seed: u64, trace: Trace) -> Result<Outcome, String> {
                             caches: None,
                         }),
                         sync_permits: Arc::new(tokio::sync::Semaphore::new(1)),
+                        supervisor: None,
+                        logs: None,
+                        log_permits: Arc::new(tokio::sync::Semaphore::new(1)),
                     },
                 )
                 .await;

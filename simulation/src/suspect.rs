@@ -111,6 +111,9 @@ pub fn lost_finished(
                             caches: None,
                         }),
                         sync_permits: Arc::new(tokio::sync::Semaphore::new(1)),
+                        supervisor: None,
+                        logs: None,
+                        log_permits: Arc::new(tokio::sync::Semaphore::new(1)),
                     },
                 )
                 .await;

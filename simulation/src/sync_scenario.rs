@@ -334,6 +334,9 @@ fn inner(seed: u64, trace: Trace) -> Result<Outcome, String> {
                         exec,
                         roots: Arc::new(MemRoots(beta)),
                         sync_permits: Arc::new(tokio::sync::Semaphore::new(4)),
+                        supervisor: None,
+                        logs: None,
+                        log_permits: Arc::new(tokio::sync::Semaphore::new(1)),
                     },
                 )
                 .await;

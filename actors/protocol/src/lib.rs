@@ -8,6 +8,7 @@ pub mod canary;
 pub mod codec;
 pub mod exec;
 pub mod hello;
+pub mod supervise;
 pub mod sync;
 
 pub use canary::Canary;
@@ -15,7 +16,7 @@ pub use codec::{decode, encode_frame, DecodeError, EncodeError, FrameDecoder, FR
 
 /// The wire protocol version. Bump it on any incompatible change to a message in this crate;
 /// peers with different versions refuse each other in the hello with both numbers named.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// The version of the software, for messages that name it to a person.
 pub const SOFTWARE_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -35,4 +36,8 @@ pub enum StreamOpen {
     Exec(exec::ExecStart),
     /// Serve one sync session's workspace side.
     Sync(sync::SyncOpen),
+    /// Ask the workspace's supervisor (one request, one reply).
+    Supervise(supervise::SuperviseRequest),
+    /// Read or follow a daemon's, job's or step's log.
+    Logs(supervise::LogsOpen),
 }

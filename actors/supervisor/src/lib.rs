@@ -5,8 +5,10 @@
 //! ([`cron::Minute`], milliseconds), files as text. The agent's shells do the IO.
 
 pub mod backoff;
+pub mod checkout;
 pub mod cron;
 pub mod definition;
 pub mod env;
 pub mod jobs;
 pub mod sequence;
+pub mod template;

@@ -22,7 +22,9 @@ use crate::backoff::{Backoff, Failures};
 
 /// One step of the sequence. Checkout steps carry the checkout's index and path (the path
 /// is what "ran once" is remembered by).
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub enum Step {
     HomeSnapshot,
     InjectFiles,
