@@ -53,6 +53,13 @@ pub fn clone_script(c: &Checkout, dest: &str, tmp: &str) -> String {
         }
     }
     let shallow = !limits.is_empty();
+    // git ignores --depth and --shallow-since for a clone from a plain path; the same
+    // repository as a file:// URL honours them.
+    let url = if shallow && url.starts_with('/') {
+        format!("file://{url}")
+    } else {
+        url
+    };
     let recurse = if c.disable_recursive_checkout {
         " --no-recurse-submodules"
     } else if shallow {
@@ -165,7 +172,7 @@ mod tests {
             "/h/src/app",
             "/h/src/.app.cs-checkout",
         );
-        assert!(s.contains("clone --progress --depth 1 --recurse-submodules --shallow-submodules --branch next -- /srv/app.git /h/src/.app.cs-checkout"), "{s}");
+        assert!(s.contains("clone --progress --depth 1 --recurse-submodules --shallow-submodules --branch next -- file:///srv/app.git /h/src/.app.cs-checkout"), "{s}");
         assert!(s.contains("protocol.file.allow=always"), "{s}");
         assert!(s.contains("mv /h/src/.app.cs-checkout /h/src/app"), "{s}");
         assert!(!s.contains("ls-remote"), "{s}");

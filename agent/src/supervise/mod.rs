@@ -312,6 +312,7 @@ impl Supervisor {
             self.steps_done.remove(0);
         }
         self.step_proc = None;
+        self.record_running();
         let now = self.now_ms();
         let effects = self.seq.finished(&step, outcome, now);
         self.apply(effects, ctx);
@@ -478,7 +479,10 @@ impl Supervisor {
             });
         });
         match started {
-            Ok(r) => self.step_proc = Some((step, Some(r))),
+            Ok(r) => {
+                self.step_proc = Some((step, Some(r)));
+                self.record_running();
+            }
             Err(exit) => {
                 self.step_proc = Some((step.clone(), None));
                 ctx.notify(StepDone {
@@ -840,7 +844,10 @@ impl Supervisor {
                 exit,
             });
         }) {
-            Ok(r) => p.running = Some((r, now)),
+            Ok(r) => {
+                p.running = Some((r, now));
+                self.record_running();
+            }
             Err(exit) => {
                 ctx.notify(ProcExited {
                     name: name.to_string(),
@@ -870,6 +877,7 @@ impl Supervisor {
         if running.group_alive() {
             actix_rt::spawn(running.stop_group(Duration::from_millis(proc::STOP_GRACE_MS)));
         }
+        self.record_running();
         self.after_stop(name, now, now.saturating_sub(started), ctx);
     }
 
@@ -1111,6 +1119,35 @@ impl Supervisor {
         ))
     }
 
+    /// Writes down the process groups running now, so an agent that crashed can end them
+    /// when it starts again (see [`kill_leftovers`]).
+    fn record_running(&self) {
+        let mut running: BTreeMap<String, (u32, u64)> = BTreeMap::new();
+        let groups = self
+            .procs
+            .iter()
+            .filter_map(|(n, p)| Some((n.clone(), p.running?.0)))
+            .chain(
+                self.step_proc
+                    .iter()
+                    .filter_map(|(s, r)| Some((s.name(), (*r)?))),
+            );
+        for (name, r) in groups {
+            if let Some(t) = start_time(r.pid) {
+                running.insert(name, (r.pid, t));
+            }
+        }
+        let file = self.cfg.state.join("running.json");
+        let tmp = file.with_extension("json.tmp");
+        let written = serde_json::to_vec(&running)
+            .map_err(std::io::Error::other)
+            .and_then(|b| std::fs::write(&tmp, b))
+            .and_then(|()| std::fs::rename(&tmp, &file));
+        if let Err(e) = written {
+            tracing::warn!(error = %e, "cannot record the running processes");
+        }
+    }
+
     fn save(&self) {
         if let Err(e) = save_persisted(&self.cfg.state, &self.persisted) {
             tracing::error!(error = %e, "cannot save the supervisor's state");
@@ -1172,6 +1209,43 @@ impl Supervisor {
     }
 }
 
+/// The start time of process `pid` (clock ticks since boot, field 22 of `/proc/PID/stat`):
+/// with the pid it names one process, even after pids wrap.
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may contain spaces: count after it.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split(' ').nth(19)?.parse().ok()
+}
+
+/// Ends the process groups an agent that crashed left running (its daemons, its running
+/// step), so a daemon never runs twice: SIGTERM, up to a second, then SIGKILL. A group is
+/// ended only if its leader is the very process recorded (same pid, same start time).
+fn kill_leftovers(state: &Path) {
+    let file = state.join("running.json");
+    let Ok(bytes) = std::fs::read(&file) else {
+        return;
+    };
+    let running: BTreeMap<String, (u32, u64)> = serde_json::from_slice(&bytes).unwrap_or_default();
+    let alive: Vec<(String, Running)> = running
+        .into_iter()
+        .filter(|(_, (pid, t))| start_time(*pid) == Some(*t))
+        .map(|(n, (pid, _))| (n, Running { pid }))
+        .collect();
+    for (name, r) in &alive {
+        tracing::warn!(%name, pid = r.pid, "ending a process group left by an agent that stopped abruptly");
+        r.signal(libc::SIGTERM);
+    }
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < deadline && alive.iter().any(|(_, r)| r.group_alive()) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for (_, r) in &alive {
+        r.signal(libc::SIGKILL);
+    }
+    let _ = std::fs::remove_file(&file);
+}
+
 fn outcome_of(exit: &Exit) -> Outcome {
     if exit.ok() {
         Outcome::Ok
@@ -1231,6 +1305,7 @@ impl Actor for Supervisor {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         ctx.set_mailbox_capacity(1024);
+        kill_leftovers(&self.cfg.state);
         let now = self.now_ms();
         tracing::info!(
             steps = ?self.seq.steps().iter().map(Step::name).collect::<Vec<_>>(),
