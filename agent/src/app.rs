@@ -99,6 +99,18 @@ pub struct ServeArgs {
     /// Do not retry a failed setup step on its own (retry with `cs status --retry`).
     #[arg(long)]
     pub no_auto_retry: bool,
+    /// How often Auto Mode polls the checkouts' remote branches, in milliseconds
+    /// (default 30000, or $CS_AUTO_POLL_MS).
+    #[arg(long, default_value_t = auto_poll_default())]
+    pub auto_poll_ms: u64,
+}
+
+fn auto_poll_default() -> u64 {
+    std::env::var("CS_AUTO_POLL_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|v| *v >= 100)
+        .unwrap_or(30_000)
 }
 
 /// Time sessions get between SIGHUP and SIGKILL when the agent shuts down.
@@ -328,6 +340,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         owner,
         secrets: a.secrets.clone(),
         auto_retry: !a.no_auto_retry,
+        auto_poll_ms: a.auto_poll_ms,
     };
 
     // One thread: the actors, quinn and the pumps share it. On this workload a multi-thread

@@ -156,6 +156,13 @@ enum SandboxCmd {
     Delete { name: String },
     /// Make SANDBOX/WORKSPACE the default for -W.
     Use { target: String },
+    /// Put workspaces in Auto Mode or back in Manual: `-m WS=AUTO -m WS2=MANUAL`.
+    Update {
+        name: String,
+        /// WORKSPACE=AUTO or WORKSPACE=MANUAL (repeatable).
+        #[arg(short = 'm', long = "mode", required = true)]
+        modes: Vec<String>,
+    },
     /// Enable or disable a cron job.
     Job {
         #[command(subcommand)]
@@ -340,6 +347,28 @@ async fn run_async(home: CsHome, cmd: Cmd) -> anyhow::Result<i32> {
                 SandboxCmd::Show { name, json } => sandbox::list(&home, Some(&name), json).await?,
                 SandboxCmd::Delete { name } => sandbox::delete(&home, &name).await?,
                 SandboxCmd::Use { target } => sandbox::use_default(&home, &target)?,
+                SandboxCmd::Update { name, modes } => {
+                    let reg = home.registry()?;
+                    let mut asks = Vec::new();
+                    for m in &modes {
+                        let Some((ws, mode)) = m.split_once('=') else {
+                            bail!("-m {m}: expected WORKSPACE=AUTO or WORKSPACE=MANUAL");
+                        };
+                        let auto = match mode.to_ascii_uppercase().as_str() {
+                            "AUTO" => true,
+                            "MANUAL" => false,
+                            _ => bail!("-m {m}: the mode '{mode}' is not AUTO or MANUAL"),
+                        };
+                        let (r, _) = reg.resolve(Some(&format!("{name}/{ws}")))?;
+                        asks.push((r.to_string(), auto));
+                    }
+                    for (ws, auto) in asks {
+                        match automation::ask(&home, &ws, SuperviseRequest::Mode(auto)).await? {
+                            SuperviseReply::Done(msg) => println!("{ws}: {msg}"),
+                            other => automation::done(other)?,
+                        }
+                    }
+                }
                 SandboxCmd::Job { cmd } => {
                     let (ws, name, on) = match cmd {
                         JobCmd::Enable { workspace, name } => (workspace, name, true),

@@ -672,3 +672,138 @@ fn a_log_follow_survives_a_reconnect_with_no_gap_and_no_repeat() {
         assert_eq!(w[1], w[0] + 1, "gap or repeat around {}", w[0]);
     }
 }
+
+#[test]
+fn auto_mode_follows_the_branch_discards_local_changes_rebuilds_and_relaunches() {
+    let l = Laptop::new();
+    let (work, bare) = repo(
+        l.dir.path(),
+        "app",
+        &[
+            (
+                ".sandbox/manifest.yaml",
+                "hooks:\n  post-checkout:\n    cmd: echo post-checkout >> $HOME/hooks.log\n  build:\n    cmd: git rev-parse HEAD > $HOME/built\ndaemons:\n  web:\n    run:\n      cmd: echo serving $(cat $HOME/built); exec sleep 1000\n",
+            ),
+            ("tracked.txt", "original\n"),
+        ],
+    );
+    let def = l.dir.path().join("auto.yaml");
+    std::fs::write(
+        &def,
+        format!(
+            "workspaces:\n- name: dev\n  checkouts:\n  - path: app\n    repo:\n      git: {}\n    version_spec: main\n",
+            bare.display()
+        ),
+    )
+    .unwrap();
+    // Poll every 300 ms instead of 30 s.
+    let out = cs_tests::run_bounded(
+        {
+            let mut c = l.cmd(&[
+                "sandbox",
+                "create",
+                "auto",
+                "--local",
+                "-f",
+                def.to_str().unwrap(),
+            ]);
+            c.env("CS_AUTO_POLL_MS", "300");
+            c
+        },
+        Duration::from_secs(60),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let home = l.home().join("local/auto/dev/home");
+    wait_state(&l, "auto/dev", "Ready", Duration::from_secs(60));
+    let first = git(&work, &["rev-parse", "HEAD"]);
+    assert_eq!(
+        std::fs::read_to_string(home.join("built")).unwrap().trim(),
+        first
+    );
+    let web_pid = proc(&ps(&l, "auto/dev"), "web")["pid"].as_u64().unwrap();
+
+    // Bad modes are refused naming the value; nothing changes.
+    let out = l.run(&["sandbox", "update", "auto", "-m", "dev=FAST"]);
+    assert!(
+        text(&out.stderr).contains("'FAST' is not AUTO or MANUAL"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = l.run(&["sandbox", "update", "auto", "-m", "nope=AUTO"]);
+    assert!(
+        text(&out.stderr).contains("unknown workspace 'auto/nope'"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(status(&l, "auto/dev")["mode"], "MANUAL");
+
+    assert_eq!(
+        l.ok(&["sandbox", "update", "auto", "-m", "dev=AUTO"])
+            .trim(),
+        "auto/dev: AUTO"
+    );
+    let out = l.run(&["ssh", "-W", "auto/dev", "--", "true"]);
+    assert!(
+        text(&out.stderr).contains("auto/dev is in Auto Mode"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // Local changes, then a new commit on the remote branch.
+    std::fs::write(home.join("app/tracked.txt"), "edited in the workspace\n").unwrap();
+    std::fs::write(home.join("app/untracked.txt"), "scratch\n").unwrap();
+    let second = commit(&work, &[("feature.txt", "new\n")], "second");
+    git(&work, &["push", "-q", "origin", "main"]);
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            std::fs::read_to_string(home.join("built")).is_ok_and(|b| b.trim() == second)
+        }),
+        "the build hook never saw {second}"
+    );
+    assert!(wait_until(Duration::from_secs(10), || {
+        log(&l, "auto/dev", "web")
+            .iter()
+            .any(|r| r.2 == format!("serving {second}"))
+    }));
+    let p = ps(&l, "auto/dev");
+    assert_eq!(proc(&p, "web")["state"], "running");
+    assert_ne!(
+        proc(&p, "web")["pid"].as_u64().unwrap(),
+        web_pid,
+        "web was not relaunched"
+    );
+    assert_eq!(
+        std::fs::read_to_string(home.join("app/tracked.txt")).unwrap(),
+        "original\n"
+    );
+    assert!(!home.join("app/untracked.txt").exists());
+    assert!(home.join("app/feature.txt").exists());
+    let hooks = std::fs::read_to_string(home.join("hooks.log")).unwrap();
+    assert_eq!(
+        hooks.lines().count(),
+        2,
+        "post-checkout ran at the start and after the update"
+    );
+    wait_state(&l, "auto/dev", "Ready", Duration::from_secs(10));
+
+    // Back in Manual, a new commit is not followed.
+    assert_eq!(
+        l.ok(&["sandbox", "update", "auto", "-m", "dev=manual"])
+            .trim(),
+        "auto/dev: MANUAL"
+    );
+    let third = commit(&work, &[("feature.txt", "newer\n")], "third");
+    git(&work, &["push", "-q", "origin", "main"]);
+    std::thread::sleep(Duration::from_millis(1_500));
+    assert_eq!(
+        std::fs::read_to_string(home.join("built")).unwrap().trim(),
+        second
+    );
+    assert_ne!(second, third);
+    let out = l.run(&["ssh", "-W", "auto/dev", "--", "true"]);
+    assert!(
+        !text(&out.stderr).contains("Auto Mode"),
+        "{}",
+        text(&out.stderr)
+    );
+}

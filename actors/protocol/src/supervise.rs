@@ -27,6 +27,8 @@ pub enum SuperviseRequest {
     JobEnabled(String, bool),
     /// Retry the step blocking the sequence now.
     Retry,
+    /// Auto Mode on (`true`: follow the checkouts' remote branches) or off.
+    Mode(bool),
 }
 
 /// The supervisor's answer.

@@ -59,6 +59,8 @@ pub struct Config {
     /// One file per secret, for `{{secret "NAME"}}` in templates.
     pub secrets: Option<PathBuf>,
     pub auto_retry: bool,
+    /// How often Auto Mode polls the checkouts' remote branches.
+    pub auto_poll_ms: u64,
 }
 
 /// What survives an agent restart.
@@ -108,16 +110,27 @@ pub struct Supervisor {
     procs: BTreeMap<String, Proc>,
     clock: JobClock,
     /// `cs build`: the checkouts still to build, and who waits for the answer.
-    rebuild: Option<Rebuild>,
+    chore: Option<Chore>,
+    /// The last Auto Mode update failed: why (shown as Problematic until one succeeds).
+    auto_failed: Option<String>,
+    auto_armed: bool,
     /// Timers armed, by due time, so the same wake-up is not armed twice.
     timers: BTreeSet<u64>,
     shutting_down: bool,
 }
 
-struct Rebuild {
-    left: Vec<String>,
+/// Work outside the start sequence, one program at a time: `cs build`, or an Auto Mode
+/// update of the checkouts whose branch moved.
+struct Chore {
+    /// `Checkout` here is the update of a checkout to its remote branch's new commit;
+    /// `PostCheckout` and `Build` are the hooks.
+    left: Vec<Step>,
     failed: Vec<String>,
-    reply: oneshot::Sender<SuperviseReply>,
+    reply: Option<oneshot::Sender<SuperviseReply>>,
+    /// The branch each updated checkout follows.
+    branches: BTreeMap<String, String>,
+    /// An Auto Mode update: restart the daemons when done.
+    relaunch: bool,
 }
 
 fn unix_ms() -> u64 {
@@ -195,7 +208,9 @@ impl Supervisor {
             step_proc: None,
             procs: BTreeMap::new(),
             clock: JobClock::default(),
-            rebuild: None,
+            chore: None,
+            auto_failed: None,
+            auto_armed: false,
             timers: BTreeSet::new(),
             shutting_down: false,
         }
@@ -316,6 +331,9 @@ impl Supervisor {
         let now = self.now_ms();
         let effects = self.seq.finished(&step, outcome, now);
         self.apply(effects, ctx);
+        if self.seq.state() == State::Done {
+            self.arm_auto(ctx);
+        }
     }
 
     /// Finishes `step` from an in-process result, through the mailbox (so effects apply in
@@ -1089,11 +1107,15 @@ impl Supervisor {
             v.state = "Problematic".into();
             v.why = Some(format!("daemons keep crashing: {}", crashing.join(", ")));
         }
-        if let Some(rb) = &self.rebuild {
+        if let Some(c) = &self.chore {
             if v.state == "Ready" {
                 v.state = "Progressing".into();
-                v.step = rb.left.first().map(|p| format!("build:{p}"));
+                v.step = c.left.first().map(Step::name);
             }
+        }
+        if let (Some(why), "Ready") = (&self.auto_failed, v.state.as_str()) {
+            v.state = "Problematic".into();
+            v.why = Some(why.clone());
         }
         v
     }
@@ -1157,56 +1179,193 @@ impl Supervisor {
     // -----------------------------------------------------------------------------------------
     // `cs build`.
 
-    fn next_rebuild(&mut self, ctx: &mut Context<Self>) {
+    fn next_chore(&mut self, ctx: &mut Context<Self>) {
         loop {
-            let Some(path) = self.rebuild.as_ref().map(|rb| rb.left.first().cloned()) else {
+            let Some(step) = self.chore.as_ref().map(|c| c.left.first().cloned()) else {
                 return;
             };
-            let Some(path) = path else {
-                let rb = self.rebuild.take().expect("checked");
-                let reply = if rb.failed.is_empty() {
-                    SuperviseReply::Done("build hooks finished".into())
-                } else {
-                    SuperviseReply::Error(format!(
-                        "build failed: {} (see cs logs build:PATH)",
-                        rb.failed.join(", ")
-                    ))
-                };
-                let _ = rb.reply.send(reply);
-                return;
+            let Some(step) = step else {
+                return self.chore_done(ctx);
             };
-            let name = Step::Build(path.clone()).name();
-            let prepared = self.manifest(&path).and_then(|m| match &m.hooks.build {
-                Some(run) => self.prepare(&path, &m, run, &name).map(Some),
-                None => Ok(None),
-            });
+            let name = step.name();
+            let prepared = match &step {
+                Step::Checkout(path) => {
+                    let branch = self
+                        .chore
+                        .as_ref()
+                        .and_then(|c| c.branches.get(path).cloned())
+                        .unwrap_or_default();
+                    match self.checkout(path) {
+                        Some(c) => {
+                            let dest = self.checkout_dir(path).display().to_string();
+                            let script = cs_supervisor::checkout::update_script(c, &dest, &branch);
+                            Ok(Some(Launch {
+                                shell: self.cfg.shell.clone(),
+                                cmd: script,
+                                dir: self.cfg.home.clone(),
+                                env: self.owner_env(),
+                                log: name.clone(),
+                                user: self.cfg.owner.clone(),
+                            }))
+                        }
+                        None => Err(format!("no checkout {path}")),
+                    }
+                }
+                Step::PostCheckout(path) | Step::Build(path) => self.manifest(path).and_then(|m| {
+                    let hook = match step {
+                        Step::Build(_) => &m.hooks.build,
+                        _ => &m.hooks.post_checkout,
+                    };
+                    match hook {
+                        Some(run) => self.prepare(path, &m, run, &name).map(Some),
+                        None => Ok(None),
+                    }
+                }),
+                _ => Ok(None),
+            };
             match prepared {
                 Ok(Some(l)) => {
                     let addr = ctx.address();
-                    let p = path.clone();
+                    let s = step.clone();
                     let r = proc::launch(l, self.logs.clone(), move |exit| {
-                        addr.do_send(RebuildDone { path: p, exit });
+                        addr.do_send(ChoreDone { step: s, exit });
                     });
                     if let Err(exit) = r {
-                        ctx.notify(RebuildDone { path, exit });
+                        ctx.notify(ChoreDone { step, exit });
                     }
                     return;
                 }
-                Ok(None) => {
-                    self.logs.note(&name, "no build hook defined: skipped");
-                }
+                Ok(None) => self.logs.note(&name, "no hook defined: skipped"),
                 Err(why) => {
                     self.logs.note(&name, &why);
-                    if let Some(rb) = self.rebuild.as_mut() {
-                        rb.failed.push(format!("{name}: {why}"));
+                    if let Some(c) = self.chore.as_mut() {
+                        c.failed.push(format!("{name}: {why}"));
                     }
                 }
             }
-            if let Some(rb) = self.rebuild.as_mut() {
-                rb.left.remove(0);
+            if let Some(c) = self.chore.as_mut() {
+                c.left.remove(0);
             }
         }
     }
+
+    fn chore_done(&mut self, ctx: &mut Context<Self>) {
+        let Some(c) = self.chore.take() else {
+            return;
+        };
+        let failed = (!c.failed.is_empty()).then(|| c.failed.join(", "));
+        if c.relaunch {
+            self.auto_failed = failed
+                .clone()
+                .map(|f| format!("Auto Mode update failed: {f}"));
+            self.restart_daemons(ctx);
+            self.arm_auto(ctx);
+        }
+        if let Some(reply) = c.reply {
+            let _ = reply.send(match failed {
+                None => SuperviseReply::Done("build hooks finished".into()),
+                Some(f) => {
+                    SuperviseReply::Error(format!("build failed: {f} (see cs logs build:PATH)"))
+                }
+            });
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Auto Mode.
+
+    /// Polls the checkouts' remote branches after the poll interval, if in Auto Mode.
+    fn arm_auto(&mut self, ctx: &mut Context<Self>) {
+        if !self.persisted.auto || self.auto_armed || self.shutting_down {
+            return;
+        }
+        self.auto_armed = true;
+        ctx.run_later(Duration::from_millis(self.cfg.auto_poll_ms), |act, ctx| {
+            act.auto_armed = false;
+            act.auto_poll(ctx);
+        });
+    }
+
+    fn auto_poll(&mut self, ctx: &mut Context<Self>) {
+        if !self.persisted.auto || self.shutting_down {
+            return;
+        }
+        if self.chore.is_some() || self.seq.state() != State::Done {
+            return self.arm_auto(ctx);
+        }
+        let checkouts: Vec<(String, PathBuf, String)> = self
+            .cfg
+            .workspace
+            .iter()
+            .flat_map(|w| &w.checkouts)
+            .map(|c| {
+                let p = c.path.as_str().to_string();
+                let dir = self.checkout_dir(&p);
+                (p, dir, c.repo.url())
+            })
+            .collect();
+        let env = self.owner_env();
+        let user = self.cfg.owner.clone();
+        let addr = ctx.address();
+        actix_rt::spawn(async move {
+            let mut moved = Vec::new();
+            for (path, dir, url) in checkouts {
+                let git =
+                    |args: Vec<String>| git_output(dir.clone(), args, env.clone(), user.clone());
+                let Some(branch) =
+                    git(vec!["symbolic-ref".into(), "--short".into(), "HEAD".into()]).await
+                else {
+                    // A tag or a commit: nothing to follow.
+                    continue;
+                };
+                let Some(local) = git(vec!["rev-parse".into(), "HEAD".into()]).await else {
+                    continue;
+                };
+                let remote = git(vec![
+                    "ls-remote".into(),
+                    "--".into(),
+                    url,
+                    format!("refs/heads/{branch}"),
+                ])
+                .await;
+                let Some(remote) =
+                    remote.and_then(|r| r.split_whitespace().next().map(str::to_string))
+                else {
+                    continue;
+                };
+                if remote != local {
+                    moved.push((path, branch, remote));
+                }
+            }
+            addr.do_send(AutoPolled { moved });
+        });
+    }
+}
+
+/// Runs git in `dir` (as `user`), returning its trimmed stdout when it succeeds.
+async fn git_output(
+    dir: PathBuf,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    user: Option<User>,
+) -> Option<String> {
+    let mut cmd = tokio::process::Command::new("git");
+    cmd.args(&args)
+        .current_dir(&dir)
+        .env_clear()
+        .envs(env)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    if let Some(u) = user {
+        cmd.uid(u.uid).gid(u.gid);
+    }
+    let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
+        .await
+        .ok()?
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
 /// The start time of process `pid` (clock ticks since boot, field 22 of `/proc/PID/stat`):
@@ -1313,6 +1472,7 @@ impl Actor for Supervisor {
         );
         let effects = self.seq.start(now);
         self.apply(effects, ctx);
+        self.arm_auto(ctx);
     }
 }
 
@@ -1347,23 +1507,70 @@ impl Handler<ProcExited> for Supervisor {
 
 #[derive(Message)]
 #[rtype(result = "()")]
-struct RebuildDone {
-    path: String,
+struct ChoreDone {
+    step: Step,
     exit: Exit,
 }
 
-impl Handler<RebuildDone> for Supervisor {
+impl Handler<ChoreDone> for Supervisor {
     type Result = ();
-    fn handle(&mut self, m: RebuildDone, ctx: &mut Context<Self>) {
-        if let Some(rb) = self.rebuild.as_mut() {
-            if rb.left.first() == Some(&m.path) {
-                rb.left.remove(0);
+    fn handle(&mut self, m: ChoreDone, ctx: &mut Context<Self>) {
+        if let Some(c) = self.chore.as_mut() {
+            if c.left.first() == Some(&m.step) {
+                c.left.remove(0);
                 if !m.exit.ok() {
-                    rb.failed.push(format!("build:{}: {}", m.path, m.exit));
+                    c.failed.push(format!("{}: {}", m.step.name(), m.exit));
+                    if let Step::Checkout(p) = &m.step {
+                        // The hooks of a checkout that did not update do not run.
+                        c.left.retain(
+                            |s| !matches!(s, Step::PostCheckout(q) | Step::Build(q) if q == p),
+                        );
+                    }
                 }
             }
         }
-        self.next_rebuild(ctx);
+        self.next_chore(ctx);
+    }
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+struct AutoPolled {
+    /// Checkouts whose branch moved: path, branch, the remote's commit.
+    moved: Vec<(String, String, String)>,
+}
+
+impl Handler<AutoPolled> for Supervisor {
+    type Result = ();
+    fn handle(&mut self, m: AutoPolled, ctx: &mut Context<Self>) {
+        if m.moved.is_empty() || self.chore.is_some() || !self.persisted.auto {
+            return self.arm_auto(ctx);
+        }
+        let mut left = Vec::new();
+        let mut branches = BTreeMap::new();
+        for (path, branch, commit) in &m.moved {
+            tracing::info!(checkout = %path, %branch, %commit, "Auto Mode: the branch moved");
+            self.logs.note(
+                &Step::Checkout(path.clone()).name(),
+                &format!("Auto Mode: {branch} is now {commit} on the remote: updating"),
+            );
+            left.push(Step::Checkout(path.clone()));
+            branches.insert(path.clone(), branch.clone());
+        }
+        for (path, ..) in &m.moved {
+            left.push(Step::PostCheckout(path.clone()));
+        }
+        for (path, ..) in &m.moved {
+            left.push(Step::Build(path.clone()));
+        }
+        self.chore = Some(Chore {
+            left,
+            failed: Vec::new(),
+            reply: None,
+            branches,
+            relaunch: true,
+        });
+        self.next_chore(ctx);
     }
 }
 
@@ -1381,6 +1588,23 @@ impl Handler<Ask> for Supervisor {
         match req {
             SuperviseRequest::Ps => now_reply(SuperviseReply::Ps(self.ps())),
             SuperviseRequest::Status => now_reply(SuperviseReply::Status(self.status())),
+            SuperviseRequest::Mode(auto) => {
+                let was = self.persisted.auto;
+                self.persisted.auto = auto;
+                self.save();
+                let mode = if auto { "AUTO" } else { "MANUAL" };
+                if auto && !was {
+                    self.auto_failed = None;
+                    // Poll now, then every interval.
+                    self.auto_poll(ctx);
+                } else if !auto {
+                    self.auto_failed = None;
+                }
+                now_reply(SuperviseReply::Done(format!(
+                    "{mode}{}",
+                    if auto == was { " (unchanged)" } else { "" }
+                )))
+            }
             SuperviseRequest::Retry => {
                 let now = self.now_ms();
                 let effects = self.seq.retry(now);
@@ -1483,8 +1707,11 @@ impl Handler<Ask> for Supervisor {
                 None => now_reply(self.unknown(&name)),
             },
             SuperviseRequest::Build => {
-                if self.rebuild.is_some() {
-                    return now_reply(SuperviseReply::Error("a build is already running".into()));
+                if let Some(c) = &self.chore {
+                    return now_reply(SuperviseReply::Error(format!(
+                        "{} is running: build when it has finished",
+                        c.left.first().map(Step::name).unwrap_or_default()
+                    )));
                 }
                 if let State::Progressing { step, .. } = self.seq.state() {
                     return now_reply(SuperviseReply::Error(format!(
@@ -1492,20 +1719,22 @@ impl Handler<Ask> for Supervisor {
                         step.name()
                     )));
                 }
-                let left: Vec<String> = self
+                let left: Vec<Step> = self
                     .cfg
                     .workspace
                     .iter()
                     .flat_map(|w| &w.checkouts)
-                    .map(|c| c.path.as_str().to_string())
+                    .map(|c| Step::Build(c.path.as_str().to_string()))
                     .collect();
                 let (tx, rx) = oneshot::channel();
-                self.rebuild = Some(Rebuild {
+                self.chore = Some(Chore {
                     left,
                     failed: Vec::new(),
-                    reply: tx,
+                    reply: Some(tx),
+                    branches: BTreeMap::new(),
+                    relaunch: false,
                 });
-                self.next_rebuild(ctx);
+                self.next_chore(ctx);
                 Box::pin(async move {
                     rx.await.unwrap_or(SuperviseReply::Error(
                         "the agent stopped before the build finished".into(),
