@@ -328,6 +328,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
                 .find(|w| w.name.as_str() == workspace)
         })
         .unwrap_or_default();
+    let spawn_user = owner.clone();
     let sup_cfg = crate::supervise::Config {
         workspace: ws_def,
         home: home.clone(),
@@ -365,7 +366,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
             out.flush()?;
         }
         tracing::info!(%local, %workspace, home = %home.display(), key = %identity.fingerprint(), "serving");
-        let spawner = OsSpawner { shell, home: home.clone(), env };
+        let spawner = OsSpawner { shell, home: home.clone(), env, user: spawn_user };
         let exec = ExecActor::new(Rc::new(spawner)).start();
         let logs = crate::logs::LogHub::new(paths.log.clone(), cs_log::rotate::Policy::DEFAULT);
         let supervisor = crate::supervise::Supervisor::new(sup_cfg, logs.clone()).start();

@@ -56,6 +56,8 @@ pub struct OsSpawner {
     /// The whole environment of a command (HOME, USER, PATH, SHELL, ...); TERM is added for a
     /// PTY.
     pub env: Vec<(String, String)>,
+    /// Run as this user (the workspace owner, when the agent runs as root).
+    pub user: Option<crate::supervise::identity::User>,
 }
 
 /// `$SHELL` if it is an absolute path that exists, else the shell of the current user's passwd
@@ -109,6 +111,12 @@ impl Spawner for OsSpawner {
         cmd.current_dir(&self.home)
             .env_clear()
             .envs(self.env.iter().map(|(k, v)| (k, v)));
+        if let Some(u) = &self.user {
+            // SAFETY: the closure makes only async-signal-safe calls (see `switch_fn`).
+            unsafe {
+                cmd.pre_exec(u.switch_fn());
+            }
+        }
         match &req.pty {
             None => spawn_piped(cmd).map_err(|e| format!("cannot run {shell}: {e}")),
             Some(pty) => {
@@ -116,6 +124,15 @@ impl Spawner for OsSpawner {
                 cmd.env("TERM", &pty.term);
                 let (master, slave) = open_pty(pty.size)
                     .map_err(|e| format!("cannot allocate a PTY for {shell}: {e}"))?;
+                if let Some(u) = &self.user {
+                    // The terminal belongs to the session's user, as sshd arranges.
+                    nix::unistd::fchown(
+                        slave.as_raw_fd(),
+                        Some(nix::unistd::Uid::from_raw(u.uid)),
+                        Some(nix::unistd::Gid::from_raw(u.gid)),
+                    )
+                    .map_err(|e| format!("cannot give the PTY to {}: {e}", u.name))?;
+                }
                 spawn_on_pty(cmd, master, slave).map_err(|e| format!("cannot run {shell}: {e}"))
             }
         }
@@ -562,6 +579,7 @@ mod tests {
 
     fn spawner(shell: &str, home: &Path) -> OsSpawner {
         OsSpawner {
+            user: None,
             shell: PathBuf::from(shell),
             home: home.to_path_buf(),
             env: vec![

@@ -807,3 +807,164 @@ fn auto_mode_follows_the_branch_discards_local_changes_rebuilds_and_relaunches()
         text(&out.stderr)
     );
 }
+
+/// A user made for one test, removed after it.
+struct TestUser(String);
+
+impl Drop for TestUser {
+    fn drop(&mut self) {
+        let _ = Command::new("userdel").arg(&self.0).output();
+    }
+}
+
+#[test]
+fn as_root_system_steps_run_as_root_and_everything_else_as_the_owner() {
+    if unsafe { libc::geteuid() } != 0 {
+        // CI runs as root; an ordinary user cannot make users or switch to them.
+        eprintln!("skipped: needs root to create the owner user");
+        return;
+    }
+    let l = Laptop::new();
+    let d = l.dir.path();
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let name = format!("csown{}", std::process::id() % 100_000);
+    let out = Command::new("useradd")
+        .args(["--no-create-home", "--shell", "/bin/sh", &name])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "useradd: {}", text(&out.stderr));
+    let user = TestUser(name.clone());
+    let id = |flag: &str| -> u32 {
+        text(
+            &Command::new("id")
+                .args([flag, &user.0])
+                .output()
+                .unwrap()
+                .stdout,
+        )
+        .trim()
+        .parse()
+        .unwrap()
+    };
+    let (uid, gid) = (id("-u"), id("-g"));
+    let home = d.join("home");
+    std::fs::create_dir(&home).unwrap();
+    std::os::unix::fs::chown(&home, Some(uid), Some(gid)).unwrap();
+    let (_, bare) = repo(
+        d,
+        "app",
+        &[(
+            ".sandbox/manifest.yaml",
+            "hooks:\n  build:\n    cmd: id -un > $HOME/build-user\ndaemons:\n  web:\n    run:\n      cmd: id -un > $HOME/daemon-user; exec sleep 1000\n",
+        )],
+    );
+    let out = Command::new("chown")
+        .args(["-R", &format!("{uid}:{gid}")])
+        .arg(&bare)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let def = d.join("own.yaml");
+    std::fs::write(
+        &def,
+        format!(
+            r#"workspaces:
+- name: dev
+  system:
+    files:
+    - path: /etc/sandbox.d/setup
+      mode: '0755'
+      content: |
+        #!/bin/sh
+        id -un > {d}/setup-user
+    - path: ~/.sandbox/setup
+      mode: '0755'
+      content: |
+        #!/bin/sh
+        id -un > $HOME/user-setup-user
+    - path: ~/.config/cs-test/settings
+      content: x
+    daemons:
+    - name: proxy
+      run:
+        cmd: id -un > {d}/global-user; exec sleep 1000
+  checkouts:
+  - path: app
+    repo:
+      git: {bare}
+"#,
+            d = d.display(),
+            bare = bare.display()
+        ),
+    )
+    .unwrap();
+    let root = d.join("root");
+    let mut child = Command::new(cs_tests::agent_bin())
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--owner",
+            &name,
+            "--home",
+        ])
+        .arg(&home)
+        .arg("--root")
+        .arg(&root)
+        .arg("--definition")
+        .arg(&def)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(d.join("agent.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let mut pairing = String::new();
+    use std::io::BufRead;
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut pairing)
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+            let _ = self.0.wait();
+        }
+    }
+    let _agent = Kill(child);
+    l.ok(&["sandbox", "add", "own/dev", pairing.trim()]);
+    wait_state(&l, "own/dev", "Ready", Duration::from_secs(60));
+    let read = |p: PathBuf| {
+        std::fs::read_to_string(&p)
+            .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+            .trim()
+            .to_string()
+    };
+    assert_eq!(read(d.join("setup-user")), "root");
+    assert_eq!(read(d.join("global-user")), "root");
+    assert!(wait_until(Duration::from_secs(5), || home
+        .join("daemon-user")
+        .exists()));
+    for f in ["user-setup-user", "build-user", "daemon-user"] {
+        assert_eq!(read(home.join(f)), name, "{f}");
+    }
+    // Checkout and injected files belong to the owner, the directories made for them too;
+    // files outside the home to root.
+    for p in [
+        home.join("app/.git"),
+        home.join(".config"),
+        home.join(".config/cs-test/settings"),
+        home.join(".sandbox/setup"),
+    ] {
+        assert_eq!(std::fs::metadata(&p).unwrap().uid(), uid, "{}", p.display());
+    }
+    assert_eq!(
+        std::fs::metadata(root.join("etc/sandbox.d/setup"))
+            .unwrap()
+            .uid(),
+        0
+    );
+    // `cs ssh` sessions are the owner's, with the owner's home.
+    let out = l.ok(&["ssh", "-W", "own/dev", "--", "id -un; echo $HOME"]);
+    assert_eq!(out, format!("{name}\n{}\n", home.display()));
+}

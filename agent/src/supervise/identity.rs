@@ -41,3 +41,25 @@ impl User {
         })
     }
 }
+
+impl User {
+    /// The steps that make a child this user, between fork and exec: supplementary groups,
+    /// group, then user (the order matters: only root may set groups). Only async-signal-safe
+    /// calls; the group list is allocated before the fork.
+    pub fn switch_fn(&self) -> impl FnMut() -> std::io::Result<()> + Send + Sync + 'static {
+        let (uid, gid, groups) = (self.uid, self.gid, self.groups.clone());
+        move || {
+            // SAFETY: setgroups, setgid and setuid are async-signal-safe and read only the
+            // vector captured before the fork.
+            unsafe {
+                if libc::setgroups(groups.len(), groups.as_ptr()) < 0
+                    || libc::setgid(gid) < 0
+                    || libc::setuid(uid) < 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        }
+    }
+}

@@ -645,8 +645,22 @@ impl Supervisor {
                 (None, None) => String::new(),
             };
             if let Some(parent) = path.parent() {
+                // Directories this creates inside the home belong to the owner, as the
+                // file does.
+                let missing: Vec<PathBuf> = parent
+                    .ancestors()
+                    .take_while(|a| !a.exists())
+                    .map(Path::to_path_buf)
+                    .collect();
                 std::fs::create_dir_all(parent)
                     .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+                if let (true, true, Some(u)) = (as_root, in_home, &self.cfg.owner) {
+                    for dir in missing.iter().filter(|d| d.starts_with(&self.cfg.home)) {
+                        std::os::unix::fs::chown(dir, Some(u.uid), Some(u.gid)).map_err(|e| {
+                            format!("cannot give {} to {}: {e}", dir.display(), u.name)
+                        })?;
+                    }
+                }
             }
             let mode = f.mode.map(|m| m.0).unwrap_or(0o644);
             let tmp = temp_sibling(&path);
@@ -655,10 +669,13 @@ impl Supervisor {
             std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
                 .map_err(|e| format!("cannot set the mode of {shown}: {e}"))?;
             if as_root {
-                let (uid, gid) = match &f.owner {
-                    Some(o) => (o.uid, o.gid),
-                    None if in_home => (1000, 1000),
-                    None => (0, 0),
+                // The page's defaults: 0:0 outside the home, 1000:1000 inside it (there the
+                // owner is uid 1000); here the owner's own ids when --owner names one.
+                let (uid, gid) = match (&f.owner, &self.cfg.owner) {
+                    (Some(o), _) => (o.uid, o.gid),
+                    (None, Some(u)) if in_home => (u.uid, u.gid),
+                    (None, None) if in_home => (1000, 1000),
+                    (None, _) => (0, 0),
                 };
                 std::os::unix::fs::chown(&tmp, Some(uid), Some(gid))
                     .map_err(|e| format!("cannot give {shown} to {uid}:{gid}: {e}"))?;
@@ -1357,7 +1374,10 @@ async fn git_output(
         .stdin(std::process::Stdio::null())
         .kill_on_drop(true);
     if let Some(u) = user {
-        cmd.uid(u.uid).gid(u.gid);
+        // SAFETY: the closure makes only async-signal-safe calls (see `switch_fn`).
+        unsafe {
+            cmd.pre_exec(u.switch_fn());
+        }
     }
     let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
         .await

@@ -171,16 +171,9 @@ fn spawn(l: &Launch) -> io::Result<(tokio::process::Child, tokio::net::unix::pip
         .stderr(Stdio::from(wr2))
         .process_group(0);
     if let Some(u) = &l.user {
-        cmd.uid(u.uid).gid(u.gid);
-        let groups = u.groups.clone();
-        // SAFETY: setgroups is async-signal-safe; the vector was allocated before the fork.
+        // SAFETY: the closure makes only async-signal-safe calls (see `switch_fn`).
         unsafe {
-            cmd.pre_exec(move || {
-                if libc::setgroups(groups.len(), groups.as_ptr()) < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                Ok(())
-            });
+            cmd.pre_exec(u.switch_fn());
         }
     }
     // SAFETY: reset_signals only calls async-signal-safe functions.
