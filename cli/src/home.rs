@@ -135,6 +135,9 @@ pub struct LocalAgent {
     pub root: PathBuf,
     pub log: PathBuf,
     pub definition: Option<PathBuf>,
+    /// A failed setup step waits for `cs status --retry` instead of being retried on its own.
+    #[serde(default)]
+    pub no_auto_retry: bool,
 }
 
 impl LocalAgent {

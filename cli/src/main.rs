@@ -134,6 +134,9 @@ enum SandboxCmd {
         /// Sandbox definition (YAML, `workspaces:` form); default: one workspace `dev`.
         #[arg(short = 'f', long = "file")]
         file: Option<PathBuf>,
+        /// Do not retry a failed setup step on its own; `cs status --retry` retries it.
+        #[arg(long)]
+        no_auto_retry: bool,
     },
     /// Record a remote agent from the pairing line `cs-agent serve` printed.
     Add {
@@ -334,11 +337,16 @@ async fn run_async(home: CsHome, cmd: Cmd) -> anyhow::Result<i32> {
     match cmd {
         Cmd::Sandbox { cmd } => {
             match cmd {
-                SandboxCmd::Create { name, local, file } => {
+                SandboxCmd::Create {
+                    name,
+                    local,
+                    file,
+                    no_auto_retry,
+                } => {
                     if !local {
                         bail!("only local sandboxes can be created here: pass --local, or pair a remote agent with `cs sandbox add`");
                     }
-                    sandbox::create(&home, &name, file.as_deref()).await?
+                    sandbox::create(&home, &name, file.as_deref(), no_auto_retry).await?
                 }
                 SandboxCmd::Add { target, pairing } => {
                     sandbox::add(&home, &target, &pairing).await?
@@ -586,7 +594,7 @@ async fn demo(home: &CsHome) -> anyhow::Result<i32> {
             "creating the local sandbox 'demo' (state in {})",
             home.dir.display()
         );
-        sandbox::create(home, "demo", None).await?;
+        sandbox::create(home, "demo", None, false).await?;
     }
     let script =
         "echo \"hello from workspace $CS_WORKSPACE as $USER\"; echo \"home: $PWD\"; uname -sr";

@@ -64,6 +64,9 @@ fn start_local_agent(
     if let Some(def) = &local.definition {
         cmd.arg("--definition").arg(def);
     }
+    if local.no_auto_retry {
+        cmd.arg("--no-auto-retry");
+    }
     cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(log);
     // SAFETY: setsid is async-signal-safe; the agent outlives this command and must not get
     // the terminal's signals.
@@ -165,7 +168,12 @@ fn definition_workspaces(path: &Path) -> anyhow::Result<Vec<String>> {
 }
 
 /// `cs sandbox create NAME --local [-f FILE]`.
-pub async fn create(home: &CsHome, name: &str, definition: Option<&Path>) -> anyhow::Result<()> {
+pub async fn create(
+    home: &CsHome,
+    name: &str,
+    definition: Option<&Path>,
+    no_auto_retry: bool,
+) -> anyhow::Result<()> {
     check_name("sandbox", name)?;
     let definition = match definition {
         Some(p) => Some(
@@ -194,7 +202,7 @@ pub async fn create(home: &CsHome, name: &str, definition: Option<&Path>) -> any
         );
         Ok(())
     })?;
-    match create_agents(home, name, &names, definition.as_deref()).await {
+    match create_agents(home, name, &names, definition.as_deref(), no_auto_retry).await {
         Ok(created) => {
             home.update(|reg| {
                 let sb = reg
@@ -234,6 +242,7 @@ async fn create_agents(
     name: &str,
     names: &[String],
     definition: Option<&Path>,
+    no_auto_retry: bool,
 ) -> anyhow::Result<BTreeMap<String, Workspace>> {
     let identity = home.identity()?;
     let mut created: BTreeMap<String, Workspace> = BTreeMap::new();
@@ -245,6 +254,7 @@ async fn create_agents(
                 root: dir.join("root"),
                 log: dir.join("agent.log"),
                 definition: definition.map(Path::to_path_buf),
+                no_auto_retry,
             };
             std::fs::create_dir_all(&local.home)
                 .with_context(|| format!("cannot create {}", local.home.display()))?;

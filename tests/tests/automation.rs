@@ -968,3 +968,107 @@ fn as_root_system_steps_run_as_root_and_everything_else_as_the_owner() {
     let out = l.ok(&["ssh", "-W", "own/dev", "--", "id -un; echo $HOME"]);
     assert_eq!(out, format!("{name}\n{}\n", home.display()));
 }
+
+#[test]
+fn with_auto_retry_off_a_failed_step_waits_for_a_retry_by_hand() {
+    let l = Laptop::new();
+    let def = r#"workspaces:
+- name: dev
+  system:
+    files:
+    - path: /etc/sandbox.d/setup
+      mode: '0755'
+      content: |
+        #!/bin/sh
+        if [ ! -e "$HOME/tried" ]; then touch "$HOME/tried"; kill -TERM $$; fi
+        echo fine
+"#;
+    let path = l.dir.path().join("noretry.yaml");
+    std::fs::write(&path, def).unwrap();
+    l.ok(&[
+        "sandbox",
+        "create",
+        "noretry",
+        "--local",
+        "--no-auto-retry",
+        "-f",
+        path.to_str().unwrap(),
+    ]);
+    let s = wait_state(&l, "noretry/dev", "Problematic", Duration::from_secs(30));
+    assert_eq!(s["step"], "setup");
+    assert_eq!(s["why"], "signal 15 (SIGTERM)");
+    assert!(s["retry_in_ms"].is_null(), "{s}");
+    let human = text(&l.run(&["status", "-W", "noretry/dev"]).stdout);
+    assert!(human.contains("automatic retry is off"), "{human}");
+    // Still blocked well after the first automatic retry would have come (2 s).
+    std::thread::sleep(Duration::from_millis(3_000));
+    assert_eq!(status(&l, "noretry/dev")["state"], "Problematic");
+    assert_eq!(
+        l.ok(&["status", "-W", "noretry/dev", "--retry"]).trim(),
+        "retrying setup"
+    );
+    wait_state(&l, "noretry/dev", "Ready", Duration::from_secs(20));
+    let out = l.run(&["status", "-W", "noretry/dev", "--retry"]);
+    assert!(
+        text(&out.stderr).contains("nothing to retry"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn a_job_fires_on_its_minute_runs_on_demand_and_can_be_disabled() {
+    let l = Laptop::new();
+    let (_, bare) = repo(
+        l.dir.path(),
+        "app",
+        &[(
+            ".sandbox/manifest.yaml",
+            "jobs:\n  every-minute:\n    run:\n      cmd: echo fired at $(date +%S)\n    schedule: '* * * * *'\n  sundays:\n    run:\n      cmd: echo sunday\n    schedule: '0 3 * * SUN'\n    disable_on_start: true\n",
+        )],
+    );
+    let def = format!(
+        "workspaces:\n- name: dev\n  checkouts:\n  - path: app\n    repo:\n      git: {}\n",
+        bare.display()
+    );
+    create(&l, "jobs", &def);
+    wait_state(&l, "jobs/dev", "Ready", Duration::from_secs(30));
+    let p = ps(&l, "jobs/dev");
+    assert_eq!(proc(&p, "sundays")["state"], "disabled");
+    assert!(proc(&p, "sundays")["next_run_unix"].is_null());
+    assert_eq!(proc(&p, "every-minute")["state"], "idle");
+    // On demand.
+    let out = l.ok(&["start", "-W", "jobs/dev", "sundays"]);
+    assert!(out.starts_with("started sundays (pid "), "{out}");
+    assert!(wait_until(Duration::from_secs(10), || log(
+        &l, "jobs/dev", "sundays"
+    )
+    .iter()
+    .any(|r| r.2 == "sunday")));
+    // Enabled, it gets a next run; disabled again, none.
+    l.ok(&["sandbox", "job", "enable", "-W", "jobs/dev", "sundays"]);
+    assert!(proc(&ps(&l, "jobs/dev"), "sundays")["next_run_unix"]
+        .as_u64()
+        .is_some());
+    l.ok(&["sandbox", "job", "disable", "-W", "jobs/dev", "sundays"]);
+    assert_eq!(proc(&ps(&l, "jobs/dev"), "sundays")["state"], "disabled");
+    // On its schedule: within the next minute, at second 0 (give or take the start-up).
+    assert!(
+        wait_until(Duration::from_secs(70), || log(
+            &l,
+            "jobs/dev",
+            "every-minute"
+        )
+        .iter()
+        .any(|r| r.2.starts_with("fired at"))),
+        "the every-minute job never fired"
+    );
+    let fired: Vec<String> = log(&l, "jobs/dev", "every-minute")
+        .into_iter()
+        .filter(|r| r.2.starts_with("fired at"))
+        .map(|r| r.2)
+        .collect();
+    assert_eq!(fired.len(), 1, "{fired:?}");
+    let second: u32 = fired[0].trim_start_matches("fired at ").parse().unwrap();
+    assert!(second <= 2, "fired at second {second}");
+}

@@ -852,6 +852,16 @@ impl Supervisor {
         p.kind = kind;
         p.checkout = checkout;
         p.launch = launch;
+        if let Some(s) = &schedule {
+            self.logs.note(
+                &name,
+                &format!(
+                    "job on schedule '{}' ({})",
+                    s.text(),
+                    if p.enabled { "enabled" } else { "disabled" }
+                ),
+            );
+        }
         p.schedule = schedule;
         if kind != ProcKind::Job && enabled && p.running.is_none() {
             p.enabled = true;
