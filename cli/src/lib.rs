@@ -5,6 +5,7 @@ pub mod automation;
 pub mod client;
 pub mod connect;
 pub mod daemon;
+pub mod demo;
 pub mod home;
 pub mod link;
 pub mod sandbox;

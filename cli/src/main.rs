@@ -114,7 +114,8 @@ enum Cmd {
         #[arg(long)]
         stamps: bool,
     },
-    /// Create (once) the local sandbox `demo` and run a command in it.
+    /// Create (once) the local sandbox `demo`: a checkout built by its hook, a daemon and a cron
+    /// job; then run commands in it.
     Demo,
     /// The laptop daemon that holds the connections.
     Daemon {
@@ -526,7 +527,7 @@ async fn run_async(home: CsHome, cmd: Cmd) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
-        Cmd::Demo => demo(&home).await,
+        Cmd::Demo => cs_cli::demo::run(&home).await,
         Cmd::Daemon {
             cmd: DaemonCmd::Stop,
         } => {
@@ -583,60 +584,6 @@ async fn run_async(home: CsHome, cmd: Cmd) -> anyhow::Result<i32> {
 }
 
 /// `cs demo`: the first thing a newcomer runs.
-async fn demo(home: &CsHome) -> anyhow::Result<i32> {
-    if home.registry()?.sandboxes.contains_key("demo") {
-        println!(
-            "using the existing local sandbox 'demo' (state in {})",
-            home.dir.display()
-        );
-    } else {
-        println!(
-            "creating the local sandbox 'demo' (state in {})",
-            home.dir.display()
-        );
-        sandbox::create(home, "demo", None, false).await?;
-    }
-    let script =
-        "echo \"hello from workspace $CS_WORKSPACE as $USER\"; echo \"home: $PWD\"; uname -sr";
-    println!("$ cs ssh -W demo/dev -- '{script}'");
-    let code = ssh::run(
-        home,
-        "demo/dev",
-        Some(script.into()),
-        ssh::PtyMode::Never,
-        false,
-    )
-    .await?;
-    if code != 0 {
-        return Ok(code);
-    }
-    let runs = 20;
-    let start = std::time::Instant::now();
-    for _ in 0..runs {
-        let code = ssh::run(
-            home,
-            "demo/dev",
-            Some("true".into()),
-            ssh::PtyMode::Never,
-            false,
-        )
-        .await?;
-        anyhow::ensure!(
-            code == 0,
-            "`true` failed in the workspace with exit code {code}"
-        );
-    }
-    let per = start.elapsed() / runs;
-    println!(
-        "{runs} more commands on the warm connection: {:.2} ms each",
-        per.as_secs_f64() * 1e3
-    );
-    println!(
-        "next: `cs ssh -W demo/dev` for a shell, `cs sandbox show demo`, `cs sandbox delete demo`"
-    );
-    Ok(0)
-}
-
 /// The workspace `-W` names (or the default), as SANDBOX/WORKSPACE.
 fn resolve(home: &CsHome, workspace: Option<&str>) -> anyhow::Result<String> {
     let reg = home.registry()?;

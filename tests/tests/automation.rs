@@ -1072,3 +1072,27 @@ fn a_job_fires_on_its_minute_runs_on_demand_and_can_be_disabled() {
     let second: u32 = fired[0].trim_start_matches("fired at ").parse().unwrap();
     assert!(second <= 2, "fired at second {second}");
 }
+
+#[test]
+fn the_readme_demo_shows_a_checkout_a_build_hook_a_daemon_and_a_job() {
+    let l = Laptop::new();
+    let out = l.ok(&["demo"]);
+    for needle in [
+        "creating the local sandbox 'demo'",
+        "\nReady\n",
+        "heartbeat            job     idle",
+        "web                  daemon  running",
+        "built at ",
+        "hello from the demo: serving, built at",
+        "hello from workspace dev as",
+        "more commands on the warm connection",
+    ] {
+        assert!(out.contains(needle), "{needle:?} missing from:\n{out}");
+    }
+    // A second run uses the sandbox it made.
+    let out = l.ok(&["demo"]);
+    assert!(
+        out.starts_with("using the existing local sandbox 'demo'"),
+        "{out}"
+    );
+}
