@@ -369,7 +369,12 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         let spawner = OsSpawner { shell, home: home.clone(), env, user: spawn_user };
         let exec = ExecActor::new(Rc::new(spawner)).start();
         let logs = crate::logs::LogHub::new(paths.log.clone(), cs_log::rotate::Policy::DEFAULT);
-        let supervisor = crate::supervise::Supervisor::new(sup_cfg, logs.clone()).start();
+        let supervisor = crate::supervise::Supervisor::new(
+            sup_cfg,
+            logs.clone(),
+            Rc::new(crate::supervise::host::OsHost),
+        )
+        .start();
         let served = Served {
             workspace,
             trust: trust.clone(),

@@ -25,12 +25,15 @@ pub const LAST_MAX: u32 = 100_000;
 /// Logs open at once (each is a file handle and a feed).
 pub const LOGS_MAX: usize = 1024;
 
-fn unix_ms() -> u64 {
+fn system_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }
+
+/// Where records' times come from: the system clock, or the simulation's virtual one.
+pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
 
 /// A log name as a file name: `/` and `%` are escaped, so names of steps on nested checkout
 /// paths (`build:src/app`) stay one file, and two names never share one.
@@ -50,6 +53,7 @@ struct Log {
 pub struct LogHub {
     dir: PathBuf,
     policy: Policy,
+    clock: Clock,
     logs: Arc<Mutex<BTreeMap<String, Log>>>,
 }
 
@@ -61,9 +65,14 @@ impl std::fmt::Debug for LogHub {
 
 impl LogHub {
     pub fn new(dir: PathBuf, policy: Policy) -> Self {
+        Self::with_clock(dir, policy, Arc::new(system_ms))
+    }
+
+    pub fn with_clock(dir: PathBuf, policy: Policy, clock: Clock) -> Self {
         Self {
             dir,
             policy,
+            clock,
             logs: Arc::new(Mutex::new(BTreeMap::new())),
         }
     }
@@ -128,7 +137,7 @@ impl LogHub {
 
     /// Appends what a program wrote.
     pub fn write(&self, name: &str, data: &[u8]) {
-        let now = unix_ms();
+        let now = (self.clock)();
         self.with_log(name, |log| {
             let records = log.splitter.push(data, now);
             self.store(name, log, records);
@@ -137,7 +146,7 @@ impl LogHub {
 
     /// Ends a program's output: a last line without a newline is stored.
     pub fn finish(&self, name: &str) {
-        let now = unix_ms();
+        let now = (self.clock)();
         self.with_log(name, |log| {
             let records = log.splitter.finish(now).into_iter().collect();
             self.store(name, log, records);
@@ -146,7 +155,7 @@ impl LogHub {
 
     /// A line of the agent's own about a program (started, exited, restarting).
     pub fn note(&self, name: &str, text: &str) {
-        let now = unix_ms();
+        let now = (self.clock)();
         self.with_log(name, |log| {
             let mut records = log.splitter.finish(now).into_iter().collect::<Vec<_>>();
             records.extend(

@@ -8,13 +8,17 @@
 //! `ROOT/var/lib/cs-agent/supervisor.json`, written atomically, so an agent restart never
 //! runs a once-only step again.
 
+pub mod host;
 pub mod identity;
 pub mod proc;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::rc::Rc;
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use actix::prelude::*;
 use cs_protocol::supervise::{ProcKind, ProcView, StatusView, SuperviseReply, SuperviseRequest};
@@ -28,6 +32,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
 use crate::logs::LogHub;
+use host::Host;
 use identity::User;
 use proc::{Exit, Launch, Running};
 
@@ -35,6 +40,8 @@ use proc::{Exit, Launch, Running};
 const STATUS_TAIL_LINES: u32 = 10;
 /// Grace daemons get when the agent itself shuts down (it has 3 s before SIGKILL).
 pub const SHUTDOWN_GRACE_MS: u64 = 2_000;
+/// How often a daemon waiting for its last instance's group to go checks again.
+const LEFTOVER_POLL_MS: u64 = 100;
 /// Requests waiting on a daemon's stop, per daemon.
 const WAITERS_MAX: usize = 64;
 
@@ -95,11 +102,15 @@ struct Proc {
     last_exit: Option<String>,
     restart_at: Option<u64>,
     waiters: Vec<oneshot::Sender<()>>,
+    /// What its last leader left in its group, being stopped; it starts again only once that
+    /// is gone (never two instances).
+    leftover: Option<Running>,
 }
 
 /// The supervisor of one workspace.
 pub struct Supervisor {
     cfg: Config,
+    host: Rc<dyn Host>,
     logs: LogHub,
     epoch: Instant,
     seq: Sequence,
@@ -133,45 +144,6 @@ struct Chore {
     relaunch: bool,
 }
 
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
-/// The local time now as a cron minute (cron schedules are in local time).
-fn local_minute(unix_s: i64) -> Option<Minute> {
-    // SAFETY: localtime_r writes only into the struct it is given.
-    let tm = unsafe {
-        let mut tm: libc::tm = std::mem::zeroed();
-        let t: libc::time_t = unix_s;
-        if libc::localtime_r(&t, &mut tm).is_null() {
-            return None;
-        }
-        tm
-    };
-    Minute::new(
-        tm.tm_year + 1900,
-        (tm.tm_mon + 1) as u8,
-        tm.tm_mday as u8,
-        tm.tm_hour as u8,
-        tm.tm_min as u8,
-    )
-}
-
-/// The local zone's offset from UTC at Unix time `t`, in seconds.
-fn utc_offset(t: i64) -> i64 {
-    // SAFETY: localtime_r writes only into the struct it is given.
-    unsafe {
-        let mut tm: libc::tm = std::mem::zeroed();
-        if libc::localtime_r(&t, &mut tm).is_null() {
-            return 0;
-        }
-        tm.tm_gmtoff
-    }
-}
-
 /// Days since 1970-01-01 of a civil date (proleptic Gregorian).
 fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
     let y = if m <= 2 { y - 1 } else { y };
@@ -184,22 +156,23 @@ fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
 }
 
 /// Unix seconds of a local minute (for `cs ps`'s next run).
-fn minute_unix(m: &Minute) -> u64 {
+fn minute_unix(host: &dyn Host, m: &Minute) -> u64 {
     let naive = days_from_civil(m.year as i64, m.month as i64, m.day as i64) * 86_400
         + m.hour as i64 * 3_600
         + m.minute as i64 * 60;
     // The offset at the answer, found in two steps (it may differ from now's across a DST
     // change).
-    let guess = naive - utc_offset(naive);
-    (naive - utc_offset(guess)).max(0) as u64
+    let guess = naive - host.utc_offset(naive);
+    (naive - host.utc_offset(guess)).max(0) as u64
 }
 
 impl Supervisor {
-    pub fn new(cfg: Config, logs: LogHub) -> Self {
+    pub fn new(cfg: Config, logs: LogHub, host: Rc<dyn Host>) -> Self {
         let persisted = load_persisted(&cfg.state);
         let seq = Self::sequence(&cfg, &persisted);
         Self {
             cfg,
+            host,
             logs,
             epoch: Instant::now(),
             seq,
@@ -490,12 +463,13 @@ impl Supervisor {
         };
         let addr = ctx.address();
         let s = step.clone();
-        let started = proc::launch(launch, self.logs.clone(), move |exit| {
+        let exited = Box::new(move |exit: Exit| {
             addr.do_send(StepDone {
                 step: s,
                 outcome: outcome_of(&exit),
             });
         });
+        let started = self.host.launch(launch, self.logs.clone(), exited);
         match started {
             Ok(r) => {
                 self.step_proc = Some((step, Some(r)));
@@ -848,6 +822,7 @@ impl Supervisor {
             last_exit: None,
             restart_at: None,
             waiters: Vec::new(),
+            leftover: None,
         });
         p.kind = kind;
         p.checkout = checkout;
@@ -877,18 +852,31 @@ impl Supervisor {
         if p.running.is_some() || self.shutting_down {
             return;
         }
+        if let Some(l) = p.leftover {
+            if self.host.group_alive(l) {
+                // Its last instance's group is still being stopped: start after it is gone.
+                let at = now + LEFTOVER_POLL_MS;
+                p.restart_at = Some(at);
+                return self.wake_at(at, ctx);
+            }
+            p.leftover = None;
+        }
         p.generation += 1;
         p.restart_at = None;
         let generation = p.generation;
         let addr = ctx.address();
         let n = name.to_string();
-        match proc::launch(p.launch.clone(), self.logs.clone(), move |exit| {
+        let exited = Box::new(move |exit: Exit| {
             addr.do_send(ProcExited {
                 name: n,
                 generation,
                 exit,
             });
-        }) {
+        });
+        match self
+            .host
+            .launch(p.launch.clone(), self.logs.clone(), exited)
+        {
             Ok(r) => {
                 p.running = Some((r, now));
                 self.record_running();
@@ -919,8 +907,13 @@ impl Supervisor {
         p.last_exit = Some(exit.to_string());
         // Whatever the leader left in its group goes with it: no orphans, and never two
         // instances of a daemon.
-        if running.group_alive() {
-            actix_rt::spawn(running.stop_group(Duration::from_millis(proc::STOP_GRACE_MS)));
+        if self.host.group_alive(running) {
+            actix_rt::spawn(host::stop_group(
+                self.host.clone(),
+                running,
+                Duration::from_millis(proc::STOP_GRACE_MS),
+            ));
+            p.leftover = Some(running);
         }
         self.record_running();
         self.after_stop(name, now, now.saturating_sub(started), ctx);
@@ -970,7 +963,11 @@ impl Supervisor {
         if p.waiters.len() < WAITERS_MAX {
             p.waiters.push(tx);
         }
-        actix_rt::spawn(running.stop_group(Duration::from_millis(proc::STOP_GRACE_MS)));
+        actix_rt::spawn(host::stop_group(
+            self.host.clone(),
+            running,
+            Duration::from_millis(proc::STOP_GRACE_MS),
+        ));
         Some(rx)
     }
 
@@ -997,7 +994,7 @@ impl Supervisor {
             return;
         }
         self.timers.insert(u64::MAX);
-        let until_next_minute = 60_000 - unix_ms() % 60_000;
+        let until_next_minute = 60_000 - self.host.unix_ms() % 60_000;
         ctx.run_later(Duration::from_millis(until_next_minute), |act, ctx| {
             act.timers.remove(&u64::MAX);
             act.jobs_minute(ctx);
@@ -1006,7 +1003,7 @@ impl Supervisor {
     }
 
     fn jobs_minute(&mut self, ctx: &mut Context<Self>) {
-        let Some(now) = local_minute((unix_ms() / 1000) as i64) else {
+        let Some(now) = self.host.local_minute((self.host.unix_ms() / 1000) as i64) else {
             return;
         };
         let views: Vec<(String, Schedule, bool, bool)> = self
@@ -1044,8 +1041,8 @@ impl Supervisor {
     // Views.
 
     fn ps(&self) -> Vec<ProcView> {
-        let now_s = (unix_ms() / 1000) as i64;
-        let now_min = local_minute(now_s);
+        let now_s = (self.host.unix_ms() / 1000) as i64;
+        let now_min = self.host.local_minute(now_s);
         self.procs
             .iter()
             .map(|(name, p)| {
@@ -1061,7 +1058,7 @@ impl Supervisor {
                 };
                 let next_run_unix = match (&p.schedule, &now_min) {
                     (Some(s), Some(m)) if p.enabled => {
-                        s.next_after(*m).map(|next| minute_unix(&next))
+                        s.next_after(*m).map(|next| minute_unix(&*self.host, &next))
                     }
                     _ => None,
                 };
@@ -1182,7 +1179,7 @@ impl Supervisor {
                     .filter_map(|(s, r)| Some((s.name(), (*r)?))),
             );
         for (name, r) in groups {
-            if let Some(t) = start_time(r.pid) {
+            if let Some(t) = self.host.start_time(r.pid) {
                 running.insert(name, (r.pid, t));
             }
         }
@@ -1254,9 +1251,9 @@ impl Supervisor {
                 Ok(Some(l)) => {
                     let addr = ctx.address();
                     let s = step.clone();
-                    let r = proc::launch(l, self.logs.clone(), move |exit| {
-                        addr.do_send(ChoreDone { step: s, exit });
-                    });
+                    let exited =
+                        Box::new(move |exit: Exit| addr.do_send(ChoreDone { step: s, exit }));
+                    let r = self.host.launch(l, self.logs.clone(), exited);
                     if let Err(exit) = r {
                         ctx.notify(ChoreDone { step, exit });
                     }
@@ -1398,19 +1395,11 @@ async fn git_output(
         .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
-/// The start time of process `pid` (clock ticks since boot, field 22 of `/proc/PID/stat`):
-/// with the pid it names one process, even after pids wrap.
-fn start_time(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) is in parentheses and may contain spaces: count after it.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    rest.split(' ').nth(19)?.parse().ok()
-}
-
-/// Ends the process groups an agent that crashed left running (its daemons, its running
-/// step), so a daemon never runs twice: SIGTERM, up to a second, then SIGKILL. A group is
-/// ended only if its leader is the very process recorded (same pid, same start time).
-fn kill_leftovers(state: &Path) {
+/// Ends the process groups an agent that stopped abruptly left running (its daemons, its
+/// running step), so a daemon never runs twice: SIGTERM, up to a second, then SIGKILL. A
+/// group is ended only if its leader is the very process recorded (same pid, same start
+/// time).
+async fn kill_leftovers(host: Rc<dyn Host>, state: PathBuf) {
     let file = state.join("running.json");
     let Ok(bytes) = std::fs::read(&file) else {
         return;
@@ -1418,20 +1407,14 @@ fn kill_leftovers(state: &Path) {
     let running: BTreeMap<String, (u32, u64)> = serde_json::from_slice(&bytes).unwrap_or_default();
     let alive: Vec<(String, Running)> = running
         .into_iter()
-        .filter(|(_, (pid, t))| start_time(*pid) == Some(*t))
+        .filter(|(_, (pid, t))| host.start_time(*pid) == Some(*t))
         .map(|(n, (pid, _))| (n, Running { pid }))
         .collect();
-    for (name, r) in &alive {
+    let stops = alive.iter().map(|(name, r)| {
         tracing::warn!(%name, pid = r.pid, "ending a process group left by an agent that stopped abruptly");
-        r.signal(libc::SIGTERM);
-    }
-    let deadline = Instant::now() + Duration::from_secs(1);
-    while Instant::now() < deadline && alive.iter().any(|(_, r)| r.group_alive()) {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    for (_, r) in &alive {
-        r.signal(libc::SIGKILL);
-    }
+        host::stop_group(host.clone(), *r, Duration::from_secs(1))
+    });
+    futures_util::future::join_all(stops).await;
     let _ = std::fs::remove_file(&file);
 }
 
@@ -1494,7 +1477,14 @@ impl Actor for Supervisor {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         ctx.set_mailbox_capacity(1024);
-        kill_leftovers(&self.cfg.state);
+        // Nothing starts before what a crashed agent left running is gone.
+        let leftovers = kill_leftovers(self.host.clone(), self.cfg.state.clone());
+        ctx.wait(actix::fut::wrap_future::<_, Self>(leftovers).map(|(), act, ctx| act.begin(ctx)));
+    }
+}
+
+impl Supervisor {
+    fn begin(&mut self, ctx: &mut Context<Self>) {
         let now = self.now_ms();
         tracing::info!(
             steps = ?self.seq.steps().iter().map(Step::name).collect::<Vec<_>>(),
@@ -1668,6 +1658,9 @@ impl Handler<Ask> for Supervisor {
                 let p = &self.procs[&name];
                 now_reply(match p.running {
                     Some((r, _)) => SuperviseReply::Done(format!("started {name} (pid {})", r.pid)),
+                    None if p.leftover.is_some() => SuperviseReply::Done(format!(
+                        "{name} starts once what its last instance left has exited"
+                    )),
                     None => SuperviseReply::Error(format!(
                         "{name} did not start: {}",
                         p.last_exit.clone().unwrap_or_default()
@@ -1796,9 +1789,15 @@ impl Handler<Shutdown> for Supervisor {
         if let Some((_, Some(r))) = &self.step_proc {
             groups.push(*r);
         }
+        let host = self.host.clone();
         Box::pin(async move {
             let grace = Duration::from_millis(SHUTDOWN_GRACE_MS);
-            futures_util::future::join_all(groups.into_iter().map(|g| g.stop_group(grace))).await;
+            futures_util::future::join_all(
+                groups
+                    .into_iter()
+                    .map(|g| host::stop_group(host.clone(), g, grace)),
+            )
+            .await;
         })
     }
 }

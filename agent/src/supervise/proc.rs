@@ -18,7 +18,6 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
-use nix::unistd::Pid;
 use tokio::io::AsyncReadExt;
 
 use crate::logs::LogHub;
@@ -76,39 +75,6 @@ impl std::fmt::Display for Exit {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Running {
     pub pid: u32,
-}
-
-impl Running {
-    fn pgid(&self) -> Pid {
-        Pid::from_raw(self.pid as i32)
-    }
-
-    /// Sends `sig` to its whole group.
-    pub fn signal(&self, sig: i32) {
-        crate::spawn::signal_group(self.pgid(), sig);
-    }
-
-    /// Whether anything of its group is still alive.
-    pub fn group_alive(&self) -> bool {
-        nix::sys::signal::killpg(self.pgid(), None).is_ok()
-    }
-
-    /// Stops the group: SIGTERM, up to `grace`, then SIGKILL. Returns when the group is gone
-    /// (or after the SIGKILL, which cannot be refused).
-    pub async fn stop_group(self, grace: Duration) {
-        if !self.group_alive() {
-            return;
-        }
-        self.signal(libc::SIGTERM);
-        let deadline = tokio::time::Instant::now() + grace;
-        while tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            if !self.group_alive() {
-                return;
-            }
-        }
-        self.signal(libc::SIGKILL);
-    }
 }
 
 /// Starts `l`; `exited` is called once with how its leader ended, after its output so far is
