@@ -278,11 +278,24 @@ pub async fn serve<W: tokio::io::AsyncWrite + Unpin>(
         return;
     }
     let last = open.last.min(LAST_MAX);
+    let mut open = open;
+    if cs_protocol::canary::active(cs_protocol::Canary::LogResumeIgnored)
+        && open.after_seq.is_some()
+    {
+        open.after_seq = Some(0);
+    }
     // Subscribe before reading the files, so nothing written in between is missed.
     let mut feed = open.follow.then(|| hub.subscribe(&open.name));
     let mut sent = open.after_seq;
     let backlog = hub.read(&open.name, open.after_seq, last);
-    if send_records(&mut send, &backlog, &mut sent).await.is_err() {
+    // The stream's first frame goes out at once, even with nothing to show: it is the
+    // acknowledgement the laptop waits for.
+    let first = if backlog.is_empty() {
+        cs_transport::write_frame(&mut send, &LogsMsg::Lines(Vec::new())).await
+    } else {
+        send_records(&mut send, &backlog, &mut sent).await
+    };
+    if first.is_err() {
         return;
     }
     let Some(feed) = feed.as_mut() else {

@@ -150,6 +150,9 @@ pub fn print_status(s: &StatusView, json: bool) -> anyhow::Result<()> {
         _ => {}
     }
     println!("{line}");
+    if let (Some((step, ms)), "Problematic") = (&s.running, s.state.as_str()) {
+        println!("running: {step} for {}", secs(*ms));
+    }
     println!("mode: {}", s.mode);
     if !s.crashing.is_empty() && s.step.is_some() {
         println!("crashing daemons: {}", s.crashing.join(", "));

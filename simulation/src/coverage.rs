@@ -41,6 +41,21 @@ pub const SYNC_MARKERS: &[&str] = &[
     "sync: content packed over a distant link",
 ];
 
+/// The supervise scenario's markers.
+pub const SUPERVISE_MARKERS: &[&str] = &[
+    "fault: agent crashed",
+    "fault: partition",
+    "fault: laptop crashed",
+    "supervise: step failed and was retried",
+    "supervise: daemon restarted after it stopped",
+    "supervise: workspace flagged for a crashing daemon",
+    "supervise: leftover ended by a restarted agent",
+    "supervise: once-only step skipped after a restart",
+    "supervise: hung hook reported",
+    "supervise: log follow resumed",
+    "supervise: daemon stopped and started by the user",
+];
+
 /// The markers of `MARKERS` that are not in `reached`.
 pub fn missing<'a>(reached: impl IntoIterator<Item = &'a &'static str>) -> Vec<&'static str> {
     missing_of(MARKERS, reached)

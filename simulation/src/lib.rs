@@ -17,14 +17,17 @@ pub mod coverage;
 pub mod faults;
 pub mod memfs;
 pub mod net;
+pub mod procs;
 pub mod scenario;
 pub mod script;
+pub mod supervise_scenario;
 pub mod suspect;
 pub mod sync_scenario;
 pub mod trace;
 
 pub use faults::Options;
 pub use scenario::{run_seed, Failure, Outcome};
+pub use supervise_scenario::run_supervise_seed;
 pub use sync_scenario::run_sync_seed;
 
 /// Parses a canary's name as the runner's `--canary` takes it.
@@ -36,8 +39,11 @@ pub fn parse_canary(name: &str) -> Result<cs_protocol::Canary, String> {
         "delete-wins" => Ok(cs_protocol::Canary::DeleteWins),
         "bad-tree" => Ok(cs_protocol::Canary::BadTree),
         "unsynced-apply" => Ok(cs_protocol::Canary::UnsyncedApply),
+        "leftovers-kept" => Ok(cs_protocol::Canary::LeftoversKept),
+        "done-forgotten" => Ok(cs_protocol::Canary::DoneForgotten),
+        "log-resume-ignored" => Ok(cs_protocol::Canary::LogResumeIgnored),
         other => Err(format!(
-            "unknown canary '{other}': expected reconnect-skipped, stream-end-trusted, hangup-skipped, delete-wins, bad-tree or unsynced-apply"
+            "unknown canary '{other}': expected reconnect-skipped, stream-end-trusted, hangup-skipped, delete-wins, bad-tree, unsynced-apply, leftovers-kept, done-forgotten or log-resume-ignored"
         )),
     }
 }

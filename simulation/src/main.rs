@@ -2,7 +2,7 @@
 //!
 //! `cargo run --release -p cs-simulation -- --seed N` replays one seed (printing its options,
 //! outcome and trace hash); `--seeds A..B` runs a range on `--threads` threads (default: the
-//! machine's cores); `--scenario sync` runs the sync scenario instead of exec; `--regressions` adds the seeds of `simulation/regressions.txt`; `--trace`
+//! machine's cores); `--scenario sync|supervise` runs the sync or supervise scenario instead of exec; `--regressions` adds the seeds of `simulation/regressions.txt`; `--trace`
 //! prints the trace of every seed run; `--canary NAME` switches a deliberate bug on. Exits 1 if
 //! any seed failed.
 
@@ -37,7 +37,7 @@ fn main() -> anyhow::Result<()> {
     let mut canaries = Vec::new();
     let mut canary_names: Vec<String> = Vec::new();
     let mut threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let mut sync = false;
+    let mut scenario = Scenario::Exec;
     while let Some(a) = args.next() {
         match a.as_str() {
             "--seed" => {
@@ -56,11 +56,12 @@ fn main() -> anyhow::Result<()> {
             "--regressions" => seeds.extend(cs_simulation::regression_seeds()),
             "--trace" => print_trace = true,
             "--scenario" => {
-                let v = args.next().context("--scenario needs exec or sync")?;
-                sync = match v.as_str() {
-                    "exec" => false,
-                    "sync" => true,
-                    other => bail!("unknown scenario '{other}': expected exec or sync"),
+                let v = args.next().context("--scenario needs exec, sync or supervise")?;
+                scenario = match v.as_str() {
+                    "exec" => Scenario::Exec,
+                    "sync" => Scenario::Sync,
+                    "supervise" => Scenario::Supervise,
+                    other => bail!("unknown scenario '{other}': expected exec, sync or supervise"),
                 };
             }
             "--suspect" => return suspect(),
@@ -78,7 +79,7 @@ fn main() -> anyhow::Result<()> {
                 canary_names.push(v);
             }
             other => bail!(
-                "unknown option '{other}': expected --seed N, --seeds A..B, --regressions, --threads N, --canary NAME, --scenario exec|sync, --trace or --suspect"
+                "unknown option '{other}': expected --seed N, --seeds A..B, --regressions, --threads N, --canary NAME, --scenario exec|sync|supervise, --trace or --suspect"
             ),
         }
     }
@@ -101,20 +102,34 @@ fn main() -> anyhow::Result<()> {
                 } else {
                     Trace::default()
                 };
-                let opts = if sync {
-                    cs_simulation::sync_scenario::SyncOptions::draw(seed).to_string()
-                } else {
-                    Options::draw(seed).to_string()
+                let opts = match scenario {
+                    Scenario::Sync => cs_simulation::sync_scenario::SyncOptions::draw(seed).to_string(),
+                    Scenario::Supervise => {
+                        cs_simulation::supervise_scenario::SupOptions::draw(seed).to_string()
+                    }
+                    Scenario::Exec => Options::draw(seed).to_string(),
                 };
                 // What else the replay needs: the scenario and the canaries of this run.
-                let replay_flags: String = std::iter::once(if sync { " --scenario sync" } else { "" }.to_string())
+                let flag = match scenario {
+                    Scenario::Exec => "",
+                    Scenario::Sync => " --scenario sync",
+                    Scenario::Supervise => " --scenario supervise",
+                };
+                let replay_flags: String = std::iter::once(flag.to_string())
                     .chain(canary_names.iter().map(|c| format!(" --canary {c}")))
                     .collect();
-                let run = if sync {
-                    cs_simulation::run_sync_seed
-                } else {
-                    cs_simulation::run_seed
+                let run = match scenario {
+                    Scenario::Sync => cs_simulation::run_sync_seed,
+                    Scenario::Supervise => cs_simulation::run_supervise_seed,
+                    Scenario::Exec => cs_simulation::run_seed,
                 };
+                let sync = scenario == Scenario::Sync;
+                let (unit, bad) = match scenario {
+                    Scenario::Exec => ("commands", "failed"),
+                    Scenario::Sync => ("cycles", "conflicts"),
+                    Scenario::Supervise => ("processes", "failed"),
+                };
+                let _ = sync;
                 let (line, failed, virtual_ms, reached) =
                     match run(seed, trace.clone(), &canaries) {
                         Ok(o) => (
@@ -122,9 +137,9 @@ fn main() -> anyhow::Result<()> {
                                 "seed {seed}: ok hash {:016x} events {} {} ok {} {} {} virtual {} ms; {opts}",
                                 o.hash,
                                 o.events,
-                                if sync { "cycles" } else { "commands" },
+                                unit,
                                 o.commands_ok,
-                                if sync { "conflicts" } else { "failed" },
+                                bad,
                                 o.commands_failed,
                                 o.virtual_ms
                             ),
@@ -172,10 +187,10 @@ fn main() -> anyhow::Result<()> {
         virtual_ms as f64 / 1e3 / secs
     );
     if n > 1 {
-        let markers = if sync {
-            coverage::SYNC_MARKERS
-        } else {
-            coverage::MARKERS
+        let markers = match scenario {
+            Scenario::Sync => coverage::SYNC_MARKERS,
+            Scenario::Supervise => coverage::SUPERVISE_MARKERS,
+            Scenario::Exec => coverage::MARKERS,
         };
         let missing = coverage::missing_of(markers, results.iter().flat_map(|r| r.3.iter()));
         if missing.is_empty() {
@@ -189,6 +204,13 @@ fn main() -> anyhow::Result<()> {
         std::process::exit(1);
     }
     Ok(())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scenario {
+    Exec,
+    Sync,
+    Supervise,
 }
 
 /// `--suspect`: the lost-Finished experiment (see `cs_simulation::suspect`), as a table.

@@ -63,7 +63,8 @@ impl Trace {
     pub fn sometimes(&self, marker: &'static str) {
         debug_assert!(
             crate::coverage::MARKERS.contains(&marker)
-                || crate::coverage::SYNC_MARKERS.contains(&marker),
+                || crate::coverage::SYNC_MARKERS.contains(&marker)
+                || crate::coverage::SUPERVISE_MARKERS.contains(&marker),
             "unknown coverage marker '{marker}'"
         );
         self.0

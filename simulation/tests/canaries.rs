@@ -84,3 +84,45 @@ fn sync_reporting_applies_before_they_are_durable_is_caught() {
         "seed {seed}: {message}"
     );
 }
+
+/// The first seed of the supervise scenario that fails with `canary` on, and its message;
+/// that seed passes without it.
+fn first_supervise_failure(canary: Canary) -> (u64, String) {
+    let (seed, message) = (0..SEEDS_MAX)
+        .find_map(|seed| {
+            cs_simulation::run_supervise_seed(seed, Trace::default(), &[canary])
+                .err()
+                .map(|f| (seed, f.message))
+        })
+        .unwrap_or_else(|| panic!("{canary:?} went unnoticed for 1,000 seeds"));
+    cs_simulation::run_supervise_seed(seed, Trace::default(), &[])
+        .unwrap_or_else(|f| panic!("seed {seed} ({message}): {f}"));
+    (seed, message)
+}
+
+#[test]
+fn a_restarted_agent_that_keeps_what_the_last_one_left_runs_a_daemon_twice() {
+    let (seed, message) = first_supervise_failure(Canary::LeftoversKept);
+    assert!(
+        message.starts_with("invariant: two instances of daemon"),
+        "seed {seed}: {message}"
+    );
+}
+
+#[test]
+fn forgetting_that_a_once_only_step_ran_is_caught_when_it_runs_again() {
+    let (seed, message) = first_supervise_failure(Canary::DoneForgotten);
+    assert!(
+        message.starts_with("invariant:") && message.contains("started again"),
+        "seed {seed}: {message}"
+    );
+}
+
+#[test]
+fn a_log_follow_that_does_not_resume_where_it_was_is_caught_as_a_repeat() {
+    let (seed, message) = first_supervise_failure(Canary::LogResumeIgnored);
+    assert!(
+        message.starts_with("invariant: the follow got line"),
+        "seed {seed}: {message}"
+    );
+}

@@ -26,6 +26,13 @@ pub enum Canary {
     /// The agent reports ops applied before making them durable (a crash then takes back
     /// what the laptop's ancestor already records).
     UnsyncedApply = 32,
+    /// A restarted agent leaves running what the agent before it left (a daemon then runs
+    /// twice).
+    LeftoversKept = 64,
+    /// The supervisor does not remember that a once-only step ran (a restart runs it again).
+    DoneForgotten = 128,
+    /// `cs logs` resuming after a sequence number gets the log from its start again.
+    LogResumeIgnored = 256,
 }
 
 thread_local! {

@@ -35,7 +35,7 @@ pub enum SuperviseRequest {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum SuperviseReply {
     Ps(Vec<ProcView>),
-    Status(StatusView),
+    Status(Box<StatusView>),
     /// Done; a line for the user.
     Done(String),
     /// Refused or failed; a line for the user naming the bad value.
@@ -93,6 +93,9 @@ pub struct StatusView {
     pub steps_done: Vec<String>,
     /// `AUTO` or `MANUAL`.
     pub mode: String,
+    /// The step running now, even while another one's failure makes the state Problematic,
+    /// and for how long, in milliseconds.
+    pub running: Option<(String, u64)>,
 }
 
 /// Opens a logs stream.

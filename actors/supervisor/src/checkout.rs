@@ -68,7 +68,8 @@ pub fn clone_script(c: &Checkout, dest: &str, tmp: &str) -> String {
         " --recurse-submodules"
     };
     let (q_url, q_tmp, q_dest) = (quote(&url), quote(tmp), quote(dest));
-    let mut s = String::from("set -eu\n");
+    let spec_shown = c.version_spec.as_deref().unwrap_or("the default branch");
+    let mut s = format!("# clone {url} ({spec_shown}) into {dest}\nset -eu\n");
     s.push_str(&format!(
         "rm -rf {q_tmp}\nmkdir -p \"$(dirname {q_tmp})\"\n"
     ));
@@ -163,6 +164,15 @@ mod tests {
         assert!(!looks_like_commit("main"));
         assert!(!looks_like_commit("abc123"));
         assert!(!looks_like_commit(&"a".repeat(41)));
+    }
+
+    #[test]
+    fn the_first_line_says_what_is_cloned_where() {
+        let s = clone_script(&checkout("    version_spec: next\n"), "/h/a", "/h/.a.tmp");
+        assert_eq!(
+            s.lines().next(),
+            Some("# clone /srv/app.git (next) into /h/a")
+        );
     }
 
     #[test]

@@ -203,6 +203,12 @@ impl Sequence {
         }
     }
 
+    /// The step running now and since when (it may run while the state is Problematic: a
+    /// build runs after another one failed).
+    pub fn running(&self) -> Option<(Step, u64)> {
+        self.running.clone()
+    }
+
     /// Starts the sequence at `now_ms`.
     pub fn start(&mut self, now_ms: u64) -> Vec<Effect> {
         self.next(now_ms)

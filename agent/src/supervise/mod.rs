@@ -235,6 +235,9 @@ impl Supervisor {
                 Effect::Run(step) => self.run_step(step, ctx),
                 Effect::WakeAt(at) => self.wake_at(at, ctx),
                 Effect::RememberDone(step) => {
+                    if cs_protocol::canary::active(cs_protocol::Canary::DoneForgotten) {
+                        continue;
+                    }
                     self.persisted.done_once.insert(step);
                     self.save();
                 }
@@ -1105,6 +1108,10 @@ impl Supervisor {
                 "MANUAL"
             }
             .into(),
+            running: self
+                .seq
+                .running()
+                .map(|(step, since)| (step.name(), now.saturating_sub(since))),
         };
         match self.seq.state() {
             State::Progressing { step, since_ms } => {
@@ -1404,6 +1411,9 @@ async fn kill_leftovers(host: Rc<dyn Host>, state: PathBuf) {
     let Ok(bytes) = std::fs::read(&file) else {
         return;
     };
+    if cs_protocol::canary::active(cs_protocol::Canary::LeftoversKept) {
+        return;
+    }
     let running: BTreeMap<String, (u32, u64)> = serde_json::from_slice(&bytes).unwrap_or_default();
     let alive: Vec<(String, Running)> = running
         .into_iter()
@@ -1607,7 +1617,7 @@ impl Handler<Ask> for Supervisor {
             |r: SuperviseReply| -> ResponseFuture<SuperviseReply> { Box::pin(async move { r }) };
         match req {
             SuperviseRequest::Ps => now_reply(SuperviseReply::Ps(self.ps())),
-            SuperviseRequest::Status => now_reply(SuperviseReply::Status(self.status())),
+            SuperviseRequest::Status => now_reply(SuperviseReply::Status(Box::new(self.status()))),
             SuperviseRequest::Mode(auto) => {
                 let was = self.persisted.auto;
                 self.persisted.auto = auto;
