@@ -93,7 +93,8 @@ pub struct ServeArgs {
     /// `~/.sandbox/setup` run as this user (system-level steps stay root).
     #[arg(long)]
     pub owner: Option<String>,
-    /// Directory of secrets, one file per secret, for `{{secret "NAME"}}` in templates.
+    /// Directory of secrets, one file per secret, for `{{secret "NAME"}}` in templates
+    /// (default: ROOT/var/lib/cs-agent/secrets).
     #[arg(long)]
     pub secrets: Option<PathBuf>,
     /// Do not retry a failed setup step on its own (retry with `cs status --retry`).
@@ -339,7 +340,11 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         env: env.clone(),
         root_env,
         owner,
-        secrets: a.secrets.clone(),
+        // Default: ROOT/var/lib/cs-agent/secrets, owner-only like the rest of the state.
+        secrets: a
+            .secrets
+            .clone()
+            .or_else(|| Some(paths.state.join("secrets"))),
         auto_retry: !a.no_auto_retry,
         auto_poll_ms: a.auto_poll_ms,
     };

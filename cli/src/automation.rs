@@ -134,8 +134,9 @@ pub fn print_status(s: &StatusView, json: bool) -> anyhow::Result<()> {
         }
         ("Problematic", Some(step)) => {
             line.push_str(&format!(
-                ": {step} failed ({}), {} time{} in a row",
+                ": {step} failed ({}) after {}, {} time{} in a row",
                 s.why.as_deref().unwrap_or("?"),
+                s.step_ms.map(secs).unwrap_or_else(|| "?".into()),
                 s.failures,
                 if s.failures == 1 { "" } else { "s" }
             ));

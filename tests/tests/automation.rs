@@ -493,7 +493,11 @@ fn a_failing_setup_blocks_the_sequence_shows_why_and_is_retried() {
     // Blocked: the global daemon after it has not started.
     assert_eq!(ps(&l, "fail/dev").len(), 0);
     let human = text(&l.run(&["status", "-W", "fail/dev"]).stdout);
-    assert!(human.contains("user-setup failed (exit 7)"), "{human}");
+    assert!(
+        human.contains("user-setup failed (exit 7) after "),
+        "{human}"
+    );
+    assert!(s["step_ms"].as_u64().is_some(), "{s}");
     // Retried after its backoff, it passes and the rest runs.
     wait_state(&l, "fail/dev", "Ready", Duration::from_secs(20));
     assert_eq!(proc(&ps(&l, "fail/dev"), "after")["state"], "running");
@@ -900,39 +904,10 @@ fn as_root_system_steps_run_as_root_and_everything_else_as_the_owner() {
     )
     .unwrap();
     let root = d.join("root");
-    let mut child = Command::new(cs_tests::agent_bin())
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--owner",
-            &name,
-            "--home",
-        ])
-        .arg(&home)
-        .arg("--root")
-        .arg(&root)
-        .arg("--definition")
-        .arg(&def)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::fs::File::create(d.join("agent.log")).unwrap())
-        .spawn()
-        .unwrap();
-    let mut pairing = String::new();
-    use std::io::BufRead;
-    std::io::BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut pairing)
-        .unwrap();
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
-            let _ = self.0.wait();
-        }
-    }
-    let _agent = Kill(child);
-    l.ok(&["sandbox", "add", "own/dev", pairing.trim()]);
+    let owner = ["--owner", name.as_str()];
+    let (child, pairing) = start_agent(d, &home, &root, &def, &owner, "127.0.0.1:0");
+    let _agent = KillOnDrop(child);
+    l.ok(&["sandbox", "add", "own/dev", &pairing]);
     wait_state(&l, "own/dev", "Ready", Duration::from_secs(60));
     let read = |p: PathBuf| {
         std::fs::read_to_string(&p)
@@ -1095,4 +1070,171 @@ fn the_readme_demo_shows_a_checkout_a_build_hook_a_daemon_and_a_job() {
         out.starts_with("using the existing local sandbox 'demo'"),
         "{out}"
     );
+}
+
+/// Starts `cs-agent serve` by hand (as on another machine); returns it and its pairing line.
+/// A free UDP port on 127.0.0.1, for an agent that must come back on the same address.
+fn free_port() -> String {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    s.local_addr().unwrap().to_string()
+}
+
+fn start_agent(
+    d: &Path,
+    home: &Path,
+    root: &Path,
+    def: &Path,
+    extra: &[&str],
+    listen: &str,
+) -> (std::process::Child, String) {
+    let mut child = Command::new(cs_tests::agent_bin())
+        .args(["serve", "--listen", listen, "--home"])
+        .arg(home)
+        .arg("--root")
+        .arg(root)
+        .arg("--definition")
+        .arg(def)
+        .args(extra)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(d.join("agent.log"))
+                .unwrap(),
+        )
+        .spawn()
+        .unwrap();
+    let mut pairing = String::new();
+    use std::io::BufRead;
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut pairing)
+        .unwrap();
+    (child, pairing.trim().to_string())
+}
+
+#[test]
+fn injected_files_templates_secrets_and_a_home_snapshot_applied_once() {
+    let l = Laptop::new();
+    let d = l.dir.path();
+    let (home, root, secrets) = (d.join("home"), d.join("root"), d.join("secrets"));
+    for dir in [&home, &secrets, &root.join("etc")] {
+        std::fs::create_dir_all(dir).unwrap();
+    }
+    std::fs::write(secrets.join("api-token"), "s3cr3t").unwrap();
+    std::fs::write(root.join("etc/kept"), "old\n").unwrap();
+    std::fs::write(root.join("etc/replaced"), "old\n").unwrap();
+    let snap_src = d.join("snap");
+    std::fs::create_dir_all(snap_src.join("dot")).unwrap();
+    std::fs::write(snap_src.join("dot/snap.txt"), "from the snapshot\n").unwrap();
+    let tar = d.join("home.tar");
+    let out = Command::new("tar")
+        .arg("-cf")
+        .arg(&tar)
+        .arg("-C")
+        .arg(&snap_src)
+        .arg("dot")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let def = d.join("files.yaml");
+    std::fs::write(
+        &def,
+        format!(
+            r#"workspaces:
+- name: dev
+  home_snapshot: {tar}
+  system:
+    files:
+    - path: ~/.config/app/app.conf
+      mode: '0600'
+      template: |
+        home={{{{env "$HOME"}}}} token={{{{secret "api-token"}}}}
+    - path: /etc/kept
+      content: new
+    - path: /etc/replaced
+      content: new
+      overwrite: true
+"#,
+            tar = tar.display()
+        ),
+    )
+    .unwrap();
+    let secrets_arg = secrets.display().to_string();
+    let listen = free_port();
+    let start = || start_agent(d, &home, &root, &def, &["--secrets", &secrets_arg], &listen);
+    let (child, pairing) = start();
+    let mut agent = KillOnDrop(child);
+    l.ok(&["sandbox", "add", "files/dev", &pairing]);
+    wait_state(&l, "files/dev", "Ready", Duration::from_secs(30));
+    use std::os::unix::fs::PermissionsExt;
+    let conf = home.join(".config/app/app.conf");
+    assert_eq!(
+        std::fs::read_to_string(&conf).unwrap(),
+        format!("home={} token=s3cr3t\n", home.display())
+    );
+    assert_eq!(
+        std::fs::metadata(&conf).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    assert_eq!(
+        std::fs::read_to_string(root.join("etc/kept")).unwrap(),
+        "old\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(root.join("etc/replaced")).unwrap(),
+        "new"
+    );
+    assert_eq!(
+        std::fs::read_to_string(home.join("dot/snap.txt")).unwrap(),
+        "from the snapshot\n"
+    );
+
+    // Another start: injection runs again (overwrite decides), the snapshot does not.
+    std::fs::write(home.join("dot/snap.txt"), "edited\n").unwrap();
+    std::fs::write(root.join("etc/replaced"), "edited\n").unwrap();
+    drop(agent);
+    let (child, _) = start();
+    agent = KillOnDrop(child);
+    let s = wait_state(&l, "files/dev", "Ready", Duration::from_secs(30));
+    let steps = s["steps_done"].to_string();
+    assert!(
+        steps.contains("inject-files: ok") && !steps.contains("home-snapshot"),
+        "{steps}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(home.join("dot/snap.txt")).unwrap(),
+        "edited\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(root.join("etc/replaced")).unwrap(),
+        "new"
+    );
+    drop(agent);
+
+    // A template naming a secret that does not exist fails the step, naming it.
+    std::fs::remove_file(secrets.join("api-token")).unwrap();
+    std::fs::remove_file(&conf).unwrap();
+    let (child, _) = start();
+    let _agent = KillOnDrop(child);
+    let s = wait_state(&l, "files/dev", "Problematic", Duration::from_secs(30));
+    assert_eq!(s["step"], "inject-files");
+    assert!(
+        s["why"]
+            .as_str()
+            .unwrap()
+            .contains("{{secret \"api-token\"}}: no such secret"),
+        "{s}"
+    );
+}
+
+/// Ends a child (SIGTERM, as a service manager would) and reaps it.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let _ = self.0.wait();
+    }
 }

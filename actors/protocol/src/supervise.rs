@@ -77,7 +77,7 @@ pub struct StatusView {
     pub state: String,
     /// The step running or blocking, by its log name (`setup`, `build:src/app`).
     pub step: Option<String>,
-    /// How long that step has run, or how long ago it failed, in milliseconds.
+    /// How long that step has run, or how long its failed run took, in milliseconds.
     pub step_ms: Option<u64>,
     /// Why it is Problematic: the failed step's exit code or signal, or the crashing daemons.
     pub why: Option<String>,

@@ -116,6 +116,8 @@ pub struct Supervisor {
     seq: Sequence,
     persisted: Persisted,
     steps_done: Vec<String>,
+    /// How long each step's last run took, by name (a failed step's shows in `cs status`).
+    last_ran: BTreeMap<String, u64>,
     /// The step running now and its process (none for in-process steps).
     step_proc: Option<(Step, Option<Running>)>,
     procs: BTreeMap<String, Proc>,
@@ -178,6 +180,7 @@ impl Supervisor {
             seq,
             persisted,
             steps_done: Vec::new(),
+            last_ran: BTreeMap::new(),
             step_proc: None,
             procs: BTreeMap::new(),
             clock: JobClock::default(),
@@ -283,12 +286,13 @@ impl Supervisor {
     }
 
     fn step_finished(&mut self, step: Step, outcome: Outcome, ctx: &mut Context<Self>) {
-        let ran = match &self.seq.state() {
-            State::Progressing { step: s, since_ms } if *s == step => {
-                self.now_ms().saturating_sub(*since_ms)
-            }
+        let ran = match self.seq.running() {
+            Some((s, since)) if s == step => self.now_ms().saturating_sub(since),
             _ => 0,
         };
+        if self.last_ran.len() < 1024 || self.last_ran.contains_key(&step.name()) {
+            self.last_ran.insert(step.name(), ran);
+        }
         let how = match &outcome {
             Outcome::Ok => "ok".to_string(),
             Outcome::Failed { why } => why.clone(),
@@ -1127,6 +1131,7 @@ impl Supervisor {
             } => {
                 v.state = "Problematic".into();
                 v.log_tail = self.logs.tail(&step.name(), STATUS_TAIL_LINES);
+                v.step_ms = self.last_ran.get(&step.name()).copied();
                 v.step = Some(step.name());
                 v.why = Some(why);
                 v.failures = failures;
