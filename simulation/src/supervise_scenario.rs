@@ -255,6 +255,9 @@ struct World {
     follow_reopened: bool,
     violations: Vec<String>,
     user_done: bool,
+    /// A daemon the user stopped and has not started again (a laptop crash can end the
+    /// user's session in between): it stays stopped, and is not flagged.
+    user_stopped: Option<String>,
     crashing_seen: bool,
     hang_seen: bool,
 }
@@ -459,9 +462,12 @@ fn inner(seed: u64, trace: Trace) -> Result<Outcome, String> {
                             }
                         };
                         if asked(SuperviseRequest::Stop(name.clone())).await {
+                            world.borrow_mut().user_stopped = Some(name.clone());
                             tokio::time::sleep(Duration::from_millis(len)).await;
                             if asked(SuperviseRequest::Start(name)).await {
-                                world.borrow_mut().user_done = true;
+                                let mut w = world.borrow_mut();
+                                w.user_done = true;
+                                w.user_stopped = None;
                             }
                         }
                     });
@@ -645,7 +651,13 @@ fn drive(
                     // runs is shorter than a stable run), and nothing else is.
                     let crashing: BTreeSet<&str> = s.crashing.iter().map(String::as_str).collect();
                     s.step.is_none()
-                        && crashing == opts.crashing_daemons().iter().map(String::as_str).collect()
+                        && crashing
+                            == opts
+                                .crashing_daemons()
+                                .iter()
+                                .map(String::as_str)
+                                .filter(|d| w.user_stopped.as_deref() != Some(*d))
+                                .collect()
                         && (if crashing.is_empty() {
                             s.state == "Ready"
                         } else {
