@@ -3,10 +3,12 @@
 //!
 //! The decisions are the cores' (`cs_supervisor`): the sequence's order and failures
 //! (`sequence`), restart delays (`backoff`), when jobs fire (`jobs`, `cron`), env expansion,
-//! templates and checkout scripts. This shell reads the clock, the filesystem and the
-//! definition, starts processes (`proc`) and keeps what ran once in
-//! `ROOT/var/lib/cs-agent/supervisor.json`, written atomically, so an agent restart never
-//! runs a once-only step again.
+//! templates and checkout scripts. This shell reads the filesystem and the definition, starts
+//! programs and reads clocks through its [`host::Host`] (real processes in the agent, scripted
+//! ones in the simulation), keeps what ran once in `ROOT/var/lib/cs-agent/supervisor.json`,
+//! written atomically before anything after it starts, so an agent restart never runs a
+//! once-only step again, and the running process groups in `running.json`, so an agent that
+//! crashed ends them when it starts again.
 
 pub mod host;
 pub mod identity;
@@ -122,7 +124,7 @@ pub struct Supervisor {
     step_proc: Option<(Step, Option<Running>)>,
     procs: BTreeMap<String, Proc>,
     clock: JobClock,
-    /// `cs build`: the checkouts still to build, and who waits for the answer.
+    /// `cs build`, or an Auto Mode update, running.
     chore: Option<Chore>,
     /// The last Auto Mode update failed: why (shown as Problematic until one succeeds).
     auto_failed: Option<String>,
