@@ -1045,7 +1045,7 @@ fn a_job_fires_on_its_minute_runs_on_demand_and_can_be_disabled() {
         .collect();
     assert_eq!(fired.len(), 1, "{fired:?}");
     let second: u32 = fired[0].trim_start_matches("fired at ").parse().unwrap();
-    assert!(second <= 2, "fired at second {second}");
+    assert!(second <= 5, "fired at second {second}");
 }
 
 #[test]

@@ -61,6 +61,36 @@ pub async fn wait_gone(host: &dyn Host, r: Running, limit: Duration) -> bool {
     }
 }
 
+/// Whether any process in group `pgid` is alive and not a zombie (from `/proc`; when it
+/// cannot be read, the group counts as alive).
+fn group_has_live_member(pgid: u32) -> bool {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return true;
+    };
+    for e in dir.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // After the command name (in parentheses): state, ppid, pgrp.
+        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
+            continue;
+        };
+        let mut f = rest.split(' ');
+        let (state, _ppid, pgrp) = (f.next(), f.next(), f.next());
+        if pgrp.and_then(|g| g.parse::<u32>().ok()) == Some(pgid) && state != Some("Z") {
+            return true;
+        }
+    }
+    false
+}
+
 /// Real processes and the system clock.
 #[derive(Debug, Default)]
 pub struct OsHost;
@@ -75,7 +105,13 @@ impl Host for OsHost {
     }
 
     fn group_alive(&self, r: Running) -> bool {
-        nix::sys::signal::killpg(nix::unistd::Pid::from_raw(r.pid as i32), None).is_ok()
+        if nix::sys::signal::killpg(nix::unistd::Pid::from_raw(r.pid as i32), None).is_err() {
+            return false;
+        }
+        // killpg also finds zombies: members that died, waiting for their parent (init, for
+        // a daemon's orphaned children) to reap them. They hold nothing; a group of only
+        // zombies is gone.
+        group_has_live_member(r.pid)
     }
 
     fn start_time(&self, pid: u32) -> Option<u64> {

@@ -1158,6 +1158,23 @@ impl Supervisor {
         v
     }
 
+    /// The answer to a start: its pid, or why it is not running.
+    fn started_reply(&self, name: &str) -> SuperviseReply {
+        let Some(p) = self.procs.get(name) else {
+            return self.unknown(name);
+        };
+        match (p.running, p.leftover) {
+            (Some((r, _)), _) => SuperviseReply::Done(format!("started {name} (pid {})", r.pid)),
+            (None, Some(_)) => SuperviseReply::Error(format!(
+                "{name} did not start: what its last instance left is still running"
+            )),
+            (None, None) => SuperviseReply::Error(format!(
+                "{name} did not start: {}",
+                p.last_exit.clone().unwrap_or_default()
+            )),
+        }
+    }
+
     fn unknown(&self, name: &str) -> SuperviseReply {
         let list = |kind: ProcKind| {
             let v: Vec<&str> = self
@@ -1673,16 +1690,20 @@ impl Handler<Ask> for Supervisor {
                 }
                 self.start_proc(&name, ctx);
                 let p = &self.procs[&name];
-                now_reply(match p.running {
-                    Some((r, _)) => SuperviseReply::Done(format!("started {name} (pid {})", r.pid)),
-                    None if p.leftover.is_some() => SuperviseReply::Done(format!(
-                        "{name} starts once what its last instance left has exited"
-                    )),
-                    None => SuperviseReply::Error(format!(
-                        "{name} did not start: {}",
-                        p.last_exit.clone().unwrap_or_default()
-                    )),
-                })
+                match (p.running, p.leftover) {
+                    (None, Some(left)) => {
+                        // Its last instance's group is still going: answer once this one runs.
+                        let (host, addr) = (self.host.clone(), ctx.address());
+                        Box::pin(async move {
+                            let limit = Duration::from_millis(proc::STOP_GRACE_MS + 2_000);
+                            host::wait_gone(&*host, left, limit).await;
+                            addr.send(StartNow(name)).await.unwrap_or_else(|_| {
+                                SuperviseReply::Error("the supervisor stopped".into())
+                            })
+                        })
+                    }
+                    _ => now_reply(self.started_reply(&name)),
+                }
             }
             SuperviseRequest::Stop(name) => {
                 let Some(p) = self.procs.get_mut(&name) else {
@@ -1692,12 +1713,18 @@ impl Handler<Ask> for Supervisor {
                     p.enabled = false;
                 }
                 p.restart_at = None;
-                match self.stop_proc(&name, false) {
-                    None => now_reply(SuperviseReply::Done(format!("{name} is not running"))),
-                    Some(rx) => Box::pin(async move {
-                        let _ = rx.await;
-                        SuperviseReply::Done(format!("stopped {name}"))
-                    }),
+                let group = p.running.map(|(r, _)| r);
+                match (self.stop_proc(&name, false), group) {
+                    (Some(rx), Some(group)) => {
+                        let host = self.host.clone();
+                        Box::pin(async move {
+                            let _ = rx.await;
+                            // Answered when the whole group is gone, not only its leader.
+                            host::wait_gone(&*host, group, Duration::from_secs(2)).await;
+                            SuperviseReply::Done(format!("stopped {name}"))
+                        })
+                    }
+                    _ => now_reply(SuperviseReply::Done(format!("{name} is not running"))),
                 }
             }
             SuperviseRequest::Restart(name) => {
@@ -1782,6 +1809,19 @@ impl Handler<Ask> for Supervisor {
                 })
             }
         }
+    }
+}
+
+/// Start a daemon whose last instance's group is gone now, and say how it went.
+#[derive(Message)]
+#[rtype(result = "SuperviseReply")]
+struct StartNow(String);
+
+impl Handler<StartNow> for Supervisor {
+    type Result = MessageResult<StartNow>;
+    fn handle(&mut self, StartNow(name): StartNow, ctx: &mut Context<Self>) -> Self::Result {
+        self.start_proc(&name, ctx);
+        MessageResult(self.started_reply(&name))
     }
 }
 
