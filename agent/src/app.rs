@@ -330,6 +330,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         })
         .unwrap_or_default();
     let spawn_user = owner.clone();
+    let auto_flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let sup_cfg = crate::supervise::Config {
         workspace: ws_def,
         home: home.clone(),
@@ -347,6 +348,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
             .or_else(|| Some(paths.state.join("secrets"))),
         auto_retry: !a.no_auto_retry,
         auto_poll_ms: a.auto_poll_ms,
+        auto_flag: auto_flag.clone(),
     };
 
     // One thread: the actors, quinn and the pumps share it. On this workload a multi-thread
@@ -392,6 +394,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
             supervisor: Some(supervisor.clone()),
             logs: Some(logs),
             log_permits: Arc::new(tokio::sync::Semaphore::new(crate::serve::LOG_STREAMS_MAX)),
+            auto_mode: auto_flag,
         };
         let accept = tokio::spawn(accept_loop(endpoint.clone(), served));
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

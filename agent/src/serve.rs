@@ -76,7 +76,13 @@ pub struct Served {
     pub logs: Option<crate::logs::LogHub>,
     /// Log streams served at once ([`LOG_STREAMS_MAX`]).
     pub log_permits: Arc<tokio::sync::Semaphore>,
+    /// The workspace is in Auto Mode: every exec stream starts with the page's warning.
+    pub auto_mode: Arc<std::sync::atomic::AtomicBool>,
 }
+
+/// What `cs ssh` shows first in a workspace in Auto Mode.
+pub const AUTO_MODE_NOTICE: &str = "this workspace is in Auto Mode: each new commit on its \
+     checkouts' branches discards local changes in them";
 
 /// `cs logs` streams served at once.
 pub const LOG_STREAMS_MAX: usize = 64;
@@ -142,6 +148,11 @@ async fn serve_connection(conn: quinn::Connection, served: Served) {
         .await;
         match first {
             Ok(Ok(Some(StreamOpen::Exec(start)))) => {
+                let mut send = send;
+                if served.auto_mode.load(std::sync::atomic::Ordering::Relaxed) {
+                    let notice = cs_protocol::exec::ExecOutput::Notice(AUTO_MODE_NOTICE.into());
+                    let _ = write_frame(&mut send, &notice).await;
+                }
                 served.exec.do_send(OpenSession {
                     start,
                     send: Box::new(send),

@@ -21,16 +21,13 @@ use crate::wire::{build_id, Reply, Request};
 /// Exit code of `cs ssh` when cs itself fails (as ssh uses 255).
 pub const EXIT_CS_ERROR: i32 = 255;
 
-/// How long `cs ssh` waits, once its session is open, to learn whether the workspace is in
-/// Auto Mode (asked at the same time as the session opens, so normally no wait at all).
-const AUTO_WARNING_WAIT_MS: u64 = 500;
-
-/// The warning printed before a session in a workspace in Auto Mode.
-pub fn auto_mode_warning(workspace: &str) -> String {
+/// The warning printed before a session in a workspace in Auto Mode (the agent's notice,
+/// with how to turn it off).
+pub fn auto_mode_warning(workspace: &str, notice: &str) -> String {
     let sandbox = workspace.split('/').next().unwrap_or(workspace);
     let ws = workspace.split('/').nth(1).unwrap_or(workspace);
     format!(
-        "warning: {workspace} is in Auto Mode: each new commit on its checkouts' branches discards local changes in them; `cs sandbox update {sandbox} -m {ws}=MANUAL` turns it off"
+        "warning: {workspace}: {notice}; `cs sandbox update {sandbox} -m {ws}=MANUAL` turns it off"
     )
 }
 
@@ -84,15 +81,6 @@ pub async fn run(
         workspace: workspace.to_string(),
         open,
     };
-    // Whether the workspace is in Auto Mode, asked alongside the session's own stream.
-    let mode = {
-        let home = home.clone();
-        let ws = workspace.to_string();
-        tokio::spawn(async move {
-            crate::automation::ask(&home, &ws, cs_protocol::supervise::SuperviseRequest::Status)
-                .await
-        })
-    };
     let (stream, reply) = crate::client::request(home, &req).await?;
     match reply {
         Reply::Opened => {}
@@ -100,13 +88,6 @@ pub async fn run(
         other => bail!("unexpected reply from the cs daemon: {other:?}"),
     }
     let (mut rd, mut wr) = stream.into_split();
-    if let Ok(Ok(Ok(cs_protocol::supervise::SuperviseReply::Status(s)))) =
-        tokio::time::timeout(std::time::Duration::from_millis(AUTO_WARNING_WAIT_MS), mode).await
-    {
-        if s.mode == "AUTO" {
-            eprintln!("{}", auto_mode_warning(workspace));
-        }
-    }
 
     let raw = if pty && tty {
         Some(RawMode::enter()?)
@@ -197,6 +178,12 @@ pub async fn run(
             Some(ClientEvent::Stdout(data)) => write_out(&mut std::io::stdout().lock(), &data),
             Some(ClientEvent::Stderr(data)) => write_out(&mut std::io::stderr().lock(), &data),
             Some(ClientEvent::Started { .. }) | None => {}
+            Some(ClientEvent::Notice(text)) => {
+                // "\r\n": the terminal may be in raw mode already.
+                let mut err = std::io::stderr().lock();
+                let _ = write!(err, "{}\r\n", auto_mode_warning(workspace, &text));
+                let _ = err.flush();
+            }
             Some(ClientEvent::Exited(status)) => break Ok(status.shell_code()),
             Some(ClientEvent::Failed(reason)) => break Err(reason),
         }

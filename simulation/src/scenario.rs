@@ -397,6 +397,7 @@ fn run_seed_inner(seed: u64, trace: Trace) -> Result<Outcome, String> {
                         supervisor: None,
                         logs: None,
                         log_permits: Arc::new(tokio::sync::Semaphore::new(1)),
+                        auto_mode: Default::default(),
                     },
                 )
                 .await;
@@ -871,7 +872,7 @@ async fn run_command(
                 }
                 Some(ClientEvent::Exited(st)) => return Ok::<_, String>(Some((st, out))),
                 Some(ClientEvent::Failed(e)) => return Err(e),
-                Some(ClientEvent::Stderr(_)) | None => {}
+                Some(ClientEvent::Stderr(_) | ClientEvent::Notice(_)) | None => {}
             }
         }
     };

@@ -331,6 +331,7 @@ fn inner(seed: u64, trace: Trace) -> Result<Outcome, String> {
             secrets: None,
             auto_retry: true,
             auto_poll_ms: 30_000,
+            auto_flag: Default::default(),
         };
         let log_dir = paths.log.clone();
         let dg = fo.datagrams;
@@ -391,6 +392,7 @@ fn inner(seed: u64, trace: Trace) -> Result<Outcome, String> {
                         supervisor: Some(supervisor),
                         logs: Some(logs),
                         log_permits: Arc::new(tokio::sync::Semaphore::new(4)),
+                        auto_mode: Default::default(),
                     },
                 )
                 .await;

@@ -114,6 +114,7 @@ pub fn lost_finished(
                         supervisor: None,
                         logs: None,
                         log_permits: Arc::new(tokio::sync::Semaphore::new(1)),
+                        auto_mode: Default::default(),
                     },
                 )
                 .await;

@@ -337,6 +337,7 @@ fn inner(seed: u64, trace: Trace) -> Result<Outcome, String> {
                         supervisor: None,
                         logs: None,
                         log_permits: Arc::new(tokio::sync::Semaphore::new(1)),
+                        auto_mode: Default::default(),
                     },
                 )
                 .await;

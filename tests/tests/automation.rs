@@ -747,11 +747,13 @@ fn auto_mode_follows_the_branch_discards_local_changes_rebuilds_and_relaunches()
         "auto/dev: AUTO"
     );
     let out = l.run(&["ssh", "-W", "auto/dev", "--", "true"]);
+    let err = text(&out.stderr);
     assert!(
-        text(&out.stderr).contains("auto/dev is in Auto Mode"),
-        "{}",
-        text(&out.stderr)
+        err.starts_with("warning: auto/dev: this workspace is in Auto Mode")
+            && err.contains("cs sandbox update auto -m dev=MANUAL"),
+        "{err}"
     );
+    assert_eq!(out.status.code(), Some(0));
 
     // Local changes, then a new commit on the remote branch.
     std::fs::write(home.join("app/tracked.txt"), "edited in the workspace\n").unwrap();

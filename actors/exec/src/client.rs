@@ -12,6 +12,8 @@ pub enum ClientEvent {
     Started {
         pid: u32,
     },
+    /// A line for the user from the agent (not the command's output).
+    Notice(String),
     Stdout(Vec<u8>),
     Stderr(Vec<u8>),
     /// The command ended and all its output was delivered.
@@ -45,6 +47,7 @@ impl ExecClient {
         }
         let ev = match msg {
             ExecOutput::Started { pid } => ClientEvent::Started { pid },
+            ExecOutput::Notice(text) => ClientEvent::Notice(text),
             ExecOutput::Stdout { offset, data } => {
                 match Self::advance(&mut self.stdout_bytes, offset, data.len(), "stdout") {
                     Ok(()) => ClientEvent::Stdout(data),

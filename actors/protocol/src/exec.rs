@@ -43,6 +43,9 @@ pub enum ExecInput {
 /// Agent to laptop.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum ExecOutput {
+    /// A line for the user from the agent, before the command starts (the workspace is in
+    /// Auto Mode). Not part of the command's output.
+    Notice(String),
     /// The command is running.
     Started { pid: u32 },
     /// Bytes the command wrote to stdout (or to the PTY), starting at `offset`.

@@ -18,6 +18,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -70,6 +72,8 @@ pub struct Config {
     pub auto_retry: bool,
     /// How often Auto Mode polls the checkouts' remote branches.
     pub auto_poll_ms: u64,
+    /// Set while the workspace is in Auto Mode (the accept loop warns `cs ssh` with it).
+    pub auto_flag: Arc<AtomicBool>,
 }
 
 /// What survives an agent restart.
@@ -173,6 +177,7 @@ fn minute_unix(host: &dyn Host, m: &Minute) -> u64 {
 impl Supervisor {
     pub fn new(cfg: Config, logs: LogHub, host: Rc<dyn Host>) -> Self {
         let persisted = load_persisted(&cfg.state);
+        cfg.auto_flag.store(persisted.auto, Ordering::Relaxed);
         let seq = Self::sequence(&cfg, &persisted);
         Self {
             cfg,
@@ -1646,6 +1651,7 @@ impl Handler<Ask> for Supervisor {
                 let was = self.persisted.auto;
                 self.persisted.auto = auto;
                 self.save();
+                self.cfg.auto_flag.store(auto, Ordering::Relaxed);
                 let mode = if auto { "AUTO" } else { "MANUAL" };
                 if auto && !was {
                     self.auto_failed = None;
