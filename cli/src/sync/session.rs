@@ -420,6 +420,13 @@ pub async fn run(
     loop {
         if s.paused || s.halted {
             s.shared.state(if s.paused { "paused" } else { "halted" });
+            if s.halted {
+                // A flush asked after the halt gets its reason, not a wait for ever (the
+                // watcher can halt the session before the flush that was to see it arrives).
+                let why = s.shared.status.borrow().halted.clone();
+                s.shared
+                    .answer_flushes(Err(why.unwrap_or_else(|| "the session halted".into())));
+            }
             match control.recv().await {
                 None | Some(Control::Terminate) => return,
                 Some(c) => s.control(c),
