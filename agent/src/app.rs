@@ -394,6 +394,8 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
             supervisor: Some(supervisor.clone()),
             logs: Some(logs),
             log_permits: Arc::new(tokio::sync::Semaphore::new(crate::serve::LOG_STREAMS_MAX)),
+            reverse: Default::default(),
+            forward_permits: Arc::new(tokio::sync::Semaphore::new(crate::forward::FORWARD_STREAMS_MAX)),
             auto_mode: auto_flag,
         };
         let accept = tokio::spawn(accept_loop(endpoint.clone(), served));

@@ -2,6 +2,7 @@
 //! simulation runs the same server ([`serve`]) on a simulated network.
 
 pub mod app;
+pub mod forward;
 pub mod logs;
 pub mod serve;
 pub mod spawn;

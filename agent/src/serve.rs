@@ -76,6 +76,10 @@ pub struct Served {
     pub logs: Option<crate::logs::LogHub>,
     /// Log streams served at once ([`LOG_STREAMS_MAX`]).
     pub log_permits: Arc<tokio::sync::Semaphore>,
+    /// Accepted reverse-forward connections waiting to be claimed.
+    pub reverse: crate::forward::PendingMap,
+    /// Forward streams served at once ([`crate::forward::FORWARD_STREAMS_MAX`]).
+    pub forward_permits: Arc<tokio::sync::Semaphore>,
     /// The workspace is in Auto Mode: every exec stream starts with the page's warning.
     pub auto_mode: Arc<std::sync::atomic::AtomicBool>,
 }
@@ -233,6 +237,41 @@ async fn serve_connection(conn: quinn::Connection, served: Served) {
                             "the workspace serves {LOG_STREAMS_MAX} log streams, the most it allows"
                         ));
                         let _ = write_frame(&mut send, &msg).await;
+                    }
+                }
+            }
+            Ok(Ok(Some(StreamOpen::Forward(open)))) => {
+                match served.forward_permits.clone().try_acquire_owned() {
+                    Ok(permit) => {
+                        tokio::spawn(async move {
+                            crate::forward::serve_forward(open, send, recv).await;
+                            drop(permit);
+                        });
+                    }
+                    Err(_) => {
+                        tokio::spawn(crate::forward::refuse_busy(send));
+                    }
+                }
+            }
+            Ok(Ok(Some(StreamOpen::ForwardWatch(_)))) => {
+                let supervisor = served.supervisor.clone();
+                tokio::spawn(crate::forward::serve_watch(supervisor, send, recv));
+            }
+            Ok(Ok(Some(StreamOpen::ReverseListen(open)))) => {
+                let pending = served.reverse.clone();
+                tokio::spawn(crate::forward::serve_reverse(open, pending, send, recv));
+            }
+            Ok(Ok(Some(StreamOpen::ReverseAccept(claim)))) => {
+                match served.forward_permits.clone().try_acquire_owned() {
+                    Ok(permit) => {
+                        let pending = served.reverse.clone();
+                        tokio::spawn(async move {
+                            crate::forward::serve_reverse_accept(claim, pending, send, recv).await;
+                            drop(permit);
+                        });
+                    }
+                    Err(_) => {
+                        tokio::spawn(crate::forward::refuse_busy(send));
                     }
                 }
             }

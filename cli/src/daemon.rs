@@ -161,6 +161,7 @@ pub fn run(home: CsHome) -> anyhow::Result<()> {
         std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600))?;
         let hub = Hub { identity, links: BTreeMap::new() }.start();
         let sync = crate::sync::hub::SyncHub::new(home.clone(), hub.clone()).start();
+        let forward = crate::forward::hub::ForwardHub::new(home.clone(), hub.clone()).start();
         let build = build_id();
         tracing::info!(pid = std::process::id(), %build, socket = %sock.display(), "daemon serving");
         let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(CLIENTS_MAX));
@@ -180,9 +181,10 @@ pub fn run(home: CsHome) -> anyhow::Result<()> {
                 }
             };
             let Ok(permit) = permits.clone().acquire_owned().await else { break };
-            let (hub, sync, home, build, stop_tx) = (hub.clone(), sync.clone(), home.clone(), build.clone(), stop_tx.clone());
+            let (hub, sync, forward, home, build, stop_tx) = (hub.clone(), sync.clone(), forward.clone(), home.clone(), build.clone(), stop_tx.clone());
             tokio::spawn(async move {
-                if let Err(e) = serve_client(stream, hub, sync, home, build, stop_tx).await {
+                let hubs = Hubs { hub, sync, forward };
+                if let Err(e) = serve_client(stream, hubs, home, build, stop_tx).await {
                     tracing::debug!(error = %e, "client ended");
                 }
                 drop(permit);
@@ -198,14 +200,21 @@ pub fn run(home: CsHome) -> anyhow::Result<()> {
     })
 }
 
-async fn serve_client(
-    mut stream: UnixStream,
+/// The daemon's actors a client's request goes to.
+struct Hubs {
     hub: Addr<Hub>,
     sync: Addr<crate::sync::hub::SyncHub>,
+    forward: Addr<crate::forward::hub::ForwardHub>,
+}
+
+async fn serve_client(
+    mut stream: UnixStream,
+    hubs: Hubs,
     home: CsHome,
     build: String,
     stop: tokio::sync::mpsc::Sender<()>,
 ) -> anyhow::Result<()> {
+    let Hubs { hub, sync, forward } = hubs;
     let Some(req) = read_frame::<_, Request>(&mut stream).await? else {
         return Ok(());
     };
@@ -257,9 +266,22 @@ async fn serve_client(
             };
             write_frame(&mut stream, &reply).await?;
         }
+        Request::Forward { build: client, .. } if client != build => {
+            write_frame(
+                &mut stream,
+                &Reply::WrongBuild {
+                    daemon_build: build,
+                },
+            )
+            .await?;
+        }
+        Request::Forward { cmd, .. } => serve_forward(stream, &forward, cmd).await?,
         Request::Forget { sandbox } => {
             // Sessions first: each holds its own link, which would reconnect.
             sync.send(crate::sync::hub::ForgetSandbox(sandbox.clone()))
+                .await?;
+            forward
+                .send(crate::forward::hub::ForgetSandbox(sandbox.clone()))
                 .await?;
             hub.send(Forget(sandbox)).await?;
             write_frame(&mut stream, &Reply::Done).await?;
@@ -283,6 +305,63 @@ async fn serve_client(
             }
             Err(message) => write_frame(&mut stream, &Reply::Error { message }).await?,
         },
+    }
+    Ok(())
+}
+
+async fn serve_forward(
+    mut stream: UnixStream,
+    forward: &Addr<crate::forward::hub::ForwardHub>,
+    cmd: crate::wire::ForwardCommand,
+) -> anyhow::Result<()> {
+    use crate::forward::hub;
+    use crate::wire::{ForwardAnswer as A, ForwardCommand as C};
+    let err = |message: String| Reply::Error { message };
+    match cmd {
+        C::List => {
+            let list = forward.send(hub::List).await?;
+            write_frame(&mut stream, &Reply::Forward(A::List(list))).await?;
+        }
+        C::Stop(name) => {
+            let reply = match forward.send(hub::Stop(name)).await? {
+                Ok(()) => Reply::Forward(A::Done),
+                Err(e) => err(e),
+            };
+            write_frame(&mut stream, &reply).await?;
+        }
+        C::Start(spec) => {
+            let detached = spec.detached;
+            let (name, notes, mut rx) = match forward.send(hub::Create(spec)).await? {
+                Ok(s) => s,
+                Err(e) => return Ok(write_frame(&mut stream, &err(e)).await?),
+            };
+            write_frame(&mut stream, &Reply::Forward(A::Started(name.clone()))).await?;
+            if detached {
+                return Ok(());
+            }
+            // Attached: the notes go to the client until it goes, which ends the session.
+            let (mut r, mut w) = stream.into_split();
+            let relay = async {
+                for n in notes {
+                    write_frame(&mut w, &Reply::Forward(A::Note(n))).await?;
+                }
+                loop {
+                    let a = match rx.recv().await {
+                        Ok(n) => A::Note(n),
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(k)) => A::Skipped(k),
+                        Err(_) => break,
+                    };
+                    write_frame(&mut w, &Reply::Forward(a)).await?;
+                }
+                anyhow::Ok(())
+            };
+            let mut buf = [0u8; 64];
+            tokio::select! {
+                _ = relay => {}
+                _ = async { while let Ok(n) = r.read(&mut buf).await { if n == 0 { break } } } => {}
+            }
+            let _ = forward.send(hub::Stop(name)).await;
+        }
     }
     Ok(())
 }

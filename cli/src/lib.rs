@@ -6,6 +6,7 @@ pub mod client;
 pub mod connect;
 pub mod daemon;
 pub mod demo;
+pub mod forward;
 pub mod home;
 pub mod link;
 pub mod sandbox;

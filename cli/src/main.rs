@@ -114,6 +114,32 @@ enum Cmd {
         #[arg(long)]
         stamps: bool,
     },
+    /// Forward ports between the laptop and a workspace: the workspace's listening ports as
+    /// they appear (unless -PF), -L rules (laptop to workspace) and -R rules (workspace to
+    /// laptop). Runs until Ctrl-C, or in the cs daemon with --detach.
+    #[command(args_conflicts_with_subcommands = true)]
+    Portforward {
+        #[command(subcommand)]
+        cmd: Option<PortforwardCmd>,
+        #[arg(short = 'W', long = "workspace")]
+        workspace: Option<String>,
+        /// (-PF) Do not forward the workspace's listening ports on their own.
+        #[arg(long = "no-auto")]
+        no_auto: bool,
+        /// [BIND:]LOCAL:[HOST:]REMOTE: listen on the laptop (127.0.0.1 unless BIND), connect
+        /// in the workspace; either end may be a Unix socket's path.
+        #[arg(short = 'L', value_name = "RULE")]
+        local: Vec<String>,
+        /// [BIND:]REMOTE:[HOST:]LOCAL: listen in the workspace, connect on the laptop.
+        #[arg(short = 'R', value_name = "RULE")]
+        remote: Vec<String>,
+        /// Leave the session to the cs daemon and return (`cs portforward list|stop`).
+        #[arg(long)]
+        detach: bool,
+        /// The session's name (default pf-N).
+        #[arg(long)]
+        name: Option<String>,
+    },
     /// Create (once) the local sandbox `demo`: a checkout built by its hook, a daemon and a cron
     /// job; then run commands in it.
     Demo,
@@ -122,6 +148,17 @@ enum Cmd {
         #[command(subcommand)]
         cmd: DaemonCmd,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum PortforwardCmd {
+    /// Every port-forward session of the cs daemon, with each forward's connections and bytes.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop a port-forward session: its listeners close and its connections end.
+    Stop { name: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -285,8 +322,25 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("building the tokio runtime only fails when the OS refuses threads")
 }
 
+/// `-PF` (the page's spelling) is `--no-auto` to clap, whose short flags are one letter.
+fn argv() -> Vec<std::ffi::OsString> {
+    let mut seen_portforward = false;
+    std::env::args_os()
+        .map(|a| {
+            if a == "portforward" {
+                seen_portforward = true;
+            }
+            if seen_portforward && a == "-PF" {
+                "--no-auto".into()
+            } else {
+                a
+            }
+        })
+        .collect()
+}
+
 fn main() {
-    let args = Args::parse();
+    let args = Args::parse_from(argv());
     let is_daemon = matches!(
         args.cmd,
         Cmd::Daemon {
@@ -454,6 +508,40 @@ async fn run_async(home: CsHome, cmd: Cmd) -> anyhow::Result<i32> {
         } => {
             let ws = resolve(&home, workspace.as_deref())?;
             automation::logs(&home, &ws, &name, follow, lines, stamps).await?;
+            Ok(0)
+        }
+        Cmd::Portforward {
+            cmd: Some(PortforwardCmd::List { json }),
+            ..
+        } => {
+            cs_cli::forward::commands::list(&home, json).await?;
+            Ok(0)
+        }
+        Cmd::Portforward {
+            cmd: Some(PortforwardCmd::Stop { name }),
+            ..
+        } => {
+            cs_cli::forward::commands::stop(&home, &name).await?;
+            Ok(0)
+        }
+        Cmd::Portforward {
+            cmd: None,
+            workspace,
+            no_auto,
+            local,
+            remote,
+            detach,
+            name,
+        } => {
+            let a = cs_cli::forward::commands::Args {
+                workspace,
+                no_auto,
+                local,
+                remote,
+                detach,
+                name,
+            };
+            cs_cli::forward::commands::run(&home, a).await?;
             Ok(0)
         }
         Cmd::Ssh {

@@ -21,8 +21,31 @@ pub enum Request {
     Forget { sandbox: String },
     /// Act on sync sessions.
     Sync { build: String, cmd: SyncCommand },
+    /// Act on port-forward sessions.
+    Forward { build: String, cmd: ForwardCommand },
     /// Exit.
     Stop,
+}
+
+/// What `cs portforward` asks of the daemon.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum ForwardCommand {
+    /// Start a session. Detached, the daemon answers `Started`; attached, it then sends its
+    /// notes as `Note`s until this socket closes, which stops the session.
+    Start(crate::forward::ForwardSpec),
+    List,
+    Stop(String),
+}
+
+/// The daemon's answers to [`ForwardCommand`]s.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum ForwardAnswer {
+    Started(String),
+    Note(String),
+    /// An attached client fell behind by this many notes.
+    Skipped(u64),
+    List(Vec<crate::forward::SessionView>),
+    Done,
 }
 
 /// The daemon to `cs`.
@@ -32,6 +55,7 @@ pub enum Reply {
     Opened,
     Status(DaemonStatus),
     Sync(SyncAnswer),
+    Forward(ForwardAnswer),
     Done,
     /// The daemon runs another build of cs and must be restarted.
     WrongBuild {

@@ -397,6 +397,8 @@ fn run_seed_inner(seed: u64, trace: Trace) -> Result<Outcome, String> {
                         supervisor: None,
                         logs: None,
                         log_permits: Arc::new(tokio::sync::Semaphore::new(1)),
+                        reverse: Default::default(),
+                        forward_permits: Arc::new(tokio::sync::Semaphore::new(64)),
                         auto_mode: Default::default(),
                     },
                 )

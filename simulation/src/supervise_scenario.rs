@@ -392,6 +392,8 @@ fn inner(seed: u64, trace: Trace) -> Result<Outcome, String> {
                         supervisor: Some(supervisor),
                         logs: Some(logs),
                         log_permits: Arc::new(tokio::sync::Semaphore::new(4)),
+                        reverse: Default::default(),
+                        forward_permits: Arc::new(tokio::sync::Semaphore::new(64)),
                         auto_mode: Default::default(),
                     },
                 )

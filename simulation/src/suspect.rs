@@ -114,6 +114,8 @@ pub fn lost_finished(
                         supervisor: None,
                         logs: None,
                         log_permits: Arc::new(tokio::sync::Semaphore::new(1)),
+                        reverse: Default::default(),
+                        forward_permits: Arc::new(tokio::sync::Semaphore::new(64)),
                         auto_mode: Default::default(),
                     },
                 )

@@ -7,6 +7,7 @@
 pub mod canary;
 pub mod codec;
 pub mod exec;
+pub mod forward;
 pub mod hello;
 pub mod supervise;
 pub mod sync;
@@ -16,7 +17,7 @@ pub use codec::{decode, encode_frame, DecodeError, EncodeError, FrameDecoder, FR
 
 /// The wire protocol version. Bump it on any incompatible change to a message in this crate;
 /// peers with different versions refuse each other in the hello with both numbers named.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// The version of the software, for messages that name it to a person.
 pub const SOFTWARE_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -40,4 +41,12 @@ pub enum StreamOpen {
     Supervise(supervise::SuperviseRequest),
     /// Read or follow a daemon's, job's or step's log.
     Logs(supervise::LogsOpen),
+    /// Carry one connection to a TCP port or Unix socket in the workspace.
+    Forward(forward::ForwardOpen),
+    /// Follow the workspace's listening TCP ports.
+    ForwardWatch(forward::WatchOpen),
+    /// Listen in the workspace for a reverse forward (`-R`).
+    ReverseListen(forward::ReverseOpen),
+    /// Take one connection a reverse listener accepted.
+    ReverseAccept(forward::ReverseAccept),
 }

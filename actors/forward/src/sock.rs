@@ -1,0 +1,52 @@
+//! The shells' local sockets: a TCP or Unix-socket connection the laptop daemon or the agent
+//! opened or accepted, pumped onto a stream, and reset when the other side reset.
+
+use tokio::net::{TcpStream, UnixStream};
+
+use crate::pump::{pump, Counters, End};
+
+/// A local connection.
+#[derive(Debug)]
+pub enum Sock {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Sock {
+    /// Closes the connection with a TCP reset (RST) instead of a FIN: what the other side's
+    /// reset becomes here. A Unix socket has no reset; it is closed.
+    pub fn reset(self) {
+        if let Sock::Tcp(s) = &self {
+            // SO_LINGER 0 makes the close send RST at once; it never blocks the thread (the
+            // deprecation is about non-zero lingers).
+            #[allow(deprecated)]
+            let _ = s.set_linger(Some(std::time::Duration::ZERO));
+        }
+        drop(self);
+    }
+
+    /// Pumps this connection onto `(send, recv)` until it ends, resetting it when the other
+    /// side reset.
+    pub async fn pump(
+        mut self,
+        send: &mut quinn::SendStream,
+        recv: &mut quinn::RecvStream,
+        counters: &Counters,
+    ) -> End {
+        let end = match &mut self {
+            Sock::Tcp(s) => {
+                let _ = s.set_nodelay(true);
+                let (mut r, mut w) = s.split();
+                pump(&mut r, &mut w, send, recv, counters).await
+            }
+            Sock::Unix(s) => {
+                let (mut r, mut w) = s.split();
+                pump(&mut r, &mut w, send, recv, counters).await
+            }
+        };
+        if matches!(end, End::RemoteReset(_)) {
+            self.reset();
+        }
+        end
+    }
+}
