@@ -395,6 +395,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
             logs: Some(logs),
             log_permits: Arc::new(tokio::sync::Semaphore::new(crate::serve::LOG_STREAMS_MAX)),
             reverse: Default::default(),
+            dial: crate::forward::os_dialer(),
             forward_permits: Arc::new(tokio::sync::Semaphore::new(crate::forward::FORWARD_STREAMS_MAX)),
             auto_mode: auto_flag,
         };

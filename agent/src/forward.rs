@@ -24,6 +24,19 @@ pub const REVERSE_PENDING_MAX: usize = 256;
 /// Forward streams (connections) served at once.
 pub const FORWARD_STREAMS_MAX: usize = 1024;
 
+/// How the agent reaches a forward's target: the OS's sockets ([`os_dialer`]), or the
+/// simulation's in-memory servers.
+pub type Dialer = Arc<
+    dyn Fn(Endpoint) -> futures_util::future::BoxFuture<'static, Result<Sock, String>>
+        + Send
+        + Sync,
+>;
+
+/// Connects with real TCP and Unix sockets.
+pub fn os_dialer() -> Dialer {
+    Arc::new(|target| Box::pin(async move { connect(&target).await }))
+}
+
 /// Connects to `target` in the workspace.
 pub async fn connect(target: &Endpoint) -> Result<Sock, String> {
     let attempt = async {
@@ -50,10 +63,11 @@ pub async fn connect(target: &Endpoint) -> Result<Sock, String> {
 /// Serves one forward stream: connect, answer, pump.
 pub async fn serve_forward(
     open: ForwardOpen,
+    dial: Dialer,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) {
-    match connect(&open.target).await {
+    match dial(open.target.clone()).await {
         Ok(sock) => {
             if write_frame(&mut send, &ForwardReply::Connected)
                 .await

@@ -78,6 +78,8 @@ pub struct Served {
     pub log_permits: Arc<tokio::sync::Semaphore>,
     /// Accepted reverse-forward connections waiting to be claimed.
     pub reverse: crate::forward::PendingMap,
+    /// How forwarded connections reach their targets.
+    pub dial: crate::forward::Dialer,
     /// Forward streams served at once ([`crate::forward::FORWARD_STREAMS_MAX`]).
     pub forward_permits: Arc<tokio::sync::Semaphore>,
     /// The workspace is in Auto Mode: every exec stream starts with the page's warning.
@@ -243,8 +245,9 @@ async fn serve_connection(conn: quinn::Connection, served: Served) {
             Ok(Ok(Some(StreamOpen::Forward(open)))) => {
                 match served.forward_permits.clone().try_acquire_owned() {
                     Ok(permit) => {
+                        let dial = served.dial.clone();
                         tokio::spawn(async move {
-                            crate::forward::serve_forward(open, send, recv).await;
+                            crate::forward::serve_forward(open, dial, send, recv).await;
                             drop(permit);
                         });
                     }

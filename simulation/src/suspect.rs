@@ -115,6 +115,7 @@ pub fn lost_finished(
                         logs: None,
                         log_permits: Arc::new(tokio::sync::Semaphore::new(1)),
                         reverse: Default::default(),
+                        dial: cs_agent::forward::os_dialer(),
                         forward_permits: Arc::new(tokio::sync::Semaphore::new(64)),
                         auto_mode: Default::default(),
                     },

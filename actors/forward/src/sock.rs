@@ -10,11 +10,13 @@ use crate::pump::{pump, Counters, End};
 pub enum Sock {
     Tcp(TcpStream),
     Unix(UnixStream),
+    /// An in-memory connection: the simulation's servers and clients.
+    Pipe(tokio::io::DuplexStream),
 }
 
 impl Sock {
     /// Closes the connection with a TCP reset (RST) instead of a FIN: what the other side's
-    /// reset becomes here. A Unix socket has no reset; it is closed.
+    /// reset becomes here. A Unix socket or a pipe has no reset; it is closed.
     pub fn reset(self) {
         if let Sock::Tcp(s) = &self {
             // SO_LINGER 0 makes the close send RST at once; it never blocks the thread (the
@@ -41,6 +43,10 @@ impl Sock {
             }
             Sock::Unix(s) => {
                 let (mut r, mut w) = s.split();
+                pump(&mut r, &mut w, send, recv, counters).await
+            }
+            Sock::Pipe(s) => {
+                let (mut r, mut w) = tokio::io::split(s);
                 pump(&mut r, &mut w, send, recv, counters).await
             }
         };

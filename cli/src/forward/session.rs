@@ -298,6 +298,33 @@ async fn until_stopped(mut rx: watch::Receiver<bool>) {
     }
 }
 
+/// How carrying one connection went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Carried {
+    /// The workspace connected; the pump ended so.
+    Ended(End),
+    /// The workspace could not connect (the client was reset), or could not be reached.
+    Refused(String),
+}
+
+/// Carries one local connection to `target` in the workspace: opens its stream, waits for
+/// the agent to connect, and pumps until both sides are done. A refusal resets `sock`.
+pub async fn carry(link: &LinkRef, target: Endpoint, sock: Sock, counters: &Counters) -> Carried {
+    let opened = link
+        .open(StreamOpen::Forward(ForwardOpen { target }))
+        .await
+        .and_then(|o| Ok((first::<ForwardReply>(&o)?, o)));
+    match opened {
+        Ok((ForwardReply::Connected, mut o)) => {
+            Carried::Ended(sock.pump(&mut o.send, &mut o.recv, counters).await)
+        }
+        Ok((ForwardReply::Refused { reason }, _)) | Err(reason) => {
+            sock.reset();
+            Carried::Refused(reason)
+        }
+    }
+}
+
 /// Carries one accepted local connection to `target` in the workspace.
 async fn forward_conn(
     sock: Sock,
@@ -309,28 +336,17 @@ async fn forward_conn(
 ) {
     stats.total.fetch_add(1, Ordering::Relaxed);
     let work = async {
-        let opened = link
-            .open(StreamOpen::Forward(ForwardOpen { target }))
-            .await
-            .and_then(|o| Ok((first::<ForwardReply>(&o)?, o)));
-        match opened {
-            Ok((ForwardReply::Connected, mut o)) => {
-                let end = sock.pump(&mut o.send, &mut o.recv, &stats.bytes).await;
+        match carry(&link, target, sock, &stats.bytes).await {
+            Carried::Ended(end) => {
                 *stats.last_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
                 if let End::Lost(why) = end {
                     stats.lost.fetch_add(1, Ordering::Relaxed);
                     shared.failed(&key, &stats, &format!("connection to the workspace lost ({why}); open connections were closed"));
                 }
             }
-            Ok((ForwardReply::Refused { reason }, _)) => {
+            Carried::Refused(reason) => {
                 stats.refused.fetch_add(1, Ordering::Relaxed);
                 shared.failed(&key, &stats, &reason);
-                sock.reset();
-            }
-            Err(why) => {
-                stats.refused.fetch_add(1, Ordering::Relaxed);
-                shared.failed(&key, &stats, &why);
-                sock.reset();
             }
         }
     };
