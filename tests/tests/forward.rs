@@ -439,6 +439,43 @@ fn ports_opened_later_are_forwarded_and_removed_when_closed() {
 }
 
 #[test]
+fn a_reader_that_does_not_read_holds_the_server_back() {
+    let l = Laptop::new();
+    l.sandbox("pf");
+    let server = serve_http(TcpListener::bind("127.0.0.1:0").unwrap());
+    let local = free_port();
+    let _pf = Pf::start(
+        &l,
+        &["-W", "pf", "-PF", "-L", &format!("{local}:{}", server.port)],
+    );
+    let mut s = connect(local);
+    // The server would send 4 GiB; the client reads a little, then stops reading.
+    write!(s, "GET /bytes/{} HTTP/1.0\r\n\r\n", 4u64 << 30).unwrap();
+    let mut b = [0u8; 4096];
+    s.read_exact(&mut b).unwrap();
+    let key = format!("127.0.0.1:{local}");
+    // Let every buffer on the way fill: the stream's window (8 MiB) and the sockets' buffers.
+    let mut last = 0;
+    assert!(
+        wait_until(WAIT, || {
+            std::thread::sleep(Duration::from_millis(500));
+            let now = forward(&l, &key)["bytes_in"].as_u64().unwrap();
+            let still = now == last;
+            last = now;
+            still
+        }),
+        "the forward stops moving bytes the client does not read"
+    );
+    assert!(
+        last < 64 << 20,
+        "held back after {last} bytes, not buffered without bound"
+    );
+    // And reading again moves it on.
+    let mut more = vec![0u8; 32 << 20];
+    s.read_exact(&mut more).unwrap();
+}
+
+#[test]
 fn dash_pf_forwards_only_the_rules() {
     let l = Laptop::new();
     l.sandbox("pf");

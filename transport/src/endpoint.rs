@@ -30,7 +30,8 @@ pub struct TransportLimits {
     pub idle_timeout_ms: u64,
     /// Interval of keep-alive pings on an otherwise idle connection.
     pub keep_alive_ms: u64,
-    /// Concurrent bidirectional streams the peer may open.
+    /// Concurrent bidirectional streams the peer may open (forwarded connections are one
+    /// each; an open beyond it waits for one to end).
     pub streams_bidi_max: u32,
     /// Flow-control window of one stream.
     pub stream_window_bytes: u32,
@@ -45,7 +46,7 @@ impl Default for TransportLimits {
         Self {
             idle_timeout_ms: 10_000,
             keep_alive_ms: 2_000,
-            streams_bidi_max: 256,
+            streams_bidi_max: 1024,
             stream_window_bytes: 8 * 1024 * 1024,
             connection_window_bytes: 32 * 1024 * 1024,
             udp_payload_bytes_max: 65_527,
