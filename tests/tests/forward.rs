@@ -476,6 +476,45 @@ fn a_reader_that_does_not_read_holds_the_server_back() {
 }
 
 #[test]
+fn a_supervised_daemons_port_is_forwarded_under_its_name() {
+    let l = Laptop::new();
+    let port = free_port();
+    let def = format!(
+        "workspaces:\n- name: dev\n  system:\n    daemons:\n    - name: api\n      run:\n        cmd: exec {} {port}\n",
+        env!("CARGO_BIN_EXE_listen")
+    );
+    let file = l.dir.path().join("def.yaml");
+    std::fs::write(&file, def).unwrap();
+    l.ok(&[
+        "sandbox",
+        "create",
+        "pf",
+        "--local",
+        "-f",
+        file.to_str().unwrap(),
+    ]);
+    let pf = Pf::start(&l, &["-W", "pf"]);
+    let line = pf.wait_line(&[&format!("-> workspace port {port} (daemon api)")]);
+    let local: u16 = line
+        .split("127.0.0.1:")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .expect("the local port");
+    let f = forward(&l, &format!("127.0.0.1:{local}"));
+    assert_eq!(f["daemon"], "api", "{f}");
+    let mut s = connect(local);
+    s.write_all(b"hello api").unwrap();
+    s.shutdown(Shutdown::Write).unwrap();
+    let mut got = String::new();
+    s.read_to_string(&mut got).unwrap();
+    assert_eq!(got, "hello api");
+    // Stopped by the supervisor: the port closes and its forward goes.
+    l.ok(&["stop", "-W", "pf", "api"]);
+    pf.wait_line(&[&format!("workspace port {port} closed")]);
+}
+
+#[test]
 fn dash_pf_forwards_only_the_rules() {
     let l = Laptop::new();
     l.sandbox("pf");
