@@ -79,24 +79,109 @@ pub async fn run(home: &CsHome, a: Args) -> anyhow::Result<()> {
     }
     eprintln!("port-forward session {name}: Ctrl-C stops it");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    loop {
+    // On a terminal, the forwards' live counters are redrawn under the notes every second.
+    let live = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let mut board = Board::default();
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    let result = loop {
         let frame = tokio::select! {
             biased;
-            _ = tokio::signal::ctrl_c() => return Ok(()),
-            _ = term.recv() => return Ok(()),
+            _ = tokio::signal::ctrl_c() => break Ok(()),
+            _ = term.recv() => break Ok(()),
             f = read_frame::<_, Reply>(&mut stream) => f,
+            _ = tick.tick(), if live => {
+                if let Ok(l) = sessions(home).await {
+                    if let Some(s) = l.iter().find(|s| s.name == name) {
+                        board.draw(&forward_lines(s));
+                    }
+                }
+                continue;
+            }
         };
         match frame {
-            Ok(Some(Reply::Forward(ForwardAnswer::Note(n)))) => println!("{n}"),
-            Ok(Some(Reply::Forward(ForwardAnswer::Skipped(k)))) => {
-                println!("({k} messages skipped: this terminal fell behind)")
+            Ok(Some(Reply::Forward(ForwardAnswer::Note(n)))) => board.note(&n),
+            Ok(Some(Reply::Forward(ForwardAnswer::Skipped(k)))) => board.note(&format!(
+                "({k} messages skipped: this terminal fell behind)"
+            )),
+            Ok(Some(other)) => {
+                break Err(anyhow::anyhow!(
+                    "unexpected message from the cs daemon: {other:?}"
+                ))
             }
-            Ok(Some(other)) => bail!("unexpected message from the cs daemon: {other:?}"),
             Ok(None) | Err(_) => {
-                bail!("the cs daemon stopped; the port-forward session {name} ended with it")
+                break Err(anyhow::anyhow!(
+                    "the cs daemon stopped; the port-forward session {name} ended with it"
+                ))
             }
         }
+    };
+    board.draw(&[]);
+    result
+}
+
+/// The notes printed as they come, and (on a terminal) the forwards' lines under them,
+/// redrawn in place.
+#[derive(Default)]
+struct Board {
+    drawn: usize,
+    last: Vec<String>,
+}
+
+impl Board {
+    fn clear(&mut self) {
+        if self.drawn > 0 {
+            // Up to the board's first line, and clear to the end of the screen.
+            print!("\x1b[{}A\r\x1b[J", self.drawn);
+            self.drawn = 0;
+        }
     }
+
+    fn note(&mut self, line: &str) {
+        self.clear();
+        println!("{line}");
+        let last = std::mem::take(&mut self.last);
+        self.draw(&last);
+    }
+
+    fn draw(&mut self, lines: &[String]) {
+        use std::io::Write;
+        self.clear();
+        for l in lines {
+            println!("{l}");
+        }
+        self.drawn = lines.len();
+        self.last = lines.to_vec();
+        let _ = std::io::stdout().flush();
+    }
+}
+
+fn forward_lines(s: &SessionView) -> Vec<String> {
+    s.forwards.iter().map(forward_line).collect()
+}
+
+fn forward_line(f: &super::ForwardView) -> String {
+    let owner = match (&f.daemon, &f.process) {
+        (Some(d), _) => format!(" daemon {d}"),
+        (None, Some(p)) => format!(" {p}"),
+        _ => String::new(),
+    };
+    let err = f
+        .last_error
+        .as_ref()
+        .map(|e| format!(" last error: {e}"))
+        .unwrap_or_default();
+    format!(
+        "  {:<6} {} -> {}{owner}  open {} total {} out {} in {} refused {} lost {}{err}",
+        f.kind,
+        f.local,
+        f.remote,
+        f.open,
+        f.total,
+        bytes(f.bytes_out),
+        bytes(f.bytes_in),
+        f.refused,
+        f.lost
+    )
 }
 
 async fn sessions(home: &CsHome) -> anyhow::Result<Vec<SessionView>> {
@@ -138,29 +223,8 @@ pub async fn list(home: &CsHome, json: bool) -> anyhow::Result<()> {
                 " (-PF: no auto-discovered ports)"
             }
         );
-        for f in &s.forwards {
-            let owner = match (&f.daemon, &f.process) {
-                (Some(d), _) => format!(" daemon {d}"),
-                (None, Some(p)) => format!(" {p}"),
-                _ => String::new(),
-            };
-            let err = f
-                .last_error
-                .as_ref()
-                .map(|e| format!(" last error: {e}"))
-                .unwrap_or_default();
-            println!(
-                "  {:<6} {} -> {}{owner}  open {} total {} out {} in {} refused {} lost {}{err}",
-                f.kind,
-                f.local,
-                f.remote,
-                f.open,
-                f.total,
-                bytes(f.bytes_out),
-                bytes(f.bytes_in),
-                f.refused,
-                f.lost
-            );
+        for line in forward_lines(s) {
+            println!("{line}");
         }
     }
     Ok(())
