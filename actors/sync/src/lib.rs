@@ -24,6 +24,7 @@ pub mod fs;
 pub mod ignore;
 pub mod path;
 pub mod reconcile;
+pub mod rsync;
 pub mod scan;
 pub mod symlink;
 pub mod tree;
