@@ -25,6 +25,7 @@ pub mod ignore;
 pub mod path;
 pub mod reconcile;
 pub mod rsync;
+pub mod rsync_fs;
 pub mod scan;
 pub mod symlink;
 pub mod tree;
