@@ -386,6 +386,8 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
             workspace,
             trust: trust.clone(),
             exec: exec.clone(),
+            rsync_home: Some(home.clone()),
+            rsync_permits: Arc::new(tokio::sync::Semaphore::new(crate::rsync::RSYNC_STREAMS_MAX)),
             roots: Arc::new(crate::sync::HomeRoots {
                 home,
                 caches: Some(paths.state.join("sync-cache")),

@@ -4,6 +4,7 @@
 pub mod app;
 pub mod forward;
 pub mod logs;
+pub mod rsync;
 pub mod serve;
 pub mod spawn;
 pub mod state;

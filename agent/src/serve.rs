@@ -78,6 +78,10 @@ pub struct Served {
     pub log_permits: Arc<tokio::sync::Semaphore>,
     /// Accepted reverse-forward connections waiting to be claimed.
     pub reverse: crate::forward::PendingMap,
+    /// The workspace home, for `cs rsync` (the simulation serves none).
+    pub rsync_home: Option<std::path::PathBuf>,
+    /// rsync streams served at once ([`crate::rsync::RSYNC_STREAMS_MAX`]).
+    pub rsync_permits: Arc<tokio::sync::Semaphore>,
     /// How forwarded connections reach their targets.
     pub dial: crate::forward::Dialer,
     /// Forward streams served at once ([`crate::forward::FORWARD_STREAMS_MAX`]).
@@ -275,6 +279,25 @@ async fn serve_connection(conn: quinn::Connection, served: Served) {
                     }
                     Err(_) => {
                         tokio::spawn(crate::forward::refuse_busy(send));
+                    }
+                }
+            }
+            Ok(Ok(Some(StreamOpen::Rsync(open)))) => {
+                let home = served.rsync_home.clone();
+                match served.rsync_permits.clone().try_acquire_owned() {
+                    Ok(permit) => {
+                        tokio::spawn(async move {
+                            crate::rsync::serve(open, home, send, recv).await;
+                            drop(permit);
+                        });
+                    }
+                    Err(_) => {
+                        let mut send = send;
+                        let msg = cs_protocol::rsync::RsyncReply::Error(format!(
+                            "the workspace serves {} rsync transfers, the most it allows",
+                            crate::rsync::RSYNC_STREAMS_MAX
+                        ));
+                        let _ = write_frame(&mut send, &msg).await;
                     }
                 }
             }

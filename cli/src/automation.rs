@@ -19,7 +19,8 @@ use crate::wire::{build_id, Reply, Request};
 /// Delays between a follow's attempts to reopen its stream (the daemon reconnects on its own).
 const FOLLOW_RETRY_MS: [u64; 6] = [100, 200, 500, 1_000, 2_000, 5_000];
 
-async fn open(
+/// Opens a stream to `workspace` through the daemon; the socket then carries its bytes.
+pub async fn open(
     home: &CsHome,
     workspace: &str,
     open: StreamOpen,

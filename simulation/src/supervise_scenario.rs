@@ -393,6 +393,8 @@ fn inner(seed: u64, trace: Trace) -> Result<Outcome, String> {
                         logs: Some(logs),
                         log_permits: Arc::new(tokio::sync::Semaphore::new(4)),
                         reverse: Default::default(),
+                        rsync_home: None,
+                        rsync_permits: Arc::new(tokio::sync::Semaphore::new(1)),
                         dial: cs_agent::forward::os_dialer(),
                         forward_permits: Arc::new(tokio::sync::Semaphore::new(64)),
                         auto_mode: Default::default(),

@@ -9,6 +9,7 @@ pub mod codec;
 pub mod exec;
 pub mod forward;
 pub mod hello;
+pub mod rsync;
 pub mod supervise;
 pub mod sync;
 
@@ -49,4 +50,6 @@ pub enum StreamOpen {
     ReverseListen(forward::ReverseOpen),
     /// Take one connection a reverse listener accepted.
     ReverseAccept(forward::ReverseAccept),
+    /// One `cs rsync` transfer's workspace side.
+    Rsync(rsync::RsyncOpen),
 }

@@ -1,0 +1,305 @@
+//! The workspace side of `cs rsync`: one stream per transfer, one root in the home. It lists
+//! the root, receives ops and content (a push) or sends content (a pull). The filesystem
+//! work runs on a thread of its own, fed through bounded channels, so a large tree never
+//! blocks the agent's runtime.
+
+use std::path::{Path, PathBuf};
+
+use cs_protocol::rsync::{
+    RsyncOpen, RsyncReply, RsyncRequest, DELTA_CHUNK_OPS, LISTING_CHUNK_ENTRIES,
+};
+use cs_protocol::DATA_CHUNK_BYTES_MAX;
+use cs_sync::delta::{self, Delta, DeltaOp};
+use cs_sync::rsync::Op;
+use cs_sync::rsync_fs::{self, NewFile, Receiver, DELTA_FILE_BYTES_MAX};
+use cs_transport::{read_frame, write_frame};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::mpsc;
+
+/// Requests and replies queued between the stream and the filesystem thread.
+const QUEUE_MAX: usize = 64;
+/// rsync transfers served at once.
+pub const RSYNC_STREAMS_MAX: usize = 16;
+
+/// The root a stream names, inside `home`: relative, `~/...`, or absolute under the home.
+pub fn resolve(home: &Path, root: &str) -> Result<PathBuf, String> {
+    let outside = || format!("'{root}' is outside the workspace home {}", home.display());
+    if let Some(abs) = root.strip_prefix('/') {
+        let rel = Path::new("/").join(abs);
+        let rest = rel.strip_prefix(home).map_err(|_| outside())?;
+        let rest = rest.to_str().ok_or_else(outside)?;
+        return crate::sync::resolve_root(home, rest).map_err(|_| outside());
+    }
+    crate::sync::resolve_root(home, root).map_err(|_| outside())
+}
+
+/// Serves one rsync stream.
+pub async fn serve<W, R>(open: RsyncOpen, home: Option<PathBuf>, mut send: W, mut recv: R)
+where
+    W: AsyncWrite + Unpin + Send + 'static,
+    R: AsyncRead + Unpin + Send + 'static,
+{
+    let root = match home
+        .ok_or_else(|| "this agent serves no rsync".to_string())
+        .and_then(|h| resolve(&h, &open.root))
+    {
+        Ok(r) => r,
+        Err(reason) => {
+            let _ = write_frame(&mut send, &RsyncReply::Error(reason)).await;
+            return;
+        }
+    };
+    let (req_tx, req_rx) = mpsc::channel::<RsyncRequest>(QUEUE_MAX);
+    let (rep_tx, mut rep_rx) = mpsc::channel::<RsyncReply>(QUEUE_MAX);
+    let worker = std::thread::Builder::new()
+        .name("cs-rsync".into())
+        .spawn(move || work(root, req_rx, rep_tx));
+    if let Err(e) = worker {
+        let _ = write_frame(&mut send, &RsyncReply::Error(format!("cannot start: {e}"))).await;
+        return;
+    }
+    let reader = async move {
+        loop {
+            match read_frame::<_, RsyncRequest>(&mut recv).await {
+                Ok(Some(r)) => {
+                    if req_tx.send(r).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(None) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, "rsync stream broke");
+                    return;
+                }
+            }
+        }
+    };
+    let writer = async move {
+        while let Some(reply) = rep_rx.recv().await {
+            let last = matches!(reply, RsyncReply::Finished { .. } | RsyncReply::Error(_));
+            if write_frame(&mut send, &reply).await.is_err() {
+                return;
+            }
+            if last {
+                break;
+            }
+        }
+        let _ = tokio::io::AsyncWriteExt::shutdown(&mut send).await;
+    };
+    // The writer ends the stream; the reader ends when the laptop finishes its side.
+    tokio::join!(reader, writer);
+}
+
+/// What is being received now.
+enum Incoming {
+    Whole(Result<NewFile, String>, String),
+    Delta(String, u64, [u8; 32], Vec<DeltaOp>, u64),
+}
+
+fn work(root: PathBuf, mut rx: mpsc::Receiver<RsyncRequest>, tx: mpsc::Sender<RsyncReply>) {
+    let send = |r: RsyncReply| tx.blocking_send(r).is_ok();
+    let mut receiver = Receiver::new(root.clone());
+    let mut failed = 0u64;
+    let mut incoming: Option<Incoming> = None;
+    let mut fail = |path: &str, reason: String| {
+        failed += 1;
+        send(RsyncReply::Failed {
+            path: path.to_string(),
+            reason,
+        })
+    };
+    while let Some(req) = rx.blocking_recv() {
+        let ok = match req {
+            RsyncRequest::List { recursive, hash } => {
+                match rsync_fs::list(&root, recursive, hash) {
+                    Ok(entries) => {
+                        let mut ok = true;
+                        for c in entries.chunks(LISTING_CHUNK_ENTRIES) {
+                            ok &= send(RsyncReply::Listing(c.to_vec()));
+                        }
+                        ok && send(RsyncReply::ListingEnd)
+                    }
+                    Err(e) => send(RsyncReply::Error(e)),
+                }
+            }
+            RsyncRequest::Signature { path } => match read_small(&mut receiver, &path) {
+                Ok(bytes) => send(RsyncReply::Sig(delta::signature(&bytes))),
+                Err(e) => fail(&path, e),
+            },
+            RsyncRequest::Apply(op) => {
+                let (path, r) = match &op {
+                    Op::Delete { path, .. } => (path, receiver.delete(path)),
+                    Op::Mkdir { path } => (path, receiver.mkdir(path)),
+                    Op::Symlink { path, target } => (path, receiver.symlink(path, target)),
+                    Op::Attrs {
+                        path,
+                        mode,
+                        mtime,
+                        uid,
+                        gid,
+                    } => (path, receiver.attrs(path, *mode, *mtime, *uid, *gid)),
+                    Op::Send { path, .. } => {
+                        (path, Err("a Send op comes as Put or PutDelta".to_string()))
+                    }
+                };
+                match r {
+                    Ok(()) => true,
+                    Err(e) => fail(path, e),
+                }
+            }
+            RsyncRequest::Put { path } => {
+                let f = receiver.begin_file(&path);
+                incoming = Some(Incoming::Whole(f, path));
+                true
+            }
+            RsyncRequest::Data(bytes) => match incoming.take() {
+                Some(Incoming::Whole(f, path)) => {
+                    let f = f.and_then(|mut f| f.write(&bytes).map(|()| f));
+                    incoming = Some(Incoming::Whole(f, path));
+                    true
+                }
+                other => {
+                    incoming = other;
+                    send(RsyncReply::Error("content without a Put".into()))
+                }
+            },
+            RsyncRequest::PutEnd { size, hash } => match incoming.take() {
+                Some(Incoming::Whole(f, path)) => match f.and_then(|f| f.finish(size, &hash)) {
+                    Ok(()) => true,
+                    Err(e) => fail(&path, e),
+                },
+                _ => send(RsyncReply::Error("a content end without a Put".into())),
+            },
+            RsyncRequest::PutDelta { path, size, hash } => {
+                incoming = Some(Incoming::Delta(path, size, hash, Vec::new(), 0));
+                true
+            }
+            RsyncRequest::DeltaPart(mut ops) => match incoming.as_mut() {
+                Some(Incoming::Delta(_, size, _, all, literal)) => {
+                    *literal += ops
+                        .iter()
+                        .map(|o| match o {
+                            DeltaOp::Literal(b) => b.len() as u64,
+                            DeltaOp::Copy { .. } => 0,
+                        })
+                        .sum::<u64>();
+                    if *literal > *size || all.len() > 16 * 1024 * 1024 {
+                        send(RsyncReply::Error("a delta larger than its file".into()))
+                    } else {
+                        all.append(&mut ops);
+                        true
+                    }
+                }
+                _ => send(RsyncReply::Error("a delta part without a PutDelta".into())),
+            },
+            RsyncRequest::DeltaEnd => match incoming.take() {
+                Some(Incoming::Delta(path, size, hash, ops, _)) => {
+                    match patch_into(
+                        &mut receiver,
+                        &path,
+                        Delta {
+                            ops,
+                            target_bytes: size,
+                            target_hash: hash,
+                        },
+                    ) {
+                        Ok(()) => true,
+                        Err(e) => fail(&path, e),
+                    }
+                }
+                _ => send(RsyncReply::Error("a delta end without a PutDelta".into())),
+            },
+            RsyncRequest::Get { path } => send_file(&mut receiver, &path, &send),
+            RsyncRequest::GetDelta { path, sig } => match read_small(&mut receiver, &path) {
+                Ok(bytes) => {
+                    let d = delta::delta(&sig, &bytes);
+                    let mut ok = true;
+                    for c in d.ops.chunks(DELTA_CHUNK_OPS) {
+                        ok &= send(RsyncReply::DeltaPart(c.to_vec()));
+                    }
+                    ok && send(RsyncReply::DeltaEnd(Ok((d.target_bytes, d.target_hash))))
+                }
+                Err(e) => send(RsyncReply::DeltaEnd(Err(e))),
+            },
+            RsyncRequest::Finish => {
+                let _ = send(RsyncReply::Finished { failed });
+                return;
+            }
+        };
+        if !ok {
+            return;
+        }
+    }
+}
+
+/// A file's whole content, if it is at most [`DELTA_FILE_BYTES_MAX`].
+fn read_small(receiver: &mut Receiver, path: &str) -> Result<Vec<u8>, String> {
+    let p = receiver.path(path)?;
+    let m = std::fs::symlink_metadata(&p).map_err(|e| format!("{path}: {e}"))?;
+    if !m.is_file() || m.len() > DELTA_FILE_BYTES_MAX {
+        return Err(format!(
+            "{path}: not a regular file of at most {DELTA_FILE_BYTES_MAX} bytes"
+        ));
+    }
+    std::fs::read(&p).map_err(|e| format!("{path}: {e}"))
+}
+
+fn patch_into(receiver: &mut Receiver, path: &str, d: Delta) -> Result<(), String> {
+    let basis = read_small(receiver, path)?;
+    let out = delta::patch(&basis, &d, d.target_bytes).map_err(|e| format!("{path}: {e}"))?;
+    let mut f = receiver.begin_file(path)?;
+    f.write(&out)?;
+    f.finish(d.target_bytes, &d.target_hash)
+}
+
+fn send_file(receiver: &mut Receiver, path: &str, send: &dyn Fn(RsyncReply) -> bool) -> bool {
+    use std::io::Read;
+    let opened = receiver
+        .path(path)
+        .and_then(|p| std::fs::File::open(&p).map_err(|e| format!("{path}: {e}")));
+    let mut f = match opened {
+        Ok(f) => f,
+        Err(e) => return send(RsyncReply::Data(Vec::new())) && send(RsyncReply::DataEnd(Err(e))),
+    };
+    let mut h = blake3::Hasher::new();
+    let mut size = 0u64;
+    let mut buf = vec![0u8; DATA_CHUNK_BYTES_MAX];
+    loop {
+        match f.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                h.update(&buf[..n]);
+                size += n as u64;
+                if !send(RsyncReply::Data(buf[..n].to_vec())) {
+                    return false;
+                }
+            }
+            Err(e) => {
+                return send(RsyncReply::Data(Vec::new()))
+                    && send(RsyncReply::DataEnd(Err(format!("{path}: {e}"))))
+            }
+        }
+    }
+    send(RsyncReply::Data(Vec::new()))
+        && send(RsyncReply::DataEnd(Ok((size, *h.finalize().as_bytes()))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roots_stay_in_the_home() {
+        let home = Path::new("/home/u");
+        assert_eq!(resolve(home, "src").unwrap(), Path::new("/home/u/src"));
+        assert_eq!(resolve(home, "~/src/").unwrap(), Path::new("/home/u/src"));
+        assert_eq!(
+            resolve(home, "/home/u/src").unwrap(),
+            Path::new("/home/u/src")
+        );
+        for bad in ["/etc", "../x", "/home/u/../v", "/home/uv"] {
+            let e = resolve(home, bad).unwrap_err();
+            assert!(e.contains("outside the workspace home"), "{bad}: {e}");
+        }
+    }
+}
