@@ -195,13 +195,13 @@ impl Rules {
     /// starting with `- ` or `+ ` is an exclude or an include, a line `!` clears the rules so
     /// far, any other line is an exclude pattern.
     pub fn exclude_from(&mut self, text: &str) {
-        self.from_file(text, false)
+        self.rule_lines(text, false)
     }
     /// The lines of an `--include-from` file (as [`Rules::exclude_from`], includes by default).
     pub fn include_from(&mut self, text: &str) {
-        self.from_file(text, true)
+        self.rule_lines(text, true)
     }
-    fn from_file(&mut self, text: &str, include: bool) {
+    fn rule_lines(&mut self, text: &str, include: bool) {
         for l in text.split(['\n', '\r']) {
             if l.is_empty() || l.starts_with(';') || l.starts_with('#') {
                 continue;

@@ -10,6 +10,47 @@
 //!   rsync's order.
 //!
 //! No IO: the CLI and the agent list trees and carry the ops out (the shells).
+//!
+//! # Building the listings (checked against rsync 3.x, `tests/rsync_core.rs`)
+//!
+//! Every path is relative to the DESTINATION root, `/`-separated, listed with `lstat`
+//! (symlinks are entries, never followed); order does not matter.
+//!
+//! - `rsync src/foo/ dst/` (trailing slash: the contents): the source listing holds `.` (foo
+//!   itself) and `a`, `b/c`... The destination listing holds `.` (dst itself, when it
+//!   exists) and everything under it. rsync itemizes the root as `./` (`.d..t...... ./` when
+//!   its mtime differs with `-t`; `cd+++++++++ ./` when dst does not exist: pass a listing
+//!   without `.` and do not create dst beforehand, the plan's `Mkdir { "." }` does; rsync
+//!   then also prints `created directory dst` first, which is the caller's line). `--delete`
+//!   deletes in dst itself.
+//! - `rsync src/foo dst/` (no slash: the directory itself): the source listing holds `foo`,
+//!   `foo/a`, ... and NO `.`; the destination listing holds `.` and everything under dst (or
+//!   at least `foo` and everything under it). `foo/` is itemized like any directory
+//!   (`cd+++++++++ foo/`), dst itself never is, and `--delete` deletes only inside `foo`. The
+//!   caller creates dst itself when it is missing (rsync prints `created directory dst`).
+//! - A single file (`rsync src/f dst/`): the source listing holds `f` only (no `.`); for
+//!   `rsync src/f dst/g` the caller renames the entry to `g` and lists what dst/g is (its
+//!   parent as `.`).
+//! - Without `-r`: list the top level only (`.` or `foo`; for `-d` with a trailing slash,
+//!   also `.`'s direct entries). The planner still never descends further than rsync does.
+//! - With `-c`, fill `hash` for regular files on both sides (blake3 of the content).
+//! - `mtime` is compared in whole seconds (rsync's default `--modify-window=0` ignores
+//!   nanoseconds); `mode` is `st_mode & 0o7777`.
+//! - `owner`: set it only when the receiver can chown (rsync honours `-o` only as root);
+//!   `group` likewise when the receiver may set the group.
+//!
+//! # What the plan leaves to the caller
+//!
+//! - A new file without `-p` gets the source's mode masked by the receiver's umask (rsync);
+//!   its `Attrs` then has `mode: None`. An updated file without `-p` keeps its mode (`Attrs`
+//!   carries the old mode).
+//! - Specials (`-D`) are itemized (`cS+++++++++`) but have no op (no `Op` makes one); a
+//!   device would be itemized `D` by rsync, which `Kind::Special` cannot tell apart.
+//! - `Plan::warnings` are rsync's stdout notices (`skipping non-regular file "x"`, `skipping
+//!   directory .`, `cannot delete non-empty directory: x`); `Plan::errors` its stderr lines
+//!   that make it exit 23 (`could not make way for new regular file: x`).
+//! - rsync prints deletions from one process and the other lines from another, so in its
+//!   real output the two interleave by timing; `itemized` has the generator's order.
 
 pub mod filter;
 pub mod plan;
@@ -114,5 +155,10 @@ pub struct Plan {
     pub bytes_to_send: u64,
     pub deleted: u64,
     /// Lines for stderr (skipped non-regular files and the like), as rsync words them.
+    /// (rsync itself prints these on stdout, among the itemized lines.)
     pub warnings: Vec<String>,
+    /// Errors rsync prints on stderr and that make it exit with code 23 ("some files/attrs
+    /// were not transferred"), e.g. `could not make way for new regular file: a` when a
+    /// non-empty directory is in the way without `--delete`.
+    pub errors: Vec<String>,
 }
