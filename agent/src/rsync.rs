@@ -49,6 +49,9 @@ where
             return;
         }
     };
+    if write_frame(&mut send, &RsyncReply::Opened).await.is_err() {
+        return;
+    }
     let (req_tx, req_rx) = mpsc::channel::<RsyncRequest>(QUEUE_MAX);
     let (rep_tx, mut rep_rx) = mpsc::channel::<RsyncReply>(QUEUE_MAX);
     let worker = std::thread::Builder::new()

@@ -9,6 +9,7 @@ pub mod demo;
 pub mod forward;
 pub mod home;
 pub mod link;
+pub mod rsync;
 pub mod sandbox;
 pub mod ssh;
 pub mod sync;

@@ -114,6 +114,15 @@ enum Cmd {
         #[arg(long)]
         stamps: bool,
     },
+    /// One transfer with rsync's semantics (`man rsync`), either way:
+    /// `cs rsync [FLAGS] LOCAL SANDBOX/WORKSPACE:PATH` or `cs rsync [FLAGS] SB/WS:PATH LOCAL`.
+    /// Flags: -a -r -l -p -t -g -o -D -d -v -n -c -i --delete --delete-excluded --exclude
+    /// --include --exclude-from --filter --stats --progress; any other is refused.
+    #[command(disable_help_flag = true)]
+    Rsync {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Forward ports between the laptop and a workspace: the workspace's listening ports as
     /// they appear (unless -PF), -L rules (laptop to workspace) and -R rules (workspace to
     /// laptop). Runs until Ctrl-C, or in the cs daemon with --detach.
@@ -510,6 +519,7 @@ async fn run_async(home: CsHome, cmd: Cmd) -> anyhow::Result<i32> {
             automation::logs(&home, &ws, &name, follow, lines, stamps).await?;
             Ok(0)
         }
+        Cmd::Rsync { args } => Ok(cs_cli::rsync::run(&home, &args).await),
         Cmd::Portforward {
             cmd: Some(PortforwardCmd::List { json }),
             ..

@@ -72,6 +72,8 @@ pub enum RsyncRequest {
 /// The agent's answers.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RsyncReply {
+    /// The stream's first frame: the root is accepted (or `Error`).
+    Opened,
     Listing(Vec<Entry>),
     ListingEnd,
     Sig(Signature),
