@@ -95,7 +95,7 @@ where
 
 /// What is being received now.
 enum Incoming {
-    Whole(Result<NewFile, String>, String),
+    Whole(Box<Result<NewFile, String>>, String),
     Delta(String, u64, [u8; 32], Vec<DeltaOp>, u64),
 }
 
@@ -151,13 +151,13 @@ fn work(root: PathBuf, mut rx: mpsc::Receiver<RsyncRequest>, tx: mpsc::Sender<Rs
                 }
             }
             RsyncRequest::Put { path } => {
-                let f = receiver.begin_file(&path);
+                let f = Box::new(receiver.begin_file(&path));
                 incoming = Some(Incoming::Whole(f, path));
                 true
             }
             RsyncRequest::Data(bytes) => match incoming.take() {
                 Some(Incoming::Whole(f, path)) => {
-                    let f = f.and_then(|mut f| f.write(&bytes).map(|()| f));
+                    let f = Box::new((*f).and_then(|mut f| f.write(&bytes).map(|()| f)));
                     incoming = Some(Incoming::Whole(f, path));
                     true
                 }
@@ -167,7 +167,7 @@ fn work(root: PathBuf, mut rx: mpsc::Receiver<RsyncRequest>, tx: mpsc::Sender<Rs
                 }
             },
             RsyncRequest::PutEnd { size, hash } => match incoming.take() {
-                Some(Incoming::Whole(f, path)) => match f.and_then(|f| f.finish(size, &hash)) {
+                Some(Incoming::Whole(f, path)) => match (*f).and_then(|f| f.finish(size, &hash)) {
                     Ok(()) => true,
                     Err(e) => fail(&path, e),
                 },

@@ -293,6 +293,9 @@ struct Shape {
     src: Vec<Entry>,
     /// Only destination paths under this name count (None: the whole root).
     only: Option<String>,
+    /// A single file renamed: (its name at the destination, its own name), for the lines
+    /// rsync prints (which name the source).
+    renamed: Option<(String, String)>,
 }
 
 /// Applies rsync's rules: `src/` copies the contents; `src` makes `dest/src`; a single file
@@ -316,6 +319,7 @@ fn shape(
                 dest_root: dest_arg.to_string(),
                 src,
                 only: None,
+                renamed: None,
             })
         } else {
             let name = basename(src_arg).to_string();
@@ -323,6 +327,7 @@ fn shape(
                 dest_root: dest_arg.to_string(),
                 src: under(&name, src),
                 only: Some(name),
+                renamed: None,
             })
         }
     } else if dest_is_dir || dest_arg.ends_with('/') {
@@ -331,6 +336,7 @@ fn shape(
             dest_root: dest_arg.to_string(),
             src: under(&name, src),
             only: Some(name),
+            renamed: None,
         })
     } else {
         // The single-item rename: the file becomes DEST.
@@ -343,7 +349,8 @@ fn shape(
         Ok(Shape {
             dest_root: parent,
             src: under(&name, src),
-            only: Some(name),
+            only: Some(name.clone()),
+            renamed: Some((name, basename(src_arg).to_string())),
         })
     }
 }
@@ -395,7 +402,7 @@ fn the_plan(shape: &Shape, dest: Vec<Entry>, flags: &Flags) -> Plan {
     plan(&shape.src, &dest, &flags.opts, &flags.rules)
 }
 
-fn report(flags: &Flags, p: &Plan, first: char, sent: u64, received: u64) {
+fn report(flags: &Flags, shape: &Shape, p: &Plan, first: char, sent: u64, received: u64) {
     if flags.verbose {
         println!("sending incremental file list");
     }
@@ -406,8 +413,16 @@ fn report(flags: &Flags, p: &Plan, first: char, sent: u64, received: u64) {
     for e in &p.errors {
         eprintln!("rsync: {e}");
     }
+    let itemized: Vec<String> = p
+        .itemized
+        .iter()
+        .map(|l| match &shape.renamed {
+            Some((to, from)) if l.len() > 12 && &l[12..] == to => format!("{}{from}", &l[..12]),
+            _ => l.clone(),
+        })
+        .collect();
     if flags.itemize {
-        for line in &p.itemized {
+        for line in &itemized {
             let mut l = line.clone();
             if l.starts_with('>') {
                 l.replace_range(0..1, &first.to_string());
@@ -415,7 +430,7 @@ fn report(flags: &Flags, p: &Plan, first: char, sent: u64, received: u64) {
             println!("{l}");
         }
     } else if flags.verbose {
-        for line in &p.itemized {
+        for line in &itemized {
             if let Some(name) = line.get(12..) {
                 if line.starts_with('*') {
                     println!("deleting {}", line[12..].trim_start());
@@ -463,10 +478,17 @@ async fn push(
     let dest = remote
         .list(flags.opts.recursive || flags.opts.dirs, flags.opts.checksum)
         .await?;
+    let missing_root = !dest.iter().any(|e| e.path == ".");
     let p = the_plan(&shape, dest, flags);
     let src_root = local_source_root(src_arg, &shape);
     let (mut sent, mut failed) = (0u64, Vec::new());
     if !flags.opts.dry_run {
+        if missing_root && shape.only.is_some() {
+            // `src` into a DEST that does not exist: rsync creates DEST first.
+            remote
+                .send(&RsyncRequest::Apply(Op::Mkdir { path: ".".into() }))
+                .await?;
+        }
         // Signatures of the files that have a basis there, in batches.
         let mut sigs = std::collections::BTreeMap::new();
         let basis: Vec<&str> = p
@@ -551,7 +573,7 @@ async fn push(
         w?;
         r?;
     }
-    report(flags, &p, '<', sent, 0);
+    report(flags, &shape, &p, '<', sent, 0);
     finish(failed, !p.errors.is_empty())
 }
 
@@ -641,11 +663,9 @@ async fn send_content<W: tokio::io::AsyncWrite + Unpin>(
     match std::fs::File::open(local) {
         Ok(mut f) => {
             let mut buf = vec![0u8; DATA_CHUNK_BYTES_MAX];
-            loop {
-                let n = match f.read(&mut buf) {
-                    Ok(n) => n,
-                    Err(_) => break,
-                };
+            // A read error ends the content early: the hash check at the other end fails the
+            // file, which is reported.
+            while let Ok(n) = f.read(&mut buf) {
                 if n == 0 {
                     break;
                 }
@@ -739,7 +759,7 @@ async fn pull(
         remote.send(&RsyncRequest::Finish).await?;
         let _ = remote.recv().await;
     }
-    report(flags, &p, '>', 0, received);
+    report(flags, &shape, &p, '>', 0, received);
     finish(failed, !p.errors.is_empty())
 }
 
