@@ -150,8 +150,13 @@ fn work(root: PathBuf, mut rx: mpsc::Receiver<RsyncRequest>, tx: mpsc::Sender<Rs
                     Err(e) => fail(path, e),
                 }
             }
-            RsyncRequest::Put { path } => {
-                let f = Box::new(receiver.begin_file(&path));
+            RsyncRequest::Put { path, partial } => {
+                let f = Box::new(receiver.begin_file(&path).map(|mut f| {
+                    if partial {
+                        f.keep_partial();
+                    }
+                    f
+                }));
                 incoming = Some(Incoming::Whole(f, path));
                 true
             }

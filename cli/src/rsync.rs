@@ -54,6 +54,28 @@ pub struct Flags {
     pub itemize: bool,
     pub stats: bool,
     pub progress: bool,
+    pub partial: bool,
+}
+
+/// rsync's `--progress` line for a file transferred: its name, then its size, 100%, the
+/// rate, the time, and how many files are done and left.
+fn progress(path: &str, size: u64, took: std::time::Duration, done: u64, total: u64) {
+    let secs = took.as_secs_f64().max(1e-6);
+    let rate = size as f64 / secs;
+    let rate = if rate >= 1e6 {
+        format!("{:.2}MB/s", rate / 1e6)
+    } else {
+        format!("{:.2}kB/s", rate / 1e3)
+    };
+    let t = took.as_secs();
+    println!("{path}");
+    println!(
+        "{size:>15} 100% {rate:>11} {}:{:02}:{:02} (xfr#{done}, to-chk={}/{total})",
+        t / 3600,
+        t / 60 % 60,
+        t % 60,
+        total.saturating_sub(done)
+    );
 }
 
 /// Parses rsync's command line (after `rsync`): flags, then SRC and DEST.
@@ -103,6 +125,7 @@ pub fn parse(args: &[String]) -> Result<(Flags, String, String), Failure> {
                 "itemize-changes" => f.itemize = true,
                 "stats" => f.stats = true,
                 "progress" => f.progress = true,
+                "partial" => f.partial = true,
                 "exclude" => f.rules.exclude(&value(&mut i, "--exclude", inline)?),
                 "include" => f.rules.include(&value(&mut i, "--include", inline)?),
                 "filter" => {
@@ -145,6 +168,10 @@ pub fn parse(args: &[String]) -> Result<(Flags, String, String), Failure> {
                     'n' => f.opts.dry_run = true,
                     'c' => f.opts.checksum = true,
                     'i' => f.itemize = true,
+                    'P' => {
+                        f.partial = true;
+                        f.progress = true
+                    }
                     'f' => {
                         let rest: String = chars[k + 1..].iter().collect();
                         let r = value(&mut i, "-f", (!rest.is_empty()).then_some(rest.as_str()))?;
@@ -529,6 +556,7 @@ async fn push(
             }
         }
         let (rd, mut wr) = remote.stream.into_split();
+        let mut done = 0u64;
         let writer = async {
             for op in &p.ops {
                 match op {
@@ -539,7 +567,15 @@ async fn push(
                         } else {
                             src_root.join(rel)
                         };
-                        sent += send_content(&mut wr, path, &local, sigs.get(path)).await?;
+                        let started = std::time::Instant::now();
+                        let n = send_content(&mut wr, path, &local, sigs.get(path), flags.partial)
+                            .await?;
+                        sent += n;
+                        done += 1;
+                        if flags.progress {
+                            let size = std::fs::metadata(&local).map(|m| m.len()).unwrap_or(n);
+                            progress(path, size, started.elapsed(), done, p.files_sent);
+                        }
                     }
                     other => {
                         write_frame(&mut wr, &RsyncRequest::Apply(other.clone()))
@@ -629,6 +665,7 @@ async fn send_content<W: tokio::io::AsyncWrite + Unpin>(
     path: &str,
     local: &Path,
     sig: Option<&delta::Signature>,
+    partial: bool,
 ) -> Result<u64, Failure> {
     if let Some(sig) = sig {
         if let Ok(bytes) = std::fs::read(local) {
@@ -654,6 +691,7 @@ async fn send_content<W: tokio::io::AsyncWrite + Unpin>(
         wr,
         &RsyncRequest::Put {
             path: path.to_string(),
+            partial,
         },
     )
     .await
@@ -728,6 +766,7 @@ async fn pull(
             })?;
         }
         let mut local = Receiver::new(PathBuf::from(&shape.dest_root));
+        let mut done = 0u64;
         for op in &p.ops {
             let r = match op {
                 Op::Delete { path, .. } => local.delete(path).map(|()| 0),
@@ -741,14 +780,28 @@ async fn pull(
                     gid,
                 } => local.attrs(path, *mode, *mtime, *uid, *gid).map(|()| 0),
                 Op::Send { path, basis } => {
-                    fetch(
+                    let started = std::time::Instant::now();
+                    let src_rel = path_in_source(path, &shape);
+                    let r = fetch(
                         &mut remote,
                         &mut local,
                         path,
-                        &path_in_source(path, &shape),
+                        &src_rel,
                         *basis,
+                        flags.partial,
                     )
-                    .await?
+                    .await?;
+                    done += 1;
+                    if flags.progress && r.is_ok() {
+                        let size = local
+                            .path(path)
+                            .ok()
+                            .and_then(|p| std::fs::metadata(p).ok())
+                            .map(|m| m.len())
+                            .unwrap_or(0);
+                        progress(path, size, started.elapsed(), done, p.files_sent);
+                    }
+                    r
                 }
             };
             match r {
@@ -781,6 +834,7 @@ async fn fetch(
     path: &str,
     src_rel: &str,
     basis: bool,
+    partial: bool,
 ) -> Result<Result<u64, String>, Failure> {
     let src_rel = if src_rel.is_empty() { "." } else { src_rel };
     let basis_bytes = if basis {
@@ -833,7 +887,12 @@ async fn fetch(
             path: src_rel.to_string(),
         })
         .await?;
-    let mut file = local.begin_file(path);
+    let mut file = local.begin_file(path).map(|mut f| {
+        if partial {
+            f.keep_partial();
+        }
+        f
+    });
     let mut n = 0u64;
     loop {
         match remote.recv().await? {

@@ -587,3 +587,73 @@ fn bad_input_is_refused_as_rsync_refuses_it() {
         text(&out.stderr)
     );
 }
+
+#[test]
+fn partial_keeps_what_arrived_and_progress_reports_each_file() {
+    let (l, home) = sandbox();
+    let src = l.dir.path().join("big");
+    std::fs::create_dir_all(&src).unwrap();
+    let mut data = vec![0u8; 32 << 20];
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = (i as u64)
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            .rotate_left(17) as u8;
+    }
+    std::fs::write(src.join("blob"), &data).unwrap();
+    std::fs::write(src.join("small"), b"small").unwrap();
+    let from = format!("{}/", src.display());
+    for partial in [false, true] {
+        let to = format!("pf/dev:cut{partial}");
+        let mut args = vec!["rsync", "-a", &from, &to];
+        if partial {
+            args.insert(1, "--partial");
+        }
+        // Cut the transfer off once some of the large file has arrived.
+        let mut child = l.cmd(&args).spawn().unwrap();
+        let dir = home.join(format!("cut{partial}"));
+        let arrived = cs_tests::wait_until(std::time::Duration::from_secs(60), || {
+            std::fs::read_dir(&dir)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .any(|e| {
+                    e.file_name().to_string_lossy().contains("cs-rsync")
+                        && e.metadata().map(|m| m.len() > 0).unwrap_or(false)
+                })
+        });
+        assert!(arrived, "the transfer started");
+        unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+        let _ = child.wait();
+        let blob = dir.join("blob");
+        let kept = cs_tests::wait_until(std::time::Duration::from_secs(20), || {
+            let tmp_left = std::fs::read_dir(&dir)
+                .unwrap()
+                .flatten()
+                .any(|e| e.file_name().to_string_lossy().contains("cs-rsync"));
+            !tmp_left
+        });
+        assert!(kept, "no temporary file is left behind");
+        if partial {
+            let len = std::fs::metadata(&blob)
+                .expect("--partial keeps the part")
+                .len();
+            assert!(len > 0 && len < data.len() as u64, "{len}");
+        } else {
+            assert!(
+                !blob.exists(),
+                "without --partial nothing half-done is kept"
+            );
+        }
+        // Run again: the whole file, checked by its hash.
+        let mut again = vec!["rsync", "-a", "--progress", &from, &to];
+        if partial {
+            again.insert(1, "--partial");
+        }
+        let out = l.ok(&again);
+        assert!(
+            out.contains("blob\n") && out.contains("100%") && out.contains("to-chk=0/"),
+            "{out}"
+        );
+        assert!(std::fs::read(&blob).unwrap() == data);
+    }
+}

@@ -41,6 +41,9 @@ pub enum RsyncRequest {
     /// (answered only if it fails).
     Put {
         path: String,
+        /// `--partial`: if the transfer is cut off, keep what arrived as the file (the next
+        /// run's basis) instead of discarding it.
+        partial: bool,
     },
     PutEnd {
         size: u64,

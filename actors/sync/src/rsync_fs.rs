@@ -295,6 +295,7 @@ impl Receiver {
             file: Some(file),
             hasher: blake3::Hasher::new(),
             written: 0,
+            keep_partial: false,
         })
     }
 }
@@ -347,9 +348,16 @@ pub struct NewFile {
     file: Option<fs::File>,
     hasher: blake3::Hasher,
     written: u64,
+    keep_partial: bool,
 }
 
 impl NewFile {
+    /// `--partial`: cut off before [`NewFile::finish`], what arrived replaces the file (rsync
+    /// keeps it so the next run can use it as a basis) instead of being discarded.
+    pub fn keep_partial(&mut self) {
+        self.keep_partial = true;
+    }
+
     pub fn write(&mut self, bytes: &[u8]) -> Result<(), String> {
         let f = self.file.as_mut().ok_or("file already finished")?;
         f.write_all(bytes)
@@ -382,6 +390,11 @@ impl NewFile {
 
 impl Drop for NewFile {
     fn drop(&mut self) {
+        if self.file.is_some() && self.keep_partial && self.written > 0 {
+            if fs::rename(&self.tmp, &self.dest).is_ok() {
+                return;
+            }
+        }
         if self.file.is_some() || self.tmp.exists() {
             let _ = fs::remove_file(&self.tmp);
         }
