@@ -390,10 +390,12 @@ impl NewFile {
 
 impl Drop for NewFile {
     fn drop(&mut self) {
-        if self.file.is_some() && self.keep_partial && self.written > 0 {
-            if fs::rename(&self.tmp, &self.dest).is_ok() {
-                return;
-            }
+        if self.file.is_some()
+            && self.keep_partial
+            && self.written > 0
+            && fs::rename(&self.tmp, &self.dest).is_ok()
+        {
+            return;
         }
         if self.file.is_some() || self.tmp.exists() {
             let _ = fs::remove_file(&self.tmp);
