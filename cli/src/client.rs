@@ -10,7 +10,7 @@ use cs_transport::{read_frame, write_frame};
 use tokio::net::UnixStream;
 
 use crate::home::CsHome;
-use crate::wire::{Reply, Request};
+use crate::wire::{build_id, Reply, Request};
 
 /// How long `cs` waits for a daemon it started to listen.
 const DAEMON_START_WAIT_MS: u64 = 5_000;
@@ -76,10 +76,20 @@ pub async fn request(home: &CsHome, req: &Request) -> anyhow::Result<(UnixStream
         write_frame(&mut s, req)
             .await
             .context("cannot talk to the cs daemon")?;
-        let reply = read_frame::<_, Reply>(&mut s)
-            .await
-            .context("cannot talk to the cs daemon")?
-            .context("the cs daemon closed the connection")?;
+        let reply = match read_frame::<_, Reply>(&mut s).await {
+            Ok(Some(r)) => r,
+            // A daemon of an older build closes on a request it cannot read (a variant added
+            // since): ask it for its build, which every daemon reads, and replace it.
+            Ok(None) | Err(_) if attempt == 0 && other_build(home).await => {
+                tracing::info!(
+                    "replacing a daemon of another build that could not read the request"
+                );
+                stop(home).await?;
+                continue;
+            }
+            Ok(None) => bail!("the cs daemon closed the connection"),
+            Err(e) => return Err(anyhow::Error::new(e).context("cannot talk to the cs daemon")),
+        };
         match reply {
             Reply::WrongBuild { daemon_build } if attempt == 0 => {
                 tracing::info!(%daemon_build, "replacing a daemon of another build");
@@ -89,6 +99,21 @@ pub async fn request(home: &CsHome, req: &Request) -> anyhow::Result<(UnixStream
         }
     }
     bail!("the cs daemon keeps reporting another build; stop it with `cs daemon stop`")
+}
+
+/// Whether the running daemon is of another build than this `cs`.
+async fn other_build(home: &CsHome) -> bool {
+    let Some(mut s) = connect_existing(home).await else {
+        return false;
+    };
+    let req = Request::Status { build: build_id() };
+    if write_frame(&mut s, &req).await.is_err() {
+        return false;
+    }
+    matches!(
+        read_frame::<_, Reply>(&mut s).await,
+        Ok(Some(Reply::WrongBuild { .. }))
+    )
 }
 
 /// Stops a running daemon and waits until its socket is gone. Returns whether one ran.

@@ -21,10 +21,11 @@ pub enum Request {
     Forget { sandbox: String },
     /// Act on sync sessions.
     Sync { build: String, cmd: SyncCommand },
-    /// Act on port-forward sessions.
-    Forward { build: String, cmd: ForwardCommand },
     /// Exit.
     Stop,
+    /// Act on port-forward sessions. (New variants go last: a daemon of an older build must
+    /// still read `Status` and `Stop`, which is how it gets replaced.)
+    Forward { build: String, cmd: ForwardCommand },
 }
 
 /// What `cs portforward` asks of the daemon.
@@ -50,12 +51,12 @@ pub enum ForwardAnswer {
 
 /// The daemon to `cs`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+/// (New variants go last, so that an older `cs` still reads `WrongBuild` and `Done`.)
 pub enum Reply {
     /// The stream is open; from now on the socket carries its bytes.
     Opened,
     Status(DaemonStatus),
     Sync(SyncAnswer),
-    Forward(ForwardAnswer),
     Done,
     /// The daemon runs another build of cs and must be restarted.
     WrongBuild {
@@ -64,6 +65,7 @@ pub enum Reply {
     Error {
         message: String,
     },
+    Forward(ForwardAnswer),
 }
 
 /// What `cs sync` asks of the daemon.
