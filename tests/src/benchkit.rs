@@ -816,3 +816,125 @@ pub fn number_arg(
     v.parse()
         .with_context(|| format!("invalid {name} '{v}': expected a whole number"))
 }
+
+// ---------------------------------------------------------------------------------------------
+// The kernel tree, processes and the machine's CPU.
+
+/// Debian's kernel source (`apt-get install -y linux-source`), the tree the sync benchmarks
+/// copy.
+pub const KERNEL_TARBALL: &str = "/usr/src/linux-source-6.1.tar.xz";
+/// The tarball's top directory, and the tree's name in the cache.
+pub const KERNEL_TREE: &str = "linux-source-6.1";
+
+/// Whether [`kernel_tree`] can give the tree without installing anything: it is extracted in
+/// `cache` already, or the tarball is there to extract.
+pub fn kernel_tree_available(cache: &Path) -> bool {
+    (cache.join(format!("{KERNEL_TREE}.complete")).is_file() && cache.join(KERNEL_TREE).is_dir())
+        || Path::new(KERNEL_TARBALL).is_file()
+}
+
+/// The kernel tree, extracted into `cache` the first time (target/syncbench-cache/, shared by
+/// the benchmarks; the same layout as syncbench's own).
+pub fn kernel_tree(cache: &Path) -> anyhow::Result<PathBuf> {
+    let tree = cache.join(KERNEL_TREE);
+    let done = cache.join(format!("{KERNEL_TREE}.complete"));
+    if done.is_file() && tree.is_dir() {
+        return Ok(tree);
+    }
+    ensure!(
+        Path::new(KERNEL_TARBALL).is_file(),
+        "{KERNEL_TARBALL} is missing: install the kernel source with `apt-get install -y \
+         linux-source`"
+    );
+    std::fs::create_dir_all(cache)?;
+    let partial = cache.join("extract.partial");
+    let _ = std::fs::remove_dir_all(&partial);
+    let _ = std::fs::remove_dir_all(&tree);
+    std::fs::create_dir_all(&partial)?;
+    eprintln!(
+        "{}: extracting {KERNEL_TARBALL} into {} (once)",
+        tag(),
+        cache.display()
+    );
+    run_captured(
+        Command::new("tar")
+            .arg("-xJf")
+            .arg(KERNEL_TARBALL)
+            .arg("-C")
+            .arg(&partial),
+        cache,
+        Duration::from_secs(30 * 60),
+        "tar -xJf linux-source",
+    )?;
+    std::fs::rename(partial.join(KERNEL_TREE), &tree)
+        .with_context(|| format!("{KERNEL_TARBALL} holds no {KERNEL_TREE}/"))?;
+    let _ = std::fs::remove_dir_all(&partial);
+    std::fs::write(&done, "")?;
+    Ok(tree)
+}
+
+/// CPU time (user + system) a process has used so far, from /proc/PID/stat.
+pub fn proc_cpu(pid: i32) -> anyhow::Result<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("process {pid} is gone"))?;
+    // The fields after the command name, which is in parentheses and may hold spaces: utime
+    // is field 14 of stat(5) and stime 15.
+    let rest = stat
+        .rfind(')')
+        .map(|i| &stat[i + 1..])
+        .context("malformed /proc/PID/stat")?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    ensure!(f.len() > 12, "malformed /proc/{pid}/stat");
+    let ticks: u64 = f[11].parse::<u64>()? + f[12].parse::<u64>()?;
+    Ok(Duration::from_nanos(ticks * 1_000_000_000 / clock_ticks()))
+}
+
+fn clock_ticks() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).max(1) as u64
+}
+
+/// The machine's busy CPU time so far, all cores and all processes (user, nice, system, irq,
+/// softirq and steal of /proc/stat): the difference over a run is what everything involved
+/// used, both ends of a connection included.
+pub fn machine_busy() -> anyhow::Result<Duration> {
+    let stat = std::fs::read_to_string("/proc/stat").context("cannot read /proc/stat")?;
+    let line = stat
+        .lines()
+        .find(|l| l.starts_with("cpu "))
+        .context("no cpu line in /proc/stat")?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    ensure!(v.len() >= 8, "short cpu line in /proc/stat");
+    // user nice system idle iowait irq softirq steal
+    let ticks = v[0] + v[1] + v[2] + v[5] + v[6] + v[7];
+    Ok(Duration::from_nanos(ticks * 1_000_000_000 / clock_ticks()))
+}
+
+/// Kills (by pid) and lists the processes still running whose command line names `dir`:
+/// what a private `$CS_HOME` left behind after its cleanup.
+pub fn reap_leftovers(dir: &Path) -> Vec<String> {
+    let needle = dir.to_string_lossy().into_owned();
+    let me = std::process::id() as i32;
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if pid != me && cmd.contains(&needle) {
+            // SAFETY: plain syscall; the process runs a command on our private directory.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+            found.push(format!("pid {pid}: {}", cmd.trim()));
+        }
+    }
+    found
+}
