@@ -1161,7 +1161,7 @@ fn print_direction(title: &str, steps: &[Step], targets: bool) -> Vec<bool> {
         );
     }
     println!();
-    println!("| step | tool | wall | bytes on the wire | content (`--stats`) | machine CPU | CPU by process | check |");
+    println!("| step | tool | wall | bytes on the wire | content (`--stats`) | machine CPU (every process) | CPU by process | check |");
     println!("|---|---|--:|---|---|--:|---|---|");
     for s in steps {
         let short = s.name.split(' ').next().unwrap_or("");
@@ -1385,7 +1385,13 @@ fn run(o: &Opts) -> anyhow::Result<bool> {
         Ok(())
     })();
 
-    // Cleanup before the report: the sandbox, the daemon, anything they left.
+    // Cleanup before the report: the sandbox, the daemon, anything they left. The copy in
+    // the workspace goes first, so that `cs sandbox delete` is not timed on removing it.
+    let ws_tree = cs.ws_home.join(CS_DEST);
+    if let Err(e) = std::fs::remove_dir_all(&ws_tree) {
+        say!("cannot remove {}: {e}", ws_tree.display());
+    }
+    flush_disks();
     let failed = cs.home.cleanup();
     for e in &failed {
         r.notes.push(format!("cs cleanup: {}", cell_error(e)));
