@@ -11,12 +11,13 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use cs_protocol::canary::{self, Canary};
 use cs_protocol::forward::RESET_CODE;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Bytes read from the local side per write to the stream.
 pub const PUMP_BUFFER_BYTES: usize = 64 * 1024;
-/// Largest chunk taken from the stream per local write.
+/// Most bytes taken from the stream per local write.
 pub const CHUNK_BYTES_MAX: usize = 256 * 1024;
 
 /// Bytes carried by a forward's connections.
@@ -99,20 +100,27 @@ where
             }
         };
         let down = async {
+            // As much as has arrived per local write (not one QUIC frame's worth each: a
+            // packet-sized write per frame cost 20 times the system calls).
+            let mut buf = vec![0u8; CHUNK_BYTES_MAX];
             loop {
-                match recv.read_chunk(CHUNK_BYTES_MAX, true).await {
-                    Ok(Some(chunk)) => {
-                        if let Err(e) = lw.write_all(&chunk.bytes).await {
+                match recv.read(&mut buf).await {
+                    Ok(Some(n)) => {
+                        if let Err(e) = lw.write_all(&buf[..n]).await {
                             return Dir::Abnormal(End::LocalReset(e.to_string()));
                         }
-                        counters
-                            .down
-                            .fetch_add(chunk.bytes.len() as u64, Ordering::Relaxed);
+                        counters.down.fetch_add(n as u64, Ordering::Relaxed);
                     }
                     Ok(None) => {
                         let _ = lw.flush().await;
                         // The write half may already be gone (the local peer closed): the
                         // other direction says how the connection ends.
+                        let _ = lw.shutdown().await;
+                        return Dir::Done;
+                    }
+                    Err(quinn::ReadError::ConnectionLost(_))
+                        if canary::active(Canary::ForwardLossAsFinish) =>
+                    {
                         let _ = lw.shutdown().await;
                         return Dir::Done;
                     }

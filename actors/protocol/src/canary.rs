@@ -33,6 +33,9 @@ pub enum Canary {
     DoneForgotten = 128,
     /// `cs logs` resuming after a sequence number gets the log from its start again.
     LogResumeIgnored = 256,
+    /// A forwarded connection's pump takes a lost QUIC connection for the other side's
+    /// finish: the connection ends "clean" with its data cut short (silent truncation).
+    ForwardLossAsFinish = 512,
 }
 
 thread_local! {
