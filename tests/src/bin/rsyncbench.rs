@@ -38,11 +38,14 @@ use cs_tests::benchkit::{
     run_captured, run_measured, shell_quote, CsHome, Finished, Sshd, KERNEL_TREE, SHORT,
 };
 
-const USAGE: &str = "usage: rsyncbench [--quick] [--generated] [--no-pull] [--seed N] [--keep]
+const USAGE: &str = "usage: rsyncbench [--quick] [--generated] [--no-pull] [--rounds N] [--seed N]
+                  [--keep]
   --quick      a small generated tree (4,000 files, about 60 MB) instead of the kernel tree
   --generated  a generated tree of the kernel tree's shape (78,000 files, about 1.2 GB), even
                where the kernel tree is available
   --no-pull    measure only the push (local to the workspace), not the pull back
+  --rounds N   runs of each step per tool, the tools taking turns to go first; the tables
+               give the median and the range (default 3)
   --seed N     seed of the generated tree and of the changed files (default 1)
   --keep       keep the temporary directory (trees, logs of cs and sshd)";
 
@@ -72,6 +75,7 @@ struct Opts {
     quick: bool,
     generated: bool,
     pull: bool,
+    rounds: usize,
     seed: u64,
     keep: bool,
 }
@@ -81,6 +85,7 @@ fn opts() -> anyhow::Result<Option<Opts>> {
         quick: false,
         generated: false,
         pull: true,
+        rounds: 3,
         seed: 1,
         keep: false,
     };
@@ -92,6 +97,9 @@ fn opts() -> anyhow::Result<Option<Opts>> {
             "--no-pull" => o.pull = false,
             "--keep" => o.keep = true,
             "--seed" => o.seed = number_arg(&mut args, "--seed", USAGE)?,
+            "--rounds" => {
+                o.rounds = number_arg(&mut args, "--rounds", USAGE)?.clamp(1, 100) as usize
+            }
             "-h" | "--help" => {
                 println!("{USAGE}");
                 return Ok(None);
@@ -940,11 +948,11 @@ fn attempt(what: &str, f: impl FnOnce() -> anyhow::Result<RunFig>) -> anyhow::Re
     }
 }
 
-/// One step of one direction: both tools' figures.
+/// One step of one direction: both tools' runs, one per round.
 struct Step {
     name: String,
-    rsync: Fig,
-    cs: Fig,
+    rsync: Vec<Fig>,
+    cs: Vec<Fig>,
     /// Dry-run times (list and compare only), where measured.
     dry: Option<(Fig2, Fig2)>,
 }
@@ -965,11 +973,80 @@ fn dry_fig(what: &str, r: anyhow::Result<Duration>) -> anyhow::Result<Fig2> {
     }
 }
 
+/// A tool's runs of one step, summed up: the run of median wall time stands for them.
+struct Summary<'a> {
+    median: &'a RunFig,
+    walls: Vec<f64>,
+    wires: Vec<u64>,
+    /// The first mismatch among the runs.
+    mismatch: Option<&'a Check>,
+    failed: Vec<&'a str>,
+}
+
+fn summary(runs: &[Fig]) -> Result<Summary<'_>, String> {
+    let ok: Vec<&RunFig> = runs.iter().filter_map(|f| f.as_ref().ok()).collect();
+    let failed: Vec<&str> = runs
+        .iter()
+        .filter_map(|f| f.as_ref().err().map(String::as_str))
+        .collect();
+    let mut by_wall = ok.clone();
+    by_wall.sort_by_key(|a| a.wall);
+    let Some(median) = by_wall.get(by_wall.len() / 2).copied() else {
+        return Err(failed.first().map(|e| e.to_string()).unwrap_or_default());
+    };
+    let mut wires: Vec<u64> = ok.iter().filter_map(|f| f.wire).collect();
+    wires.sort_unstable();
+    Ok(Summary {
+        median,
+        walls: ok.iter().map(|f| f.wall.as_secs_f64()).collect(),
+        wires,
+        mismatch: ok.iter().map(|f| &f.check).find(|c| c.mismatch.is_some()),
+        failed,
+    })
+}
+
+impl Summary<'_> {
+    fn wall(&self) -> f64 {
+        self.median.wall.as_secs_f64()
+    }
+
+    fn wire(&self) -> Option<u64> {
+        self.wires.get(self.wires.len() / 2).copied()
+    }
+
+    /// "15.2 s (14.8-16.0)" with more than one run.
+    fn wall_range(&self) -> String {
+        let m = secs(self.median.wall);
+        let lo = self.walls.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = self.walls.iter().copied().fold(0.0, f64::max);
+        if self.walls.len() > 1 {
+            format!(
+                "{m} ({}-{})",
+                secs(Duration::from_secs_f64(lo)),
+                secs(Duration::from_secs_f64(hi))
+            )
+        } else {
+            m
+        }
+    }
+
+    fn wire_range(&self) -> String {
+        match (self.wires.first(), self.wire(), self.wires.last()) {
+            (Some(lo), Some(m), Some(hi)) if lo != hi => {
+                format!("{} ({}-{})", commas(m), commas(*lo), commas(*hi))
+            }
+            (_, Some(m), _) => commas(m),
+            _ => "?".into(),
+        }
+    }
+}
+
 #[derive(Default)]
 struct Report {
     tree: String,
     changed: String,
     ssh_true: String,
+    rounds: usize,
     push: Vec<Step>,
     pull: Vec<Step>,
     notes: Vec<String>,
@@ -989,24 +1066,38 @@ struct Leg<'a> {
     cs_dest: &'a Path,
 }
 
-/// The three steps of one direction.
+/// The files step 3 changes in `round`: 1% of the regular files, a new choice each round.
+fn round_choice(m: &Manifest, seed: u64, round: usize) -> Vec<String> {
+    choose_files(
+        m,
+        CHANGED_SHARE,
+        seed.wrapping_add(round as u64 * 1_000_003),
+    )
+}
+
+/// Empties a destination between rounds of the first copy (not timed).
+fn empty_dir(dir: &Path) -> anyhow::Result<()> {
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).with_context(|| format!("cannot remove {}", dir.display()))?;
+    }
+    std::fs::create_dir_all(dir)?;
+    Ok(())
+}
+
+/// The three steps of one direction, each `rounds` times; the tools take turns going first.
 fn three_steps(
     leg: &Leg<'_>,
     rsync: &Rsync<'_>,
     cs: &mut Cs,
-    seed: u64,
+    (seed, rounds): (u64, usize),
     label: &str,
     r: &mut Report,
 ) -> anyhow::Result<Vec<Step>> {
     let mut steps = Vec::new();
-    let mut want = manifest(leg.src)?;
-    let st = stats(&want);
-    for dir in [leg.rsync_dest, leg.cs_dest] {
-        std::fs::create_dir_all(dir)?;
-    }
-    let chosen = choose_files(&want, CHANGED_SHARE, seed);
+    let first = manifest(leg.src)?;
+    let st = stats(&first);
+    let mut want = first.clone();
     for step in 1..=3 {
-        check_interrupted()?;
         let name = match step {
             1 => format!(
                 "1. first copy into an empty directory ({} files, {})",
@@ -1014,57 +1105,76 @@ fn three_steps(
                 mb(st.bytes)
             ),
             2 => "2. no-op re-run".to_string(),
-            _ => {
-                let n = change_files(leg.src, &chosen, seed)?;
+            _ => format!(
+                "3. re-run after changing 1% of the files ({} files)",
+                commas(round_choice(&first, seed, 0).len() as u64)
+            ),
+        };
+        say!("{label}: {name}");
+        let mut s = Step {
+            name,
+            rsync: Vec::new(),
+            cs: Vec::new(),
+            dry: None,
+        };
+        for round in 0..rounds {
+            check_interrupted()?;
+            if step == 1 {
+                for dir in [leg.rsync_dest, leg.cs_dest] {
+                    empty_dir(dir)?;
+                }
+                flush_disks();
+            }
+            if step == 1 && round == 0 {
+                // A dry run (both file lists and the comparison, no content), so that the
+                // transfer's share of the time shows.
+                let a = dry_fig(
+                    &format!("{label} rsync -n"),
+                    rsync.dry(&leg.rsync_from, &leg.rsync_to),
+                )?;
+                let b = dry_fig(
+                    &format!("{label} cs rsync -n"),
+                    cs.dry(&leg.cs_from, &leg.cs_to),
+                )?;
+                s.dry = Some((a, b));
+            }
+            if step == 3 {
+                let chosen = round_choice(&first, seed, round);
+                let n = change_files(leg.src, &chosen, seed.wrapping_add(round as u64))?;
                 want = manifest(leg.src)?;
                 let c = format!(
-                    "{} files ({}% of {}), 32 bytes each overwritten in place ({} bytes)",
+                    "{} files ({}% of {}), 32 bytes each overwritten in place ({} bytes), a new \
+                     choice each round",
                     commas(chosen.len() as u64),
                     CHANGED_SHARE * 100.0,
                     commas(st.files as u64),
                     commas(n)
                 );
-                say!("{label}: changed {c}");
+                say!("{label} round {}: changed {c}", round + 1);
                 if r.changed.is_empty() {
                     r.changed = c;
                 }
-                format!("3. re-run after changing {} files (1%)", chosen.len())
             }
-        };
-        say!("{label}: {name}");
-        // Step 1 also times a dry run (both file lists and the comparison, no content), so
-        // that the transfer's share of the time shows.
-        let dry = if step == 1 {
-            let a = dry_fig(
-                &format!("{label} rsync -n"),
-                rsync.dry(&leg.rsync_from, &leg.rsync_to),
-            )?;
-            let b = dry_fig(
-                &format!("{label} cs rsync -n"),
-                cs.dry(&leg.cs_from, &leg.cs_to),
-            )?;
-            Some((a, b))
-        } else {
-            None
-        };
-        let rs = attempt(&format!("{label} step {step} rsync"), || {
-            rsync.run(&leg.rsync_from, &leg.rsync_to, &want, leg.rsync_dest)
-        })?;
-        let mut notes = Vec::new();
-        let c = attempt(&format!("{label} step {step} cs"), || {
-            cs.run(&leg.cs_from, &leg.cs_to, &want, leg.cs_dest, &mut notes)
-        })?;
-        r.notes.extend(
-            notes
-                .into_iter()
-                .map(|n| format!("{label} step {step}: {n}")),
-        );
-        steps.push(Step {
-            name,
-            rsync: rs,
-            cs: c,
-            dry,
-        });
+            let tag = format!("{label} step {step} round {}", round + 1);
+            let mut notes = Vec::new();
+            let rsync_first = round % 2 == 0;
+            for turn in 0..2 {
+                if (turn == 0) == rsync_first {
+                    let f = attempt(&format!("{tag} rsync"), || {
+                        rsync.run(&leg.rsync_from, &leg.rsync_to, &want, leg.rsync_dest)
+                    })?;
+                    s.rsync.push(f);
+                } else {
+                    let f = attempt(&format!("{tag} cs"), || {
+                        cs.run(&leg.cs_from, &leg.cs_to, &want, leg.cs_dest, &mut notes)
+                    })?;
+                    s.cs.push(f);
+                }
+            }
+            r.notes
+                .extend(notes.into_iter().map(|n| format!("{tag}: {n}")));
+        }
+        steps.push(s);
     }
     Ok(steps)
 }
@@ -1072,11 +1182,11 @@ fn three_steps(
 // ---------------------------------------------------------------------------------------------
 // The report.
 
-fn time_target(s: &Step) -> (String, Option<bool>) {
-    match (&s.rsync, &s.cs) {
+fn time_target(s: &Step) -> (String, bool) {
+    match (summary(&s.rsync), summary(&s.cs)) {
         (Ok(a), Ok(b)) => {
-            let (ra, rb) = (a.wall.as_secs_f64(), b.wall.as_secs_f64());
-            let met = rb < ra && b.check.mismatch.is_none();
+            let (ra, rb) = (a.wall(), b.wall());
+            let met = rb < ra && b.mismatch.is_none() && b.failed.is_empty();
             let how = if rb < ra {
                 format!("cs {}x faster", ratio(ra / rb))
             } else {
@@ -1084,16 +1194,16 @@ fn time_target(s: &Step) -> (String, Option<bool>) {
             };
             (
                 format!("{how}: {}", if met { "met" } else { "**not met**" }),
-                Some(met),
+                met,
             )
         }
-        _ => ("not measured: **not met**".into(), Some(false)),
+        _ => ("not measured: **not met**".into(), false),
     }
 }
 
-fn bytes_target(s: &Step) -> (String, Option<bool>) {
-    match (&s.rsync, &s.cs) {
-        (Ok(a), Ok(b)) => match (a.wire, b.wire) {
+fn bytes_target(s: &Step) -> (String, bool) {
+    match (summary(&s.rsync), summary(&s.cs)) {
+        (Ok(a), Ok(b)) => match (a.wire(), b.wire()) {
             (Some(x), Some(y)) => {
                 let met = y <= x;
                 (
@@ -1102,27 +1212,12 @@ fn bytes_target(s: &Step) -> (String, Option<bool>) {
                         y as f64 / x.max(1) as f64,
                         if met { "met" } else { "**not met**" }
                     ),
-                    Some(met),
+                    met,
                 )
             }
-            _ => ("not counted".into(), None),
+            _ => ("not counted: **not met**".into(), false),
         },
-        _ => ("not measured: **not met**".into(), Some(false)),
-    }
-}
-
-fn wall_cell(f: &Fig) -> String {
-    match f {
-        Ok(f) => secs(f.wall),
-        Err(_) => "failed".into(),
-    }
-}
-
-fn wire_cell(f: &Fig) -> String {
-    match f {
-        Ok(RunFig { wire: Some(w), .. }) => commas(*w),
-        Ok(_) => "?".into(),
-        Err(_) => "failed".into(),
+        _ => ("not measured: **not met**".into(), false),
     }
 }
 
@@ -1137,11 +1232,18 @@ fn print_direction(title: &str, steps: &[Step], targets: bool) -> Vec<bool> {
         if targets { " (target: cs no more)" } else { "" }
     );
     println!("|---|--:|--:|---|--:|--:|---|");
+    let wall = |r: &Result<Summary<'_>, String>| match r {
+        Ok(s) => secs(s.median.wall),
+        Err(_) => "failed".into(),
+    };
+    let wire = |r: &Result<Summary<'_>, String>| match r {
+        Ok(s) => s.wire().map(commas).unwrap_or_else(|| "?".into()),
+        Err(_) => "failed".into(),
+    };
     for s in steps {
         let (t, tm) = time_target(s);
         let (b, bm) = bytes_target(s);
-        met.extend(tm);
-        met.extend(bm);
+        met.extend([tm, bm]);
         let strip = |x: String| {
             if targets {
                 x
@@ -1149,35 +1251,61 @@ fn print_direction(title: &str, steps: &[Step], targets: bool) -> Vec<bool> {
                 x.split(':').next().unwrap_or("").to_string()
             }
         };
+        let (a, c) = (summary(&s.rsync), summary(&s.cs));
         println!(
             "| {} | {} | {} | {} | {} | {} | {} |",
             s.name,
-            wall_cell(&s.rsync),
-            wall_cell(&s.cs),
+            wall(&a),
+            wall(&c),
             strip(t),
-            wire_cell(&s.rsync),
-            wire_cell(&s.cs),
+            wire(&a),
+            wire(&c),
             strip(b)
         );
     }
     println!();
-    println!("| step | tool | wall | bytes on the wire | content (`--stats`) | machine CPU (every process) | CPU by process | check |");
-    println!("|---|---|--:|---|---|--:|---|---|");
+    println!(
+        "| step | tool | wall: median (min-max) | bytes on the wire: median (min-max) | of the \
+         median run: how counted | content (`--stats`) | machine CPU (every process) | CPU by \
+         process | check |"
+    );
+    println!("|---|---|--:|--:|---|---|--:|---|---|");
     for s in steps {
         let short = s.name.split(' ').next().unwrap_or("");
-        for (tool, f) in [("rsync over ssh", &s.rsync), ("cs rsync", &s.cs)] {
-            match f {
-                Ok(f) => println!(
-                    "| {short} | {tool} | {} | {} ({}) | {} | {} | {} | {} |",
-                    secs(f.wall),
-                    f.wire.map(commas).unwrap_or_else(|| "?".into()),
-                    f.wire_note,
-                    f.content,
-                    secs(f.machine_cpu),
-                    f.split,
-                    f.check.cell()
+        for (tool, runs) in [("rsync over ssh", &s.rsync), ("cs rsync", &s.cs)] {
+            match summary(runs) {
+                Ok(m) => {
+                    let f = m.median;
+                    let mut check = match m.mismatch {
+                        Some(c) => c.cell(),
+                        None => format!(
+                            "identical after each of {} runs; last: {}",
+                            m.walls.len(),
+                            f.check.cell()
+                        ),
+                    };
+                    if !m.failed.is_empty() {
+                        check.push_str(&format!(
+                            "; {} runs failed: {}",
+                            m.failed.len(),
+                            cell_error(m.failed[0])
+                        ));
+                    }
+                    println!(
+                        "| {short} | {tool} | {} | {} | {} | {} | {} | {} | {} |",
+                        m.wall_range(),
+                        m.wire_range(),
+                        f.wire_note,
+                        f.content,
+                        secs(f.machine_cpu),
+                        f.split,
+                        check
+                    )
+                }
+                Err(e) => println!(
+                    "| {short} | {tool} | failed: {} | | | | | | |",
+                    cell_error(&e)
                 ),
-                Err(e) => println!("| {short} | {tool} | failed: {} | | | | | |", cell_error(e)),
             }
         }
         if let Some((a, b)) = &s.dry {
@@ -1186,7 +1314,7 @@ fn print_direction(title: &str, steps: &[Step], targets: bool) -> Vec<bool> {
                 Err(e) => format!("failed: {}", cell_error(e)),
             };
             println!(
-                "| {short} | dry runs (`-n`: lists and comparison only) | rsync {} / cs {} | | | | | |",
+                "| {short} | dry runs (`-n`: lists and comparison only), once | rsync {} / cs {} | | | | | | |",
                 cell(a),
                 cell(b)
             );
@@ -1203,8 +1331,9 @@ fn print_report(r: &Report, command: &str, versions: &[String]) -> bool {
     println!(
         "Command: `{command}`. Tree: {}. Step 3 changes {}. Each rsync run opens a new ssh \
          connection ({}); cs uses the daemon's warm QUIC connection. Every figure below was \
-         measured in this run, one run each, rsync first; {}.",
-        r.tree, r.changed, r.ssh_true, r.load
+         measured in this run: {} rounds of each step, the tools taking turns to go first; \
+         medians, with the range in the second table; {}.",
+        r.tree, r.changed, r.ssh_true, r.rounds, r.load
     );
     let met = print_direction(
         "Push: local directory to the workspace (`rsync -a SRC/ 127.0.0.1:DEST/` against `cs rsync -a SRC/ bench/dev:DEST`)",
@@ -1262,7 +1391,10 @@ fn run(o: &Opts) -> anyhow::Result<bool> {
     say!("working in {}", t.display());
     let scratch = t.join("scratch");
     std::fs::create_dir_all(&scratch)?;
-    let mut r = Report::default();
+    let mut r = Report {
+        rounds: o.rounds,
+        ..Report::default()
+    };
     let load_start = loadavg();
 
     // The source tree.
@@ -1301,7 +1433,12 @@ fn run(o: &Opts) -> anyhow::Result<bool> {
     let src_m = manifest(&src)?;
     // The files step 3 changes get inodes of their own first (a linked tree shares them with
     // the cache).
-    unshare(&src, &choose_files(&src_m, CHANGED_SHARE, o.seed))?;
+    let mut changed: Vec<String> = (0..o.rounds)
+        .flat_map(|round| round_choice(&src_m, o.seed, round))
+        .collect();
+    changed.sort();
+    changed.dedup();
+    unshare(&src, &changed)?;
     let st = stats(&src_m);
     r.tree = format!(
         "{what}: {} files, {} directories, {} symlinks, {}",
@@ -1367,7 +1504,7 @@ fn run(o: &Opts) -> anyhow::Result<bool> {
             rsync_dest: &rsync_push,
             cs_dest: &cs_push,
         };
-        r.push = three_steps(&push, &rsync, &mut cs, o.seed, "push", &mut r)?;
+        r.push = three_steps(&push, &rsync, &mut cs, (o.seed, o.rounds), "push", &mut r)?;
         if o.pull {
             // The pull reads the workspace's copy: both tools from the same directory.
             let (rsync_pull, cs_pull) = (t.join("rsync-pull"), t.join("cs-pull"));
@@ -1380,7 +1517,14 @@ fn run(o: &Opts) -> anyhow::Result<bool> {
                 rsync_dest: &rsync_pull,
                 cs_dest: &cs_pull,
             };
-            r.pull = three_steps(&pull, &rsync, &mut cs, o.seed + 1, "pull", &mut r)?;
+            r.pull = three_steps(
+                &pull,
+                &rsync,
+                &mut cs,
+                (o.seed + 1, o.rounds),
+                "pull",
+                &mut r,
+            )?;
         }
         Ok(())
     })();
@@ -1425,8 +1569,9 @@ fn run(o: &Opts) -> anyhow::Result<bool> {
         bail!("interrupted");
     }
     let broken = r.push.iter().chain(&r.pull).any(|s| {
-        [&s.rsync, &s.cs]
+        s.rsync
             .iter()
+            .chain(&s.cs)
             .any(|f| f.as_ref().map_or(true, |f| f.check.mismatch.is_some()))
     });
     if !met {
