@@ -56,6 +56,24 @@ pub const SUPERVISE_MARKERS: &[&str] = &[
     "supervise: daemon stopped and started by the user",
 ];
 
+/// The forward scenario's markers.
+pub const FORWARD_MARKERS: &[&str] = &[
+    "fault: datagram lost",
+    "fault: partition",
+    "fault: agent crashed",
+    "fault: laptop crashed",
+    "fault: laptop slept",
+    "forward: half-close completed",
+    "forward: server reset reached the client",
+    "forward: client reset carried",
+    "forward: refused target",
+    "forward: connection lost mid-transfer",
+    "forward: slow server held the writer back",
+    "forward: slow client reader held the pump back",
+    "forward: new connection after the heal",
+    "forward: more connections at once than the agent allows streams",
+];
+
 /// The markers of `MARKERS` that are not in `reached`.
 pub fn missing<'a>(reached: impl IntoIterator<Item = &'a &'static str>) -> Vec<&'static str> {
     missing_of(MARKERS, reached)

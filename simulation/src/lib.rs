@@ -15,6 +15,7 @@
 pub mod clock;
 pub mod coverage;
 pub mod faults;
+pub mod forward_scenario;
 pub mod memfs;
 pub mod net;
 pub mod procs;
@@ -26,6 +27,7 @@ pub mod sync_scenario;
 pub mod trace;
 
 pub use faults::Options;
+pub use forward_scenario::run_forward_seed;
 pub use scenario::{run_seed, Failure, Outcome};
 pub use supervise_scenario::run_supervise_seed;
 pub use sync_scenario::run_sync_seed;
@@ -42,8 +44,9 @@ pub fn parse_canary(name: &str) -> Result<cs_protocol::Canary, String> {
         "leftovers-kept" => Ok(cs_protocol::Canary::LeftoversKept),
         "done-forgotten" => Ok(cs_protocol::Canary::DoneForgotten),
         "log-resume-ignored" => Ok(cs_protocol::Canary::LogResumeIgnored),
+        "forward-loss-as-finish" => Ok(cs_protocol::Canary::ForwardLossAsFinish),
         other => Err(format!(
-            "unknown canary '{other}': expected reconnect-skipped, stream-end-trusted, hangup-skipped, delete-wins, bad-tree, unsynced-apply, leftovers-kept, done-forgotten or log-resume-ignored"
+            "unknown canary '{other}': expected reconnect-skipped, stream-end-trusted, hangup-skipped, delete-wins, bad-tree, unsynced-apply, leftovers-kept, done-forgotten, log-resume-ignored or forward-loss-as-finish"
         )),
     }
 }

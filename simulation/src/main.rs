@@ -2,7 +2,7 @@
 //!
 //! `cargo run --release -p cs-simulation -- --seed N` replays one seed (printing its options,
 //! outcome and trace hash); `--seeds A..B` runs a range on `--threads` threads (default: the
-//! machine's cores); `--scenario sync|supervise` runs the sync or supervise scenario instead of exec; `--regressions` adds the seeds of `simulation/regressions.txt`; `--trace`
+//! machine's cores); `--scenario sync|supervise|forward` runs the sync, supervise or forward scenario instead of exec; `--regressions` adds the seeds of `simulation/regressions.txt`; `--trace`
 //! prints the trace of every seed run; `--canary NAME` switches a deliberate bug on. Exits 1 if
 //! any seed failed.
 
@@ -56,12 +56,17 @@ fn main() -> anyhow::Result<()> {
             "--regressions" => seeds.extend(cs_simulation::regression_seeds()),
             "--trace" => print_trace = true,
             "--scenario" => {
-                let v = args.next().context("--scenario needs exec, sync or supervise")?;
+                let v = args
+                    .next()
+                    .context("--scenario needs exec, sync, supervise or forward")?;
                 scenario = match v.as_str() {
                     "exec" => Scenario::Exec,
                     "sync" => Scenario::Sync,
                     "supervise" => Scenario::Supervise,
-                    other => bail!("unknown scenario '{other}': expected exec, sync or supervise"),
+                    "forward" => Scenario::Forward,
+                    other => bail!(
+                        "unknown scenario '{other}': expected exec, sync, supervise or forward"
+                    ),
                 };
             }
             "--suspect" => return suspect(),
@@ -79,7 +84,7 @@ fn main() -> anyhow::Result<()> {
                 canary_names.push(v);
             }
             other => bail!(
-                "unknown option '{other}': expected --seed N, --seeds A..B, --regressions, --threads N, --canary NAME, --scenario exec|sync|supervise, --trace or --suspect"
+                "unknown option '{other}': expected --seed N, --seeds A..B, --regressions, --threads N, --canary NAME, --scenario exec|sync|supervise|forward, --trace or --suspect"
             ),
         }
     }
@@ -107,6 +112,9 @@ fn main() -> anyhow::Result<()> {
                     Scenario::Supervise => {
                         cs_simulation::supervise_scenario::SupOptions::draw(seed).to_string()
                     }
+                    Scenario::Forward => {
+                        cs_simulation::forward_scenario::FwdOptions::draw(seed).to_string()
+                    }
                     Scenario::Exec => Options::draw(seed).to_string(),
                 };
                 // What else the replay needs: the scenario and the canaries of this run.
@@ -114,6 +122,7 @@ fn main() -> anyhow::Result<()> {
                     Scenario::Exec => "",
                     Scenario::Sync => " --scenario sync",
                     Scenario::Supervise => " --scenario supervise",
+                    Scenario::Forward => " --scenario forward",
                 };
                 let replay_flags: String = std::iter::once(flag.to_string())
                     .chain(canary_names.iter().map(|c| format!(" --canary {c}")))
@@ -121,6 +130,7 @@ fn main() -> anyhow::Result<()> {
                 let run = match scenario {
                     Scenario::Sync => cs_simulation::run_sync_seed,
                     Scenario::Supervise => cs_simulation::run_supervise_seed,
+                    Scenario::Forward => cs_simulation::run_forward_seed,
                     Scenario::Exec => cs_simulation::run_seed,
                 };
                 let sync = scenario == Scenario::Sync;
@@ -128,6 +138,7 @@ fn main() -> anyhow::Result<()> {
                     Scenario::Exec => ("commands", "failed"),
                     Scenario::Sync => ("cycles", "conflicts"),
                     Scenario::Supervise => ("processes", "failed"),
+                    Scenario::Forward => ("connections clean", "other"),
                 };
                 let _ = sync;
                 let (line, failed, virtual_ms, reached) =
@@ -190,6 +201,7 @@ fn main() -> anyhow::Result<()> {
         let markers = match scenario {
             Scenario::Sync => coverage::SYNC_MARKERS,
             Scenario::Supervise => coverage::SUPERVISE_MARKERS,
+            Scenario::Forward => coverage::FORWARD_MARKERS,
             Scenario::Exec => coverage::MARKERS,
         };
         let missing = coverage::missing_of(markers, results.iter().flat_map(|r| r.3.iter()));
@@ -211,6 +223,7 @@ enum Scenario {
     Exec,
     Sync,
     Supervise,
+    Forward,
 }
 
 /// `--suspect`: the lost-Finished experiment (see `cs_simulation::suspect`), as a table.

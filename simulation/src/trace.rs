@@ -64,7 +64,8 @@ impl Trace {
         debug_assert!(
             crate::coverage::MARKERS.contains(&marker)
                 || crate::coverage::SYNC_MARKERS.contains(&marker)
-                || crate::coverage::SUPERVISE_MARKERS.contains(&marker),
+                || crate::coverage::SUPERVISE_MARKERS.contains(&marker)
+                || crate::coverage::FORWARD_MARKERS.contains(&marker),
             "unknown coverage marker '{marker}'"
         );
         self.0

@@ -126,3 +126,21 @@ fn a_log_follow_that_does_not_resume_where_it_was_is_caught_as_a_repeat() {
         "seed {seed}: {message}"
     );
 }
+
+#[test]
+fn a_forward_pump_that_takes_a_lost_connection_for_a_finish_is_caught() {
+    let (seed, message) = (0..SEEDS_MAX)
+        .find_map(|seed| {
+            cs_simulation::run_forward_seed(seed, Trace::default(), &[Canary::ForwardLossAsFinish])
+                .err()
+                .map(|f| (seed, f.message))
+        })
+        .expect("ForwardLossAsFinish went unnoticed for 1,000 seeds");
+    // A connection that "ended cleanly" short of its echo, or one that never ended.
+    assert!(
+        message.contains("ended cleanly with") || message.starts_with("liveness:"),
+        "seed {seed}: {message}"
+    );
+    cs_simulation::run_forward_seed(seed, Trace::default(), &[])
+        .unwrap_or_else(|f| panic!("seed {seed} ({message}): {f}"));
+}

@@ -80,9 +80,25 @@ fn sync_seeds_pass_replay_identically_and_reach_every_marker() {
 }
 
 #[test]
+fn forward_seeds_pass_replay_identically_and_reach_every_marker() {
+    let forward: Scenario = cs_simulation::run_forward_seed;
+    let (first, reached) = run_with(forward, (0..SEEDS).collect());
+    let (second, _) = run_with(forward, (0..SEEDS).collect());
+    assert_eq!(first, second, "a forward seed gave two different traces");
+    let distinct: BTreeSet<u64> = first.values().copied().collect();
+    assert_eq!(distinct.len() as u64, SEEDS);
+    let missing = coverage::missing_of(coverage::FORWARD_MARKERS, reached.iter());
+    assert!(
+        missing.is_empty(),
+        "no forward seed of 0..{SEEDS} reached these coverage markers: {missing:?}"
+    );
+}
+
+#[test]
 fn a_fresh_process_gives_the_same_traces() {
     fresh_process_matches(run_seed, "exec");
     fresh_process_matches(cs_simulation::run_sync_seed, "sync");
+    fresh_process_matches(cs_simulation::run_forward_seed, "forward");
 }
 
 fn fresh_process_matches(scenario: Scenario, name: &str) {
