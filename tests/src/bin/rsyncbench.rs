@@ -39,7 +39,7 @@ use cs_tests::benchkit::{
 };
 
 const USAGE: &str = "usage: rsyncbench [--quick] [--generated] [--no-pull] [--rounds N] [--seed N]
-                  [--keep]
+                  [--dir DIR] [--keep]
   --quick      a small generated tree (4,000 files, about 60 MB) instead of the kernel tree
   --generated  a generated tree of the kernel tree's shape (78,000 files, about 1.2 GB), even
                where the kernel tree is available
@@ -47,6 +47,9 @@ const USAGE: &str = "usage: rsyncbench [--quick] [--generated] [--no-pull] [--ro
   --rounds N   runs of each step per tool, the tools taking turns to go first; the tables
                give the median and the range (default 3)
   --seed N     seed of the generated tree and of the changed files (default 1)
+  --dir DIR    where the temporary directory goes (default: the system's, usually /tmp); on
+               a tmpfs such as /dev/shm the disk's speed and other work's writes leave the
+               figures (the trees need about 6.5 GB there)
   --keep       keep the temporary directory (trees, logs of cs and sshd)";
 
 /// Limit of one whole-tree step (a copy, a transfer, a verification).
@@ -77,6 +80,7 @@ struct Opts {
     pull: bool,
     rounds: usize,
     seed: u64,
+    dir: Option<PathBuf>,
     keep: bool,
 }
 
@@ -87,6 +91,7 @@ fn opts() -> anyhow::Result<Option<Opts>> {
         pull: true,
         rounds: 3,
         seed: 1,
+        dir: None,
         keep: false,
     };
     let mut args = std::env::args().skip(1);
@@ -96,6 +101,12 @@ fn opts() -> anyhow::Result<Option<Opts>> {
             "--generated" => o.generated = true,
             "--no-pull" => o.pull = false,
             "--keep" => o.keep = true,
+            "--dir" => {
+                o.dir =
+                    Some(PathBuf::from(args.next().with_context(|| {
+                        format!("--dir needs a directory\n{USAGE}")
+                    })?))
+            }
             "--seed" => o.seed = number_arg(&mut args, "--seed", USAGE)?,
             "--rounds" => {
                 o.rounds = number_arg(&mut args, "--rounds", USAGE)?.clamp(1, 100) as usize
@@ -1375,10 +1386,13 @@ fn run(o: &Opts) -> anyhow::Result<bool> {
     );
     ensure_openssh()?;
     let cs_bin = cs_binaries()?;
-    let tmp = tempfile::Builder::new()
-        .prefix("cs-rsyncbench-")
-        .tempdir()
-        .context("cannot create a temporary directory")?;
+    let mut builder = tempfile::Builder::new();
+    builder.prefix("cs-rsyncbench-");
+    let tmp = match &o.dir {
+        Some(d) => builder.tempdir_in(d),
+        None => builder.tempdir(),
+    }
+    .context("cannot create a temporary directory")?;
     let tmp_path = tmp.path().to_path_buf();
     let tmp_guard = if o.keep {
         say!("--keep: {} stays after the run", tmp_path.display());
@@ -1421,12 +1435,25 @@ fn run(o: &Opts) -> anyhow::Result<bool> {
             kernel.display(),
             src.display()
         );
-        run_captured(
+        let linked = run_captured(
             Command::new("cp").arg("-al").arg(&kernel).arg(&src),
             &scratch,
             LONG,
             "cp -al",
-        )?;
+        );
+        if let Err(e) = linked {
+            // Another filesystem than the cache's: a copy.
+            say!("cp -al failed ({e:#}); copying instead (cp -a)");
+            if src.exists() {
+                std::fs::remove_dir_all(&src)?;
+            }
+            run_captured(
+                Command::new("cp").arg("-a").arg(&kernel).arg(&src),
+                &scratch,
+                LONG,
+                "cp -a",
+            )?;
+        }
         format!("{KERNEL_TREE}, whole (Debian's linux-source)")
     };
     say!("listing and hashing the source");
