@@ -127,6 +127,20 @@ impl Shared {
         }
     }
 
+    /// Records how a carried connection of forward `key` ended: a success clears the last
+    /// error; a lost link is counted and noted.
+    fn ended(&self, key: &str, stats: &Stats, end: End) {
+        *stats.last_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        if let End::Lost(why) = end {
+            stats.lost.fetch_add(1, Ordering::Relaxed);
+            self.failed(
+                key,
+                stats,
+                &format!("connection to the workspace lost ({why}); open connections were closed"),
+            );
+        }
+    }
+
     fn stopped(&self) -> watch::Receiver<bool> {
         self.stop.subscribe()
     }
@@ -337,13 +351,7 @@ async fn forward_conn(
     stats.total.fetch_add(1, Ordering::Relaxed);
     let work = async {
         match carry(&link, target, sock, &stats.bytes).await {
-            Carried::Ended(end) => {
-                *stats.last_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
-                if let End::Lost(why) = end {
-                    stats.lost.fetch_add(1, Ordering::Relaxed);
-                    shared.failed(&key, &stats, &format!("connection to the workspace lost ({why}); open connections were closed"));
-                }
-            }
+            Carried::Ended(end) => shared.ended(&key, &stats, end),
             Carried::Refused(reason) => {
                 stats.refused.fetch_add(1, Ordering::Relaxed);
                 shared.failed(&key, &stats, &reason);
@@ -605,11 +613,7 @@ async fn reverse_conn(
         match (local, opened) {
             (Ok(sock), Ok((ForwardReply::Connected, mut o))) => {
                 let end = sock.pump(&mut o.send, &mut o.recv, &stats.bytes).await;
-                *stats.last_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
-                if let End::Lost(why) = end {
-                    stats.lost.fetch_add(1, Ordering::Relaxed);
-                    shared.failed(&key, &stats, &format!("connection to the workspace lost ({why}); open connections were closed"));
-                }
+                shared.ended(&key, &stats, end);
             }
             (Err(why), _) => {
                 stats.refused.fetch_add(1, Ordering::Relaxed);
