@@ -35,7 +35,12 @@ pub struct TransportLimits {
     pub streams_bidi_max: u32,
     /// Flow-control window of one stream.
     pub stream_window_bytes: u32,
-    /// Flow-control window of the whole connection.
+    /// Flow-control window of the whole connection, both ways (what the peer may send
+    /// before we read it, and what we buffer before the peer acknowledges it): the bound on a
+    /// session's memory in QUIC's buffers. It must hold [`BUSY_STREAMS_FAIR`] full stream
+    /// windows: quinn wakes the streams blocked on a full connection window last-blocked
+    /// first, so when it binds, the same few streams take every byte freed and the others
+    /// starve (a forwarded download went 13 s without a byte while 15 others moved).
     pub connection_window_bytes: u32,
     /// Largest UDP payload path MTU discovery may try.
     pub udp_payload_bytes_max: u16,
@@ -47,12 +52,21 @@ impl Default for TransportLimits {
             idle_timeout_ms: 10_000,
             keep_alive_ms: 2_000,
             streams_bidi_max: 1024,
-            stream_window_bytes: 8 * 1024 * 1024,
-            connection_window_bytes: 32 * 1024 * 1024,
+            stream_window_bytes: STREAM_WINDOW_BYTES,
+            connection_window_bytes: BUSY_STREAMS_FAIR * STREAM_WINDOW_BYTES,
             udp_payload_bytes_max: 65_527,
         }
     }
 }
+
+/// A stream's flow-control window: 8 MiB in flight keeps one stream at 80 MB/s over a
+/// 100 ms round trip.
+const STREAM_WINDOW_BYTES: u32 = 8 * 1024 * 1024;
+
+/// Streams that can each have a full window in flight at once before the connection window
+/// binds (and quinn's wake order starts to favour some of them, see
+/// [`TransportLimits::connection_window_bytes`]).
+pub const BUSY_STREAMS_FAIR: u32 = 32;
 
 /// The longest an endpoint is asked to wait before acknowledging.
 const ACK_DELAY_MS_MAX: u64 = 5;
@@ -255,8 +269,15 @@ mod tests {
     }
 
     async fn server(agent: &Identity, trusted: Fingerprint) -> (quinn::Endpoint, SocketAddr) {
-        let cfg =
-            server_config(agent, Arc::new(Only(trusted)), &TransportLimits::default()).unwrap();
+        server_with(agent, trusted, &TransportLimits::default()).await
+    }
+
+    async fn server_with(
+        agent: &Identity,
+        trusted: Fingerprint,
+        limits: &TransportLimits,
+    ) -> (quinn::Endpoint, SocketAddr) {
+        let cfg = server_config(agent, Arc::new(Only(trusted)), limits).unwrap();
         let ep = quinn::Endpoint::server(cfg, "127.0.0.1:0".parse().unwrap()).unwrap();
         let addr = ep.local_addr().unwrap();
         (ep, addr)
@@ -267,8 +288,17 @@ mod tests {
         pin: Fingerprint,
         addr: SocketAddr,
     ) -> Result<quinn::Connection, String> {
+        try_connect_with(me, pin, addr, &TransportLimits::default()).await
+    }
+
+    async fn try_connect_with(
+        me: &Identity,
+        pin: Fingerprint,
+        addr: SocketAddr,
+        limits: &TransportLimits,
+    ) -> Result<quinn::Connection, String> {
         let ep = client_endpoint(addr).unwrap();
-        let cfg = client_config(me, pin, &TransportLimits::default()).unwrap();
+        let cfg = client_config(me, pin, limits).unwrap();
         let conn = ep
             .connect_with(cfg, addr, SERVER_NAME)
             .unwrap()
@@ -294,6 +324,98 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The default windows' ratio, scaled down to 256 KiB streams so that the test moves
+    /// tens of MiB rather than gigabytes: 16 streams (fewer than [`BUSY_STREAMS_FAIR`]) each
+    /// send 4 MiB at once; when the first has arrived whole, every other has arrived at least
+    /// three quarters (97-99% in runs of this test). With a connection window of 4 stream
+    /// windows instead (the old 32 MiB for 8 MiB streams), quinn's last-blocked-first wake
+    /// order left the slowest stream with 8-33% at that point in 7 of 8 runs.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn busy_streams_share_the_connection_fairly() {
+        const STREAMS: usize = 16;
+        const EACH: usize = 4 << 20;
+        let d = TransportLimits::default();
+        assert!(d.connection_window_bytes >= BUSY_STREAMS_FAIR * d.stream_window_bytes);
+        let stream_window = 256 * 1024;
+        let limits = TransportLimits {
+            stream_window_bytes: stream_window,
+            connection_window_bytes: d.connection_window_bytes / d.stream_window_bytes
+                * stream_window,
+            ..d
+        };
+        let agent = Identity::generate("agent").unwrap();
+        let laptop = Identity::generate("laptop").unwrap();
+        let (ep, addr) = server_with(&agent, laptop.fingerprint(), &limits).await;
+        let got: Arc<Vec<std::sync::atomic::AtomicUsize>> =
+            Arc::new((0..STREAMS).map(|_| Default::default()).collect());
+        let (first_tx, first_rx) = tokio::sync::oneshot::channel::<Vec<usize>>();
+        let first_tx = Arc::new(std::sync::Mutex::new(Some(first_tx)));
+        let server = {
+            let got = got.clone();
+            tokio::spawn(async move {
+                let conn = ep.accept().await.unwrap().await.unwrap();
+                // The handshake's test stream.
+                let (mut s, mut r) = conn.accept_bi().await.unwrap();
+                let x = r.read_to_end(10).await.unwrap();
+                s.write_all(&x).await.unwrap();
+                s.finish().unwrap();
+                let mut readers = Vec::new();
+                for _ in 0..STREAMS {
+                    let (_s, mut r) = conn.accept_bi().await.unwrap();
+                    let (got, first_tx) = (got.clone(), first_tx.clone());
+                    readers.push(tokio::spawn(async move {
+                        let mut head = [0u8; 1];
+                        r.read_exact(&mut head).await.unwrap();
+                        let i = usize::from(head[0]);
+                        let mut buf = vec![0u8; 64 * 1024];
+                        while let Some(n) = r.read(&mut buf).await.unwrap() {
+                            got[i].fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        let snapshot = got
+                            .iter()
+                            .map(|g| g.load(std::sync::atomic::Ordering::Relaxed))
+                            .collect();
+                        if let Some(tx) = first_tx.lock().unwrap().take() {
+                            let _ = tx.send(snapshot);
+                        }
+                    }));
+                }
+                for r in readers {
+                    r.await.unwrap();
+                }
+                conn
+            })
+        };
+        let conn = try_connect_with(&laptop, agent.fingerprint(), addr, &limits)
+            .await
+            .unwrap();
+        let mut writers = Vec::new();
+        for i in 0..STREAMS {
+            let (mut s, _r) = conn.open_bi().await.unwrap();
+            writers.push(tokio::spawn(async move {
+                s.write_all(&[i as u8]).await.unwrap();
+                let chunk = vec![i as u8; 64 * 1024];
+                for _ in 0..EACH / chunk.len() {
+                    s.write_all(&chunk).await.unwrap();
+                }
+                s.finish().unwrap();
+                s.stopped().await.ok();
+            }));
+        }
+        let limit = std::time::Duration::from_secs(120);
+        let first = tokio::time::timeout(limit, first_rx).await.unwrap().unwrap();
+        let slowest = *first.iter().min().unwrap();
+        assert!(
+            slowest >= EACH / 4 * 3,
+            "when the first stream had all {EACH} bytes, one had only {slowest}: {first:?}"
+        );
+        for w in writers {
+            tokio::time::timeout(limit, w).await.unwrap().unwrap();
+        }
+        let _conn = tokio::time::timeout(limit, server).await.unwrap().unwrap();
+        assert!(got.iter().all(|g| g.load(std::sync::atomic::Ordering::Relaxed) == EACH));
     }
 
     #[tokio::test]
