@@ -5,9 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use cs_protocol::rsync::{
-    RsyncOpen, RsyncReply, RsyncRequest, DELTA_CHUNK_OPS, LISTING_CHUNK_ENTRIES,
-};
+use cs_protocol::rsync::{pack_listing, RsyncOpen, RsyncReply, RsyncRequest, DELTA_CHUNK_OPS};
 use cs_protocol::DATA_CHUNK_BYTES_MAX;
 use cs_sync::delta::{self, Delta, DeltaOp};
 use cs_sync::rsync::Op;
@@ -114,11 +112,11 @@ fn work(root: PathBuf, mut rx: mpsc::Receiver<RsyncRequest>, tx: mpsc::Sender<Rs
     while let Some(req) = rx.blocking_recv() {
         let ok = match req {
             RsyncRequest::List { recursive, hash } => {
-                match rsync_fs::list(&root, recursive, hash) {
-                    Ok(entries) => {
+                match rsync_fs::list(&root, recursive, hash).and_then(|e| pack_listing(&e)) {
+                    Ok(chunks) => {
                         let mut ok = true;
-                        for c in entries.chunks(LISTING_CHUNK_ENTRIES) {
-                            ok &= send(RsyncReply::Listing(c.to_vec()));
+                        for c in chunks {
+                            ok &= send(RsyncReply::Listing(c));
                         }
                         ok && send(RsyncReply::ListingEnd)
                     }

@@ -11,7 +11,7 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use cs_protocol::rsync::{RsyncOpen, RsyncReply, RsyncRequest, DELTA_CHUNK_OPS};
+use cs_protocol::rsync::{unpack_listing, RsyncOpen, RsyncReply, RsyncRequest, DELTA_CHUNK_OPS};
 use cs_protocol::{StreamOpen, DATA_CHUNK_BYTES_MAX};
 use cs_sync::delta::{self, Delta};
 use cs_sync::rsync::filter::Rules;
@@ -37,6 +37,9 @@ pub struct Failure {
     pub code: i32,
     pub message: String,
 }
+
+/// Files a pull asks for before the first of them has arrived.
+const PULL_AHEAD: usize = 64;
 
 fn fail<T>(code: i32, message: impl Into<String>) -> Result<T, Failure> {
     Err(Failure {
@@ -266,12 +269,7 @@ impl Remote {
     }
 
     async fn recv(&mut self) -> Result<RsyncReply, Failure> {
-        match read_frame::<_, RsyncReply>(&mut self.stream).await {
-            Ok(Some(RsyncReply::Error(e))) => fail(exit::FILE_SELECT, e),
-            Ok(Some(r)) => Ok(r),
-            Ok(None) => fail(exit::STREAM, "the workspace closed the stream"),
-            Err(e) => fail(exit::STREAM, format!("the workspace's stream broke: {e}")),
-        }
+        recv_reply(&mut self.stream).await
     }
 
     async fn list(&mut self, recursive: bool, hash: bool) -> Result<Vec<Entry>, Failure> {
@@ -279,11 +277,26 @@ impl Remote {
         let mut out = Vec::new();
         loop {
             match self.recv().await? {
-                RsyncReply::Listing(mut e) => out.append(&mut e),
+                RsyncReply::Listing(packed) => {
+                    out.extend(unpack_listing(&packed).map_err(|e| Failure {
+                        code: exit::STREAM,
+                        message: e,
+                    })?)
+                }
                 RsyncReply::ListingEnd => return Ok(out),
                 other => return fail(exit::STREAM, format!("unexpected answer {other:?}")),
             }
         }
+    }
+}
+
+/// The workspace's next answer; its `Error` ends the transfer.
+async fn recv_reply<R: tokio::io::AsyncRead + Unpin>(rd: &mut R) -> Result<RsyncReply, Failure> {
+    match read_frame::<_, RsyncReply>(rd).await {
+        Ok(Some(RsyncReply::Error(e))) => fail(exit::FILE_SELECT, e),
+        Ok(Some(r)) => Ok(r),
+        Ok(None) => fail(exit::STREAM, "the workspace closed the stream"),
+        Err(e) => fail(exit::STREAM, format!("the workspace's stream broke: {e}")),
     }
 }
 
@@ -765,52 +778,86 @@ async fn pull(
                 message: format!("mkdir \"{}\" failed: {e}", shape.dest_root),
             })?;
         }
-        let mut local = Receiver::new(PathBuf::from(&shape.dest_root));
-        let mut done = 0u64;
-        for op in &p.ops {
-            let r = match op {
-                Op::Delete { path, .. } => local.delete(path).map(|()| 0),
-                Op::Mkdir { path } => local.mkdir(path).map(|()| 0),
-                Op::Symlink { path, target } => local.symlink(path, target).map(|()| 0),
-                Op::Attrs {
-                    path,
-                    mode,
-                    mtime,
-                    uid,
-                    gid,
-                } => local.attrs(path, *mode, *mtime, *uid, *gid).map(|()| 0),
-                Op::Send { path, basis } => {
-                    let started = std::time::Instant::now();
-                    let src_rel = path_in_source(path, &shape);
-                    let r = fetch(
-                        &mut remote,
-                        &mut local,
-                        path,
-                        &src_rel,
-                        *basis,
-                        flags.partial,
-                    )
-                    .await?;
-                    done += 1;
-                    if flags.progress && r.is_ok() {
-                        let size = local
-                            .path(path)
-                            .ok()
-                            .and_then(|p| std::fs::metadata(p).ok())
-                            .map(|m| m.len())
-                            .unwrap_or(0);
-                        progress(path, size, started.elapsed(), done, p.files_sent);
-                    }
-                    r
+        let (rd, mut wr) = remote.stream.into_split();
+        // The requests run ahead of the replies by up to PULL_AHEAD files (in plan order, as
+        // the workspace answers them), so its reading, the link and the writing here overlap
+        // instead of taking turns once per file.
+        let (ahead_tx, mut ahead_rx) = tokio::sync::mpsc::channel::<()>(PULL_AHEAD);
+        let writer = async {
+            let mut basis_of = Receiver::new(PathBuf::from(&shape.dest_root));
+            for op in &p.ops {
+                let Op::Send { path, basis } = op else {
+                    continue;
+                };
+                let src_rel = path_in_source(path, &shape);
+                let src_rel = if src_rel.is_empty() { "." } else { &src_rel };
+                let request = match basis.then(|| basis_bytes(&mut basis_of, path)).flatten() {
+                    Some(b) => RsyncRequest::GetDelta {
+                        path: src_rel.to_string(),
+                        sig: delta::signature(&b),
+                    },
+                    None => RsyncRequest::Get {
+                        path: src_rel.to_string(),
+                    },
+                };
+                write_frame(&mut wr, &request).await.map_err(stream_broke)?;
+                if ahead_tx.send(()).await.is_err() {
+                    break;
                 }
-            };
-            match r {
-                Ok(n) => received += n,
-                Err(e) => failed.push((op_path(op).to_string(), e)),
             }
-        }
-        remote.send(&RsyncRequest::Finish).await?;
-        let _ = remote.recv().await;
+            write_frame(&mut wr, &RsyncRequest::Finish)
+                .await
+                .map_err(stream_broke)?;
+            Ok::<_, Failure>(())
+        };
+        let reader = async {
+            let mut rd = rd;
+            let mut local = Receiver::new(PathBuf::from(&shape.dest_root));
+            let mut done = 0u64;
+            for op in &p.ops {
+                let r = match op {
+                    Op::Delete { path, .. } => local.delete(path).map(|()| 0),
+                    Op::Mkdir { path } => local.mkdir(path).map(|()| 0),
+                    Op::Symlink { path, target } => local.symlink(path, target).map(|()| 0),
+                    Op::Attrs {
+                        path,
+                        mode,
+                        mtime,
+                        uid,
+                        gid,
+                    } => local.attrs(path, *mode, *mtime, *uid, *gid).map(|()| 0),
+                    Op::Send { path, .. } => {
+                        if ahead_rx.recv().await.is_none() {
+                            return fail(exit::STREAM, "the request writer stopped");
+                        }
+                        let started = std::time::Instant::now();
+                        let r = fetch(&mut rd, &mut local, path, flags.partial).await?;
+                        done += 1;
+                        if flags.progress && r.is_ok() {
+                            let size = local
+                                .path(path)
+                                .ok()
+                                .and_then(|p| std::fs::metadata(p).ok())
+                                .map(|m| m.len())
+                                .unwrap_or(0);
+                            progress(path, size, started.elapsed(), done, p.files_sent);
+                        }
+                        r
+                    }
+                };
+                match r {
+                    Ok(n) => received += n,
+                    Err(e) => failed.push((op_path(op).to_string(), e)),
+                }
+            }
+            match recv_reply(&mut rd).await? {
+                RsyncReply::Finished { .. } => Ok(()),
+                other => fail(exit::STREAM, format!("unexpected answer {other:?}")),
+            }
+        };
+        // The first to fail ends both: a writer blocked on a stream nobody reads any more
+        // must not outlive the reader.
+        tokio::try_join!(writer, reader)?;
     }
     report(flags, &shape, &p, '>', 0, received);
     finish(failed, !p.errors.is_empty())
@@ -826,42 +873,36 @@ fn op_path(op: &Op) -> &str {
     }
 }
 
-/// Fetches one file from the workspace into `local` (as a delta against the file here when
-/// there is one); Ok(Err) is a failure of this file only.
-async fn fetch(
-    remote: &mut Remote,
+/// The basis a pulled file's delta is taken against: the regular file at `path` here, if it
+/// is at most [`DELTA_FILE_BYTES_MAX`] bytes.
+fn basis_bytes(local: &mut Receiver, path: &str) -> Option<Vec<u8>> {
+    let p = local.path(path).ok()?;
+    let m = std::fs::symlink_metadata(&p).ok()?;
+    (m.is_file() && m.len() <= DELTA_FILE_BYTES_MAX)
+        .then(|| std::fs::read(&p).ok())
+        .flatten()
+}
+
+/// Receives the answer to one file's `Get` or `GetDelta` into `local` (a delta is applied to
+/// the file here, read again: if it changed since its signature went, the result's hash
+/// does not match and the file fails); Ok(Err) is a failure of this file only.
+async fn fetch<R: tokio::io::AsyncRead + Unpin>(
+    rd: &mut R,
     local: &mut Receiver,
     path: &str,
-    src_rel: &str,
-    basis: bool,
     partial: bool,
 ) -> Result<Result<u64, String>, Failure> {
-    let src_rel = if src_rel.is_empty() { "." } else { src_rel };
-    let basis_bytes = if basis {
-        local.path(path).ok().and_then(|p| {
-            let m = std::fs::symlink_metadata(&p).ok()?;
-            (m.is_file() && m.len() <= DELTA_FILE_BYTES_MAX)
-                .then(|| std::fs::read(&p).ok())
-                .flatten()
-        })
-    } else {
-        None
-    };
-    if let Some(basis) = basis_bytes {
-        let sig = delta::signature(&basis);
-        remote
-            .send(&RsyncRequest::GetDelta {
-                path: src_rel.to_string(),
-                sig,
-            })
-            .await?;
+    let first = recv_reply(rd).await?;
+    if matches!(first, RsyncReply::DeltaPart(_) | RsyncReply::DeltaEnd(_)) {
         let mut ops = Vec::new();
+        let mut reply = first;
         let end = loop {
-            match remote.recv().await? {
+            match reply {
                 RsyncReply::DeltaPart(mut o) => ops.append(&mut o),
                 RsyncReply::DeltaEnd(r) => break r,
                 other => return fail(exit::STREAM, format!("unexpected answer {other:?}")),
             }
+            reply = recv_reply(rd).await?;
         };
         let (size, hash) = match end {
             Ok(x) => x,
@@ -873,8 +914,9 @@ async fn fetch(
             target_hash: hash,
         };
         let literal = d.literal_bytes();
-        let r = delta::patch(&basis, &d, size)
-            .map_err(|e| format!("{path}: {e}"))
+        let r = basis_bytes(local, path)
+            .ok_or_else(|| format!("{path}: the basis file went away"))
+            .and_then(|basis| delta::patch(&basis, &d, size).map_err(|e| format!("{path}: {e}")))
             .and_then(|out| {
                 let mut f = local.begin_file(path)?;
                 f.write(&out)?;
@@ -882,11 +924,6 @@ async fn fetch(
             });
         return Ok(r.map(|()| literal));
     }
-    remote
-        .send(&RsyncRequest::Get {
-            path: src_rel.to_string(),
-        })
-        .await?;
     let mut file = local.begin_file(path).map(|mut f| {
         if partial {
             f.keep_partial();
@@ -894,8 +931,9 @@ async fn fetch(
         f
     });
     let mut n = 0u64;
+    let mut reply = first;
     loop {
-        match remote.recv().await? {
+        match reply {
             RsyncReply::Data(b) if b.is_empty() => break,
             RsyncReply::Data(b) => {
                 n += b.len() as u64;
@@ -907,8 +945,9 @@ async fn fetch(
             }
             other => return fail(exit::STREAM, format!("unexpected answer {other:?}")),
         }
+        reply = recv_reply(rd).await?;
     }
-    let end = match remote.recv().await? {
+    let end = match recv_reply(rd).await? {
         RsyncReply::DataEnd(r) => r,
         other => return fail(exit::STREAM, format!("unexpected answer {other:?}")),
     };

@@ -405,7 +405,10 @@ mod tests {
             }));
         }
         let limit = std::time::Duration::from_secs(120);
-        let first = tokio::time::timeout(limit, first_rx).await.unwrap().unwrap();
+        let first = tokio::time::timeout(limit, first_rx)
+            .await
+            .unwrap()
+            .unwrap();
         let slowest = *first.iter().min().unwrap();
         assert!(
             slowest >= EACH / 4 * 3,
@@ -415,7 +418,9 @@ mod tests {
             tokio::time::timeout(limit, w).await.unwrap().unwrap();
         }
         let _conn = tokio::time::timeout(limit, server).await.unwrap().unwrap();
-        assert!(got.iter().all(|g| g.load(std::sync::atomic::Ordering::Relaxed) == EACH));
+        assert!(got
+            .iter()
+            .all(|g| g.load(std::sync::atomic::Ordering::Relaxed) == EACH));
     }
 
     #[tokio::test]
