@@ -32,8 +32,14 @@ pub fn resolve(home: &Path, root: &str) -> Result<PathBuf, String> {
 }
 
 /// Serves one rsync stream.
-pub async fn serve<W, R>(open: RsyncOpen, home: Option<PathBuf>, mut send: W, mut recv: R)
-where
+/// `pack`: content goes packed both ways (a distant link, see `RsyncReply::Opened`).
+pub async fn serve<W, R>(
+    open: RsyncOpen,
+    home: Option<PathBuf>,
+    pack: bool,
+    mut send: W,
+    mut recv: R,
+) where
     W: AsyncWrite + Unpin + Send + 'static,
     R: AsyncRead + Unpin + Send + 'static,
 {
@@ -47,14 +53,17 @@ where
             return;
         }
     };
-    if write_frame(&mut send, &RsyncReply::Opened).await.is_err() {
+    if write_frame(&mut send, &RsyncReply::Opened { pack })
+        .await
+        .is_err()
+    {
         return;
     }
     let (req_tx, req_rx) = mpsc::channel::<RsyncRequest>(QUEUE_MAX);
     let (rep_tx, mut rep_rx) = mpsc::channel::<RsyncReply>(QUEUE_MAX);
     let worker = std::thread::Builder::new()
         .name("cs-rsync".into())
-        .spawn(move || work(root, req_rx, rep_tx));
+        .spawn(move || work(root, pack, req_rx, rep_tx));
     if let Err(e) = worker {
         let _ = write_frame(&mut send, &RsyncReply::Error(format!("cannot start: {e}"))).await;
         return;
@@ -97,7 +106,12 @@ enum Incoming {
     Delta(String, u64, [u8; 32], Vec<DeltaOp>, u64),
 }
 
-fn work(root: PathBuf, mut rx: mpsc::Receiver<RsyncRequest>, tx: mpsc::Sender<RsyncReply>) {
+fn work(
+    root: PathBuf,
+    pack: bool,
+    mut rx: mpsc::Receiver<RsyncRequest>,
+    tx: mpsc::Sender<RsyncReply>,
+) {
     let send = |r: RsyncReply| tx.blocking_send(r).is_ok();
     let mut receiver = Receiver::new(root.clone());
     let mut failed = 0u64;
@@ -110,6 +124,16 @@ fn work(root: PathBuf, mut rx: mpsc::Receiver<RsyncRequest>, tx: mpsc::Sender<Rs
         })
     };
     while let Some(req) = rx.blocking_recv() {
+        let req = match req {
+            RsyncRequest::Packed(p) => match cs_protocol::sync::unpack(&p) {
+                Ok(data) => RsyncRequest::Data(data),
+                Err(e) => {
+                    let _ = send(RsyncReply::Error(e));
+                    return;
+                }
+            },
+            other => other,
+        };
         let ok = match req {
             RsyncRequest::List { recursive, hash } => {
                 match rsync_fs::list(&root, recursive, hash).and_then(|e| pack_listing(&e)) {
@@ -215,7 +239,7 @@ fn work(root: PathBuf, mut rx: mpsc::Receiver<RsyncRequest>, tx: mpsc::Sender<Rs
                 }
                 _ => send(RsyncReply::Error("a delta end without a PutDelta".into())),
             },
-            RsyncRequest::Get { path } => send_file(&mut receiver, &path, &send),
+            RsyncRequest::Get { path } => send_file(&mut receiver, &path, pack, &send),
             RsyncRequest::GetDelta { path, sig } => match read_small(&mut receiver, &path) {
                 Ok(bytes) => {
                     let d = delta::delta(&sig, &bytes);
@@ -231,6 +255,8 @@ fn work(root: PathBuf, mut rx: mpsc::Receiver<RsyncRequest>, tx: mpsc::Sender<Rs
                 let _ = send(RsyncReply::Finished { failed });
                 return;
             }
+            // Unpacked into `Data` above.
+            RsyncRequest::Packed(_) => send(RsyncReply::Error("a packed chunk left packed".into())),
         };
         if !ok {
             return;
@@ -258,7 +284,12 @@ fn patch_into(receiver: &mut Receiver, path: &str, d: Delta) -> Result<(), Strin
     f.finish(d.target_bytes, &d.target_hash)
 }
 
-fn send_file(receiver: &mut Receiver, path: &str, send: &dyn Fn(RsyncReply) -> bool) -> bool {
+fn send_file(
+    receiver: &mut Receiver,
+    path: &str,
+    pack: bool,
+    send: &dyn Fn(RsyncReply) -> bool,
+) -> bool {
     use std::io::Read;
     let opened = receiver
         .path(path)
@@ -276,7 +307,7 @@ fn send_file(receiver: &mut Receiver, path: &str, send: &dyn Fn(RsyncReply) -> b
             Ok(n) => {
                 h.update(&buf[..n]);
                 size += n as u64;
-                if !send(RsyncReply::Data(buf[..n].to_vec())) {
+                if !send(RsyncReply::data(buf[..n].to_vec(), pack)) {
                     return false;
                 }
             }
@@ -293,6 +324,79 @@ fn send_file(receiver: &mut Receiver, path: &str, send: &dyn Fn(RsyncReply) -> b
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// With `pack` (a distant link), a pulled file's content comes as packed chunks and a
+    /// pushed file's packed chunks land unpacked, both checked by their whole-file hash.
+    #[tokio::test]
+    async fn content_goes_packed_both_ways_when_asked() {
+        let home = tempfile::tempdir().unwrap();
+        let text: Vec<u8> = (0..20_000)
+            .flat_map(|i| format!("static int line_{i}(void) {{ return {i}; }}\n").into_bytes())
+            .collect();
+        std::fs::write(home.path().join("a.c"), &text).unwrap();
+        let (client, server) = tokio::io::duplex(1 << 20);
+        let (srd, swr) = tokio::io::split(server);
+        let agent = tokio::spawn(serve(
+            RsyncOpen { root: ".".into() },
+            Some(home.path().to_path_buf()),
+            true,
+            swr,
+            srd,
+        ));
+        let (mut rd, mut wr) = tokio::io::split(client);
+        assert_eq!(next(&mut rd).await, RsyncReply::Opened { pack: true });
+
+        write_frame(&mut wr, &RsyncRequest::Get { path: "a.c".into() })
+            .await
+            .unwrap();
+        let (mut got, mut packed) = (Vec::new(), 0);
+        loop {
+            match next(&mut rd).await {
+                RsyncReply::Packed(p) => {
+                    packed += 1;
+                    got.extend(cs_protocol::sync::unpack(&p).unwrap());
+                }
+                RsyncReply::Data(d) if d.is_empty() => break,
+                RsyncReply::Data(d) => got.extend(d),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert!(packed > 0, "no chunk was packed");
+        assert_eq!(got, text);
+        let hash = *blake3::hash(&text).as_bytes();
+        assert_eq!(
+            next(&mut rd).await,
+            RsyncReply::DataEnd(Ok((text.len() as u64, hash)))
+        );
+
+        let put = RsyncRequest::Put {
+            path: "b.c".into(),
+            partial: false,
+        };
+        write_frame(&mut wr, &put).await.unwrap();
+        for c in text.chunks(DATA_CHUNK_BYTES_MAX) {
+            let r = RsyncRequest::data(c.to_vec(), true);
+            assert!(matches!(r, RsyncRequest::Packed(_)));
+            write_frame(&mut wr, &r).await.unwrap();
+        }
+        let end = RsyncRequest::PutEnd {
+            size: text.len() as u64,
+            hash,
+        };
+        write_frame(&mut wr, &end).await.unwrap();
+        write_frame(&mut wr, &RsyncRequest::Finish).await.unwrap();
+        assert_eq!(next(&mut rd).await, RsyncReply::Finished { failed: 0 });
+        assert_eq!(std::fs::read(home.path().join("b.c")).unwrap(), text);
+        tokio::io::AsyncWriteExt::shutdown(&mut wr).await.unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(10), agent)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+
+    async fn next<R: AsyncRead + Unpin>(rd: &mut R) -> RsyncReply {
+        read_frame::<_, RsyncReply>(rd).await.unwrap().unwrap()
+    }
 
     #[test]
     fn roots_stay_in_the_home() {

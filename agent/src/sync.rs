@@ -643,7 +643,7 @@ async fn apply_streamed(
 
 /// Whether content goes packed on this stream's connection: only on a distant link
 /// ([`cs_protocol::sync::PACK_RTT_MS_MIN`]).
-fn packs(probe: &cs_transport::TailProbe) -> bool {
+pub(crate) fn packs(probe: &cs_transport::TailProbe) -> bool {
     probe
         .base_rtt()
         .is_some_and(|r| r >= Duration::from_millis(cs_protocol::sync::PACK_RTT_MS_MIN))

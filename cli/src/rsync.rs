@@ -238,6 +238,8 @@ fn basename(p: &str) -> &str {
 /// The workspace's end of the transfer: one stream, requests answered in order.
 struct Remote {
     stream: UnixStream,
+    /// Content goes packed (the agent's choice, by the link's round trip).
+    pack: bool,
 }
 
 impl Remote {
@@ -254,9 +256,15 @@ impl Remote {
             code: exit::START,
             message: format!("{e:#}"),
         })?;
-        let mut r = Remote { stream };
+        let mut r = Remote {
+            stream,
+            pack: false,
+        };
         match r.recv().await? {
-            RsyncReply::Opened => Ok(r),
+            RsyncReply::Opened { pack } => {
+                r.pack = pack;
+                Ok(r)
+            }
             other => fail(exit::STREAM, format!("unexpected answer {other:?}")),
         }
     }
@@ -568,6 +576,7 @@ async fn push(
                 }
             }
         }
+        let pack = remote.pack;
         let (rd, mut wr) = remote.stream.into_split();
         let mut done = 0u64;
         let writer = async {
@@ -581,8 +590,15 @@ async fn push(
                             src_root.join(rel)
                         };
                         let started = std::time::Instant::now();
-                        let n = send_content(&mut wr, path, &local, sigs.get(path), flags.partial)
-                            .await?;
+                        let n = send_content(
+                            &mut wr,
+                            path,
+                            &local,
+                            sigs.get(path),
+                            flags.partial,
+                            pack,
+                        )
+                        .await?;
                         sent += n;
                         done += 1;
                         if flags.progress {
@@ -679,6 +695,7 @@ async fn send_content<W: tokio::io::AsyncWrite + Unpin>(
     local: &Path,
     sig: Option<&delta::Signature>,
     partial: bool,
+    pack: bool,
 ) -> Result<u64, Failure> {
     if let Some(sig) = sig {
         if let Ok(bytes) = std::fs::read(local) {
@@ -722,7 +739,7 @@ async fn send_content<W: tokio::io::AsyncWrite + Unpin>(
                 }
                 h.update(&buf[..n]);
                 size += n as u64;
-                write_frame(wr, &RsyncRequest::Data(buf[..n].to_vec()))
+                write_frame(wr, &RsyncRequest::data(buf[..n].to_vec(), pack))
                     .await
                     .map_err(stream_broke)?;
             }
@@ -933,17 +950,20 @@ async fn fetch<R: tokio::io::AsyncRead + Unpin>(
     let mut n = 0u64;
     let mut reply = first;
     loop {
-        match reply {
+        let chunk = match reply {
             RsyncReply::Data(b) if b.is_empty() => break,
-            RsyncReply::Data(b) => {
-                n += b.len() as u64;
-                if let Ok(f) = file.as_mut() {
-                    if let Err(e) = f.write(&b) {
-                        file = Err(e);
-                    }
-                }
-            }
+            RsyncReply::Data(b) => b,
+            RsyncReply::Packed(p) => cs_protocol::sync::unpack(&p).map_err(|e| Failure {
+                code: exit::STREAM,
+                message: format!("the workspace sent a bad chunk: {e}"),
+            })?,
             other => return fail(exit::STREAM, format!("unexpected answer {other:?}")),
+        };
+        n += chunk.len() as u64;
+        if let Ok(f) = file.as_mut() {
+            if let Err(e) = f.write(&chunk) {
+                file = Err(e);
+            }
         }
         reply = recv_reply(rd).await?;
     }

@@ -76,13 +76,30 @@ pub enum RsyncRequest {
     },
     /// No more requests: answer `Finished`.
     Finish,
+    /// A `Data` chunk packed with zstd ([`crate::sync::pack`]): sent instead of `Data` when
+    /// the agent said `Opened { pack: true }` and the chunk shrinks.
+    Packed(#[serde(with = "serde_bytes")] Vec<u8>),
+}
+
+impl RsyncRequest {
+    /// A chunk of a file's content: packed if `pack` and worth it, else `Data`.
+    pub fn data(chunk: Vec<u8>, pack: bool) -> Self {
+        if !pack {
+            return Self::Data(chunk);
+        }
+        crate::sync::pack(chunk).map_or_else(Self::Data, Self::Packed)
+    }
 }
 
 /// The agent's answers.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RsyncReply {
-    /// The stream's first frame: the root is accepted (or `Error`).
-    Opened,
+    /// The stream's first frame: the root is accepted (or `Error`). `pack`: content goes
+    /// packed both ways (`Packed` chunks), because the link is a distant one
+    /// ([`crate::sync::PACK_RTT_MS_MIN`]); on a near one packing only costs CPU.
+    Opened {
+        pack: bool,
+    },
     /// Part of a listing, packed ([`pack_listing`]).
     Listing(#[serde(with = "serde_bytes")] Vec<u8>),
     ListingEnd,
@@ -103,6 +120,18 @@ pub enum RsyncReply {
     },
     /// The stream cannot go on (a root outside the home, a broken request): a line.
     Error(String),
+    /// A `Data` chunk packed with zstd, as [`RsyncRequest::Packed`].
+    Packed(#[serde(with = "serde_bytes")] Vec<u8>),
+}
+
+impl RsyncReply {
+    /// A chunk of a file's content: packed if `pack` and worth it, else `Data`.
+    pub fn data(chunk: Vec<u8>, pack: bool) -> Self {
+        if !pack {
+            return Self::Data(chunk);
+        }
+        crate::sync::pack(chunk).map_or_else(Self::Data, Self::Packed)
+    }
 }
 
 /// The listing `entries` as packed `Listing` chunks: each chunk is the encoded entries (at
