@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use cs_protocol::rsync::{pack_listing, RsyncOpen, RsyncReply, RsyncRequest, DELTA_CHUNK_OPS};
 use cs_protocol::DATA_CHUNK_BYTES_MAX;
 use cs_sync::delta::{self, Delta, DeltaOp};
-use cs_sync::rsync::Op;
+use cs_sync::rsync::{FileAttrs, Op};
 use cs_sync::rsync_fs::{self, NewFile, Receiver, DELTA_FILE_BYTES_MAX};
 use cs_transport::{read_frame, write_frame};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -193,8 +193,10 @@ fn work(
                     send(RsyncReply::Error("content without a Put".into()))
                 }
             },
-            RsyncRequest::PutEnd { size, hash } => match incoming.take() {
-                Some(Incoming::Whole(f, path)) => match (*f).and_then(|f| f.finish(size, &hash)) {
+            RsyncRequest::PutEnd { size, hash, attrs } => match incoming.take() {
+                Some(Incoming::Whole(f, path)) => match (*f)
+                    .and_then(|f| f.finish_with(size, &hash, attrs.as_ref(), receiver.can_chown))
+                {
                     Ok(()) => true,
                     Err(e) => fail(&path, e),
                 },
@@ -222,7 +224,7 @@ fn work(
                 }
                 _ => send(RsyncReply::Error("a delta part without a PutDelta".into())),
             },
-            RsyncRequest::DeltaEnd => match incoming.take() {
+            RsyncRequest::DeltaEnd(attrs) => match incoming.take() {
                 Some(Incoming::Delta(path, size, hash, ops, _)) => {
                     match patch_into(
                         &mut receiver,
@@ -232,6 +234,7 @@ fn work(
                             target_bytes: size,
                             target_hash: hash,
                         },
+                        attrs.as_ref(),
                     ) {
                         Ok(()) => true,
                         Err(e) => fail(&path, e),
@@ -276,12 +279,17 @@ fn read_small(receiver: &mut Receiver, path: &str) -> Result<Vec<u8>, String> {
     std::fs::read(&p).map_err(|e| format!("{path}: {e}"))
 }
 
-fn patch_into(receiver: &mut Receiver, path: &str, d: Delta) -> Result<(), String> {
+fn patch_into(
+    receiver: &mut Receiver,
+    path: &str,
+    d: Delta,
+    attrs: Option<&FileAttrs>,
+) -> Result<(), String> {
     let basis = read_small(receiver, path)?;
     let out = delta::patch(&basis, &d, d.target_bytes).map_err(|e| format!("{path}: {e}"))?;
     let mut f = receiver.begin_file(path)?;
     f.write(&out)?;
-    f.finish(d.target_bytes, &d.target_hash)
+    f.finish_with(d.target_bytes, &d.target_hash, attrs, receiver.can_chown)
 }
 
 fn send_file(
@@ -379,14 +387,26 @@ mod tests {
             assert!(matches!(r, RsyncRequest::Packed(_)));
             write_frame(&mut wr, &r).await.unwrap();
         }
+        let attrs = FileAttrs {
+            mode: Some(0o640),
+            mtime: Some((1_600_000_000, 7)),
+            ..FileAttrs::default()
+        };
         let end = RsyncRequest::PutEnd {
             size: text.len() as u64,
             hash,
+            attrs: Some(attrs),
         };
         write_frame(&mut wr, &end).await.unwrap();
         write_frame(&mut wr, &RsyncRequest::Finish).await.unwrap();
         assert_eq!(next(&mut rd).await, RsyncReply::Finished { failed: 0 });
         assert_eq!(std::fs::read(home.path().join("b.c")).unwrap(), text);
+        let m = std::fs::metadata(home.path().join("b.c")).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(
+            (m.mode() & 0o7777, m.mtime(), m.mtime_nsec()),
+            (0o640, 1_600_000_000, 7)
+        );
         tokio::io::AsyncWriteExt::shutdown(&mut wr).await.unwrap();
         tokio::time::timeout(std::time::Duration::from_secs(10), agent)
             .await

@@ -15,7 +15,7 @@ use cs_protocol::rsync::{unpack_listing, RsyncOpen, RsyncReply, RsyncRequest, DE
 use cs_protocol::{StreamOpen, DATA_CHUNK_BYTES_MAX};
 use cs_sync::delta::{self, Delta};
 use cs_sync::rsync::filter::Rules;
-use cs_sync::rsync::{plan::plan, Entry, Kind, Op, Options, Plan};
+use cs_sync::rsync::{plan::plan, Entry, FileAttrs, Kind, Op, Options, Plan};
 use cs_sync::rsync_fs::{self, Receiver, DELTA_FILE_BYTES_MAX};
 use cs_transport::{read_frame, write_frame};
 use tokio::net::UnixStream;
@@ -513,19 +513,45 @@ async fn push(
     ws: &str,
     dest_path: &str,
 ) -> Result<i32, Failure> {
-    let src = local_list(src_arg, &flags.opts)?;
-    // What DEST is decides the shape (an existing directory, or a name for a single file).
+    // What SRC and DEST are decides the shape (an existing directory, or a name for a single
+    // file): their tops are enough to know where the destination root is.
+    let src_top = rsync_fs::stat_root(Path::new(src_arg)).map_err(|e| Failure {
+        code: exit::PARTIAL,
+        message: e,
+    })?;
     let mut probe = Remote::open(home, ws, dest_path).await?;
     let dest_top = probe.list(false, false).await?;
-    let shape = shape(src_arg, src, dest_path, dest_top.first())?;
-    let mut remote = if shape.dest_root == dest_path {
+    let root = shape(
+        src_arg,
+        src_top.into_iter().collect(),
+        dest_path,
+        dest_top.first(),
+    )?;
+    let mut remote = if root.dest_root == dest_path {
         probe
     } else {
-        Remote::open(home, ws, &shape.dest_root).await?
+        Remote::open(home, ws, &root.dest_root).await?
+    };
+    // Both listings at once, as rsync's two ends scan at once: this side's on a thread of
+    // its own, the workspace's over the link.
+    let local = {
+        let (src_arg, opts) = (src_arg.to_string(), flags.opts.clone());
+        tokio::task::spawn_blocking(move || local_list(&src_arg, &opts))
     };
     let dest = remote
         .list(flags.opts.recursive || flags.opts.dirs, flags.opts.checksum)
         .await?;
+    let src = local.await.map_err(|e| Failure {
+        code: exit::PARTIAL,
+        message: format!("listing {src_arg} failed: {e}"),
+    })??;
+    let shape = shape(src_arg, src, dest_path, dest_top.first())?;
+    if shape.dest_root != root.dest_root {
+        return fail(
+            exit::PARTIAL,
+            format!("{src_arg} changed from a file to a directory or back while it was listed"),
+        );
+    }
     let missing_root = !dest.iter().any(|e| e.path == ".");
     let p = the_plan(&shape, dest, flags);
     let src_root = local_source_root(src_arg, &shape);
@@ -580,9 +606,16 @@ async fn push(
         let (rd, mut wr) = remote.stream.into_split();
         let mut done = 0u64;
         let writer = async {
-            for op in &p.ops {
+            let mut folded = false;
+            for (i, op) in p.ops.iter().enumerate() {
+                if std::mem::take(&mut folded) {
+                    // This file's `Attrs`, sent along with its content.
+                    continue;
+                }
                 match op {
                     Op::Send { path, .. } => {
+                        let attrs = Op::attrs_after(&p.ops, i);
+                        folded = attrs.is_some();
                         let rel = path_in_source(path, &shape);
                         let local = if rel.is_empty() {
                             src_root.clone()
@@ -595,8 +628,11 @@ async fn push(
                             path,
                             &local,
                             sigs.get(path),
-                            flags.partial,
-                            pack,
+                            Sending {
+                                partial: flags.partial,
+                                pack,
+                                attrs,
+                            },
                         )
                         .await?;
                         sent += n;
@@ -687,6 +723,16 @@ fn path_in_source(path: &str, shape: &Shape) -> String {
     }
 }
 
+/// How a file's content goes.
+struct Sending {
+    /// `--partial`.
+    partial: bool,
+    /// Packed chunks (the agent asked for them).
+    pack: bool,
+    /// The file's attributes, set before it goes in place.
+    attrs: Option<FileAttrs>,
+}
+
 /// Sends one file's content (a delta when the workspace's signature is there); the bytes
 /// sent.
 async fn send_content<W: tokio::io::AsyncWrite + Unpin>(
@@ -694,9 +740,13 @@ async fn send_content<W: tokio::io::AsyncWrite + Unpin>(
     path: &str,
     local: &Path,
     sig: Option<&delta::Signature>,
-    partial: bool,
-    pack: bool,
+    how: Sending,
 ) -> Result<u64, Failure> {
+    let Sending {
+        partial,
+        pack,
+        attrs,
+    } = how;
     if let Some(sig) = sig {
         if let Ok(bytes) = std::fs::read(local) {
             let d = delta::delta(sig, &bytes);
@@ -711,7 +761,7 @@ async fn send_content<W: tokio::io::AsyncWrite + Unpin>(
                     .await
                     .map_err(stream_broke)?;
             }
-            write_frame(wr, &RsyncRequest::DeltaEnd)
+            write_frame(wr, &RsyncRequest::DeltaEnd(attrs))
                 .await
                 .map_err(stream_broke)?;
             return Ok(d.literal_bytes());
@@ -752,6 +802,7 @@ async fn send_content<W: tokio::io::AsyncWrite + Unpin>(
     let end = RsyncRequest::PutEnd {
         size,
         hash: *h.finalize().as_bytes(),
+        attrs,
     };
     write_frame(wr, &end).await.map_err(stream_broke)?;
     Ok(size)
@@ -765,25 +816,32 @@ async fn pull(
     dest_arg: &str,
 ) -> Result<i32, Failure> {
     let mut remote = Remote::open(home, ws, src_path).await?;
-    let src = remote
-        .list(flags.opts.recursive || flags.opts.dirs, flags.opts.checksum)
-        .await?;
     let dest_top = rsync_fs::stat_root(Path::new(dest_arg)).map_err(|e| Failure {
         code: exit::FILE_SELECT,
         message: e,
     })?;
+    let dest_opts = Options {
+        checksum: flags.opts.checksum,
+        recursive: flags.opts.recursive || flags.opts.dirs,
+        ..Options::default()
+    };
+    // An existing directory DEST is the destination root whatever the source is: list it
+    // on a thread of its own while the workspace lists the source.
+    let early = dest_top.as_ref().filter(|t| t.kind == Kind::Dir).map(|_| {
+        let (dest_arg, opts) = (dest_arg.to_string(), dest_opts.clone());
+        tokio::task::spawn_blocking(move || local_list(&dest_arg, &opts))
+    });
+    let src = remote
+        .list(flags.opts.recursive || flags.opts.dirs, flags.opts.checksum)
+        .await?;
     let shape = shape(src_path, src, dest_arg, dest_top.as_ref())?;
-    let dest = if Path::new(&shape.dest_root).exists() {
-        local_list(
-            &shape.dest_root,
-            &Options {
-                checksum: flags.opts.checksum,
-                recursive: flags.opts.recursive || flags.opts.dirs,
-                ..Options::default()
-            },
-        )?
-    } else {
-        Vec::new()
+    let dest = match early {
+        Some(listing) if shape.dest_root == dest_arg => listing.await.map_err(|e| Failure {
+            code: exit::FILE_SELECT,
+            message: format!("listing {dest_arg} failed: {e}"),
+        })??,
+        _ if Path::new(&shape.dest_root).exists() => local_list(&shape.dest_root, &dest_opts)?,
+        _ => Vec::new(),
     };
     let p = the_plan(&shape, dest, flags);
     let mut received = 0u64;
@@ -831,7 +889,11 @@ async fn pull(
             let mut rd = rd;
             let mut local = Receiver::new(PathBuf::from(&shape.dest_root));
             let mut done = 0u64;
-            for op in &p.ops {
+            let mut folded = false;
+            for (i, op) in p.ops.iter().enumerate() {
+                if std::mem::take(&mut folded) {
+                    continue;
+                }
                 let r = match op {
                     Op::Delete { path, .. } => local.delete(path).map(|()| 0),
                     Op::Mkdir { path } => local.mkdir(path).map(|()| 0),
@@ -848,7 +910,9 @@ async fn pull(
                             return fail(exit::STREAM, "the request writer stopped");
                         }
                         let started = std::time::Instant::now();
-                        let r = fetch(&mut rd, &mut local, path, flags.partial).await?;
+                        let attrs = Op::attrs_after(&p.ops, i);
+                        folded = attrs.is_some();
+                        let r = fetch(&mut rd, &mut local, path, flags.partial, attrs).await?;
                         done += 1;
                         if flags.progress && r.is_ok() {
                             let size = local
@@ -908,7 +972,9 @@ async fn fetch<R: tokio::io::AsyncRead + Unpin>(
     local: &mut Receiver,
     path: &str,
     partial: bool,
+    attrs: Option<FileAttrs>,
 ) -> Result<Result<u64, String>, Failure> {
+    let can_chown = local.can_chown;
     let first = recv_reply(rd).await?;
     if matches!(first, RsyncReply::DeltaPart(_) | RsyncReply::DeltaEnd(_)) {
         let mut ops = Vec::new();
@@ -937,7 +1003,7 @@ async fn fetch<R: tokio::io::AsyncRead + Unpin>(
             .and_then(|out| {
                 let mut f = local.begin_file(path)?;
                 f.write(&out)?;
-                f.finish(size, &hash)
+                f.finish_with(size, &hash, attrs.as_ref(), can_chown)
             });
         return Ok(r.map(|()| literal));
     }
@@ -972,7 +1038,9 @@ async fn fetch<R: tokio::io::AsyncRead + Unpin>(
         other => return fail(exit::STREAM, format!("unexpected answer {other:?}")),
     };
     Ok(match (file, end) {
-        (Ok(f), Ok((size, hash))) => f.finish(size, &hash).map(|()| n),
+        (Ok(f), Ok((size, hash))) => f
+            .finish_with(size, &hash, attrs.as_ref(), can_chown)
+            .map(|()| n),
         (Err(e), _) | (_, Err(e)) => Err(e),
     })
 }

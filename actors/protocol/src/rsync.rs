@@ -9,7 +9,7 @@
 //! `DeltaPart`s ended by `DeltaEnd`.
 
 use cs_sync::delta::{DeltaOp, Signature};
-use cs_sync::rsync::{Entry, Op};
+use cs_sync::rsync::{Entry, FileAttrs, Op};
 use serde::{Deserialize, Serialize};
 
 /// Encoded bytes of entries per `Listing` frame, before packing (the last entry may take a
@@ -54,6 +54,9 @@ pub enum RsyncRequest {
     PutEnd {
         size: u64,
         hash: [u8; 32],
+        /// The file's own attributes when its `Attrs` op follows it in the plan (set on the
+        /// new file before it goes in place; the op itself is then not sent).
+        attrs: Option<FileAttrs>,
     },
     Data(#[serde(with = "serde_bytes")] Vec<u8>),
     /// New content for `path` as a delta against its current content: `DeltaPart`s follow,
@@ -64,7 +67,8 @@ pub enum RsyncRequest {
         hash: [u8; 32],
     },
     DeltaPart(Vec<DeltaOp>),
-    DeltaEnd,
+    /// The end of a `PutDelta`, with the file's attributes as in `PutEnd`.
+    DeltaEnd(Option<FileAttrs>),
     /// A file's content (`Data` chunks ended by an empty one, then `DataEnd`).
     Get {
         path: String,

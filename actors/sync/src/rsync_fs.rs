@@ -12,7 +12,7 @@ use std::io::{Read, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use crate::rsync::{Entry, Kind};
+use crate::rsync::{Entry, FileAttrs, Kind};
 
 /// Files hashed for `--checksum`, and deltas, read whole up to this size; larger files move
 /// whole and are hashed in a stream.
@@ -308,6 +308,27 @@ fn temp_name(dest: &Path) -> PathBuf {
     dest.with_file_name(format!(".{name}.cs-rsync.{}", std::process::id()))
 }
 
+/// Sets an open file's mtime (its atime untouched).
+fn set_fd_mtime(f: &fs::File, secs: i64, nsecs: u32) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let times = [
+        libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_OMIT,
+        },
+        libc::timespec {
+            tv_sec: secs as libc::time_t,
+            tv_nsec: nsecs as libc::c_long,
+        },
+    ];
+    // SAFETY: the descriptor is open for the life of `f`; `times` is two timespecs.
+    if unsafe { libc::futimens(f.as_raw_fd(), times.as_ptr()) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 /// Sets a path's mtime without following a symlink.
 pub fn set_mtime(p: &Path, secs: i64, nsecs: u32) -> std::io::Result<()> {
     use std::os::unix::ffi::OsStrExt;
@@ -369,22 +390,57 @@ impl NewFile {
 
     /// Checks the content against `size` and `hash`, and renames it into place (replacing a
     /// directory there).
-    pub fn finish(mut self, size: u64, hash: &[u8; 32]) -> Result<(), String> {
+    pub fn finish(self, size: u64, hash: &[u8; 32]) -> Result<(), String> {
+        self.finish_with(size, hash, None, false)
+    }
+
+    /// [`NewFile::finish`], with `attrs` set on the new file first, through its open
+    /// descriptor (no path lookups; owner only if `can_chown`, before the mode, since a chown
+    /// clears set-id bits; the mtime last, after every write).
+    pub fn finish_with(
+        mut self,
+        size: u64,
+        hash: &[u8; 32],
+        attrs: Option<&FileAttrs>,
+        can_chown: bool,
+    ) -> Result<(), String> {
         let f = self.file.take().ok_or("file already finished")?;
-        drop(f);
         if self.written != size || self.hasher.finalize().as_bytes() != hash {
             return Err(format!(
                 "{}: the content received ({} bytes) does not match what was sent ({size} bytes); not applied",
                 self.rel, self.written
             ));
         }
-        if let Ok(m) = fs::symlink_metadata(&self.dest) {
-            if m.file_type().is_dir() {
+        // An attribute that cannot be set is reported, and the content still goes in place
+        // (as rsync does: the file is there, its attributes are not).
+        let attrs_set = attrs.map_or(Ok(()), |a| {
+            let rel = &self.rel;
+            if can_chown && (a.uid.is_some() || a.gid.is_some()) {
+                std::os::unix::fs::fchown(&f, a.uid, a.gid)
+                    .map_err(|e| format!("cannot chown {rel}: {e}"))?;
+            }
+            if let Some(mode) = a.mode {
+                f.set_permissions(fs::Permissions::from_mode(mode))
+                    .map_err(|e| format!("cannot chmod {rel}: {e}"))?;
+            }
+            if let Some((s, ns)) = a.mtime {
+                set_fd_mtime(&f, s, ns)
+                    .map_err(|e| format!("cannot set the time of {rel}: {e}"))?;
+            }
+            Ok(())
+        });
+        drop(f);
+        let placed = match fs::rename(&self.tmp, &self.dest) {
+            Err(e) if e.raw_os_error() == Some(libc::EISDIR) => {
+                // A directory is in the way (the plan deleted what was in it, or refused).
                 fs::remove_dir_all(&self.dest)
                     .map_err(|e| format!("cannot replace {}: {e}", self.rel))?;
+                fs::rename(&self.tmp, &self.dest)
             }
-        }
-        fs::rename(&self.tmp, &self.dest).map_err(|e| format!("cannot write {}: {e}", self.rel))
+            r => r,
+        };
+        placed.map_err(|e| format!("cannot write {}: {e}", self.rel))?;
+        attrs_set
     }
 }
 

@@ -140,6 +140,42 @@ pub enum Op {
     },
 }
 
+/// The attributes an `Op::Attrs` sets, without its path: what a file's content carries along
+/// when its `Send` is followed by its own `Attrs` (the usual case), so that they are set on
+/// the new file before it is renamed into place, with one message instead of two.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileAttrs {
+    pub mode: Option<u32>,
+    pub mtime: Option<(i64, u32)>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+}
+
+impl Op {
+    /// The attributes of the op at `ops[i + 1]` if it is the `Attrs` of the file `ops[i]`
+    /// sends.
+    pub fn attrs_after(ops: &[Op], i: usize) -> Option<FileAttrs> {
+        match (ops.get(i), ops.get(i + 1)) {
+            (
+                Some(Op::Send { path, .. }),
+                Some(Op::Attrs {
+                    path: p,
+                    mode,
+                    mtime,
+                    uid,
+                    gid,
+                }),
+            ) if p == path => Some(FileAttrs {
+                mode: *mode,
+                mtime: *mtime,
+                uid: *uid,
+                gid: *gid,
+            }),
+            _ => None,
+        }
+    }
+}
+
 /// A plan: the ops, rsync's itemized lines (`-i`), and counts for `--stats`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Plan {
