@@ -244,6 +244,15 @@ impl LocalListener {
     }
 }
 
+/// The lowest port anyone may listen on (`net.ipv4.ip_unprivileged_port_start`, 1024 unless
+/// changed).
+fn unprivileged_port_start() -> u16 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(1024)
+}
+
 /// Binds a listening end on the laptop; errors name the address and, for a port in use, who
 /// holds it.
 async fn bind_local(at: &Endpoint) -> Result<LocalListener, String> {
@@ -262,7 +271,8 @@ async fn bind_local(at: &Endpoint) -> Result<LocalListener, String> {
                 })
             }
             Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => Err(format!(
-                "no permission to listen on {at}: ports below 1024 need root (or CAP_NET_BIND_SERVICE)"
+                "no permission to listen on {at}: ports below {} need root (or CAP_NET_BIND_SERVICE)",
+                unprivileged_port_start()
             )),
             Err(e) => Err(format!("cannot listen on {at}: {e}")),
         },
@@ -803,5 +813,83 @@ async fn apply_ports(
                     task: Some(task),
                 },
             );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Drops CAP_NET_BIND_SERVICE from the calling thread's effective set (capabilities are
+    /// per thread on Linux, so the rest of the test process keeps it).
+    fn drop_bind_service_capability() {
+        #[repr(C)]
+        struct Header {
+            version: u32,
+            pid: i32,
+        }
+        #[repr(C)]
+        #[derive(Default, Clone, Copy)]
+        struct Data {
+            effective: u32,
+            permitted: u32,
+            inheritable: u32,
+        }
+        const VERSION_3: u32 = 0x2008_0522;
+        const CAP_NET_BIND_SERVICE: u32 = 10;
+        let mut header = Header {
+            version: VERSION_3,
+            pid: 0,
+        };
+        let mut data = [Data::default(); 2];
+        // SAFETY: capget and capset take a version-3 header and two data structs, as here;
+        // pid 0 is the calling thread.
+        unsafe {
+            assert_eq!(
+                libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()),
+                0
+            );
+            data[0].effective &= !(1 << CAP_NET_BIND_SERVICE);
+            assert_eq!(
+                libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()),
+                0
+            );
+        }
+    }
+
+    /// A port below `net.ipv4.ip_unprivileged_port_start` without the capability to bind it
+    /// gets one line naming the address and what it needs (the test runs as root in CI, so
+    /// it drops the capability on its own thread).
+    #[test]
+    fn a_privileged_port_without_permission_is_named() {
+        let start = unprivileged_port_start();
+        if start <= 1 {
+            eprintln!("every port is unprivileged on this machine (ip_unprivileged_port_start = {start}): nothing to check");
+            return;
+        }
+        let port = start - 1;
+        let err = std::thread::spawn(move || {
+            drop_bind_service_capability();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(bind_local(&Endpoint::Tcp {
+                host: "127.0.0.1".into(),
+                port,
+            }))
+            .err()
+        })
+        .join()
+        .unwrap();
+        assert_eq!(
+            err.as_deref(),
+            Some(
+                format!(
+                    "no permission to listen on 127.0.0.1:{port}: ports below {start} need root (or CAP_NET_BIND_SERVICE)"
+                )
+                .as_str()
+            )
+        );
     }
 }
