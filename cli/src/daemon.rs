@@ -416,10 +416,13 @@ async fn splice(stream: UnixStream, mut send: quinn::SendStream, mut recv: quinn
         }
     };
     let down = async {
+        // As much as has arrived per write (a chunk at a time was one packet's worth, about
+        // 1.4 KB, per system call: 900,000 writes for a 1.3 GB `cs rsync` pull).
+        let mut buf = vec![0u8; SPLICE_BUFFER_BYTES];
         loop {
-            match recv.read_chunk(SPLICE_BUFFER_BYTES, true).await {
-                Ok(Some(chunk)) => {
-                    if uw.write_all(&chunk.bytes).await.is_err() {
+            match recv.read(&mut buf).await {
+                Ok(Some(n)) => {
+                    if uw.write_all(&buf[..n]).await.is_err() {
                         let _ = recv.stop(0u32.into());
                         break;
                     }

@@ -40,6 +40,8 @@ pub struct Failure {
 
 /// Files a pull asks for before the first of them has arrived.
 const PULL_AHEAD: usize = 64;
+/// Bytes of requests a push gathers per write to the daemon.
+const PUSH_BUFFER_BYTES: usize = 256 * 1024;
 
 fn fail<T>(code: i32, message: impl Into<String>) -> Result<T, Failure> {
     Err(Failure {
@@ -603,7 +605,11 @@ async fn push(
             }
         }
         let pack = remote.pack;
-        let (rd, mut wr) = remote.stream.into_split();
+        let (rd, wr) = remote.stream.into_split();
+        // Small requests (a file's `Put` and `PutEnd`) go out several to a system call; the
+        // writer flushes at the end (the replies never wait on a request still buffered: a
+        // push's only answers are failures and `Finished`).
+        let mut wr = tokio::io::BufWriter::with_capacity(PUSH_BUFFER_BYTES, wr);
         let mut done = 0u64;
         let writer = async {
             let mut folded = false;
@@ -652,6 +658,9 @@ async fn push(
             write_frame(&mut wr, &RsyncRequest::Finish)
                 .await
                 .map_err(stream_broke)?;
+            tokio::io::AsyncWriteExt::flush(&mut wr)
+                .await
+                .map_err(|e| stream_broke(e.into()))?;
             Ok::<_, Failure>(())
         };
         let reader = async {

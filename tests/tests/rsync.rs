@@ -634,10 +634,12 @@ fn partial_keeps_what_arrived_and_progress_reports_each_file() {
         });
         assert!(kept, "no temporary file is left behind");
         if partial {
-            let len = std::fs::metadata(&blob)
-                .expect("--partial keeps the part")
-                .len();
-            assert!(len > 0 && len < data.len() as u64, "{len}");
+            // What arrived before the cut, in place of the file: usually a part, all of it
+            // when the kill came after the last chunk but before the end.
+            let kept = std::fs::read(&blob).expect("--partial keeps the part");
+            assert!(!kept.is_empty(), "an empty part was kept");
+            assert!(kept.len() <= data.len(), "{} bytes", kept.len());
+            assert!(kept == data[..kept.len()], "the part is not the file's start");
         } else {
             assert!(
                 !blob.exists(),
