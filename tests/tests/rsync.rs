@@ -639,7 +639,10 @@ fn partial_keeps_what_arrived_and_progress_reports_each_file() {
             let kept = std::fs::read(&blob).expect("--partial keeps the part");
             assert!(!kept.is_empty(), "an empty part was kept");
             assert!(kept.len() <= data.len(), "{} bytes", kept.len());
-            assert!(kept == data[..kept.len()], "the part is not the file's start");
+            assert!(
+                kept == data[..kept.len()],
+                "the part is not the file's start"
+            );
         } else {
             assert!(
                 !blob.exists(),
