@@ -308,10 +308,9 @@ fn temp_name(dest: &Path) -> PathBuf {
     dest.with_file_name(format!(".{name}.cs-rsync.{}", std::process::id()))
 }
 
-/// Sets an open file's mtime (its atime untouched).
-fn set_fd_mtime(f: &fs::File, secs: i64, nsecs: u32) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let times = [
+/// The `times` of utimensat/futimens that set the mtime and leave the atime alone.
+fn mtime_only(secs: i64, nsecs: u32) -> [libc::timespec; 2] {
+    [
         libc::timespec {
             tv_sec: 0,
             tv_nsec: libc::UTIME_OMIT,
@@ -320,7 +319,13 @@ fn set_fd_mtime(f: &fs::File, secs: i64, nsecs: u32) -> std::io::Result<()> {
             tv_sec: secs as libc::time_t,
             tv_nsec: nsecs as libc::c_long,
         },
-    ];
+    ]
+}
+
+/// Sets an open file's mtime (its atime untouched).
+fn set_fd_mtime(f: &fs::File, secs: i64, nsecs: u32) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let times = mtime_only(secs, nsecs);
     // SAFETY: the descriptor is open for the life of `f`; `times` is two timespecs.
     if unsafe { libc::futimens(f.as_raw_fd(), times.as_ptr()) } == 0 {
         Ok(())
@@ -333,16 +338,7 @@ fn set_fd_mtime(f: &fs::File, secs: i64, nsecs: u32) -> std::io::Result<()> {
 pub fn set_mtime(p: &Path, secs: i64, nsecs: u32) -> std::io::Result<()> {
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(p.as_os_str().as_bytes())?;
-    let times = [
-        libc::timespec {
-            tv_sec: 0,
-            tv_nsec: libc::UTIME_OMIT,
-        },
-        libc::timespec {
-            tv_sec: secs as libc::time_t,
-            tv_nsec: nsecs as libc::c_long,
-        },
-    ];
+    let times = mtime_only(secs, nsecs);
     // SAFETY: `c` is a valid NUL-terminated path and `times` two timespecs, as utimensat wants.
     let r = unsafe {
         libc::utimensat(
