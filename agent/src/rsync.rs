@@ -5,17 +5,23 @@
 
 use std::path::{Path, PathBuf};
 
-use cs_protocol::rsync::{pack_listing, RsyncOpen, RsyncReply, RsyncRequest, DELTA_CHUNK_OPS};
+use cs_protocol::rsync::{
+    pack_listing, Packing, RsyncOpen, RsyncReply, RsyncRequest, DELTA_CHUNK_OPS,
+};
 use cs_protocol::DATA_CHUNK_BYTES_MAX;
 use cs_sync::delta::{self, Delta, DeltaOp};
 use cs_sync::rsync::{FileAttrs, Op};
 use cs_sync::rsync_fs::{self, NewFile, Receiver, DELTA_FILE_BYTES_MAX};
-use cs_transport::{read_frame, write_frame};
+use cs_transport::{write_frame, FrameReader};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 
-/// Requests and replies queued between the stream and the filesystem thread.
-const QUEUE_MAX: usize = 64;
+/// Batches of requests and of replies queued between the stream and the filesystem thread
+/// (each about [`BATCH_BYTES`], and one frame more at most: 4 MiB and 16 frames each way).
+const QUEUE_MAX: usize = 16;
+/// Payload bytes at which a batch of requests or replies goes: the thread and the stream's
+/// task wake each other once per batch, not once per frame.
+const BATCH_BYTES: usize = 256 * 1024;
 /// rsync transfers served at once.
 pub const RSYNC_STREAMS_MAX: usize = 16;
 
@@ -31,14 +37,24 @@ pub fn resolve(home: &Path, root: &str) -> Result<PathBuf, String> {
     crate::sync::resolve_root(home, root).map_err(|_| outside())
 }
 
+/// How an rsync stream's content goes on this connection: zstd on a distant link (as sync's,
+/// [`crate::sync::packs`]), LZ4 on a near one.
+pub(crate) fn packing(probe: &cs_transport::TailProbe) -> Packing {
+    if crate::sync::packs(probe) {
+        Packing::Zstd
+    } else {
+        Packing::Lz4
+    }
+}
+
 /// Serves one rsync stream.
-/// `pack`: content goes packed both ways (a distant link, see `RsyncReply::Opened`).
+/// `pack`: how content goes both ways (see `RsyncReply::Opened`).
 pub async fn serve<W, R>(
     open: RsyncOpen,
     home: Option<PathBuf>,
-    pack: bool,
+    pack: Packing,
     mut send: W,
-    mut recv: R,
+    recv: R,
 ) where
     W: AsyncWrite + Unpin + Send + 'static,
     R: AsyncRead + Unpin + Send + 'static,
@@ -59,8 +75,8 @@ pub async fn serve<W, R>(
     {
         return;
     }
-    let (req_tx, req_rx) = mpsc::channel::<RsyncRequest>(QUEUE_MAX);
-    let (rep_tx, mut rep_rx) = mpsc::channel::<RsyncReply>(QUEUE_MAX);
+    let (req_tx, req_rx) = mpsc::channel::<Vec<RsyncRequest>>(QUEUE_MAX);
+    let (rep_tx, mut rep_rx) = mpsc::channel::<Vec<RsyncReply>>(QUEUE_MAX);
     let worker = std::thread::Builder::new()
         .name("cs-rsync".into())
         .spawn(move || work(root, pack, req_rx, rep_tx));
@@ -69,10 +85,11 @@ pub async fn serve<W, R>(
         return;
     }
     let reader = async move {
+        let mut frames = FrameReader::new(recv);
         loop {
-            match read_frame::<_, RsyncRequest>(&mut recv).await {
-                Ok(Some(r)) => {
-                    if req_tx.send(r).await.is_err() {
+            match frames.next_batch::<RsyncRequest>(BATCH_BYTES).await {
+                Ok(Some(batch)) => {
+                    if req_tx.send(batch).await.is_err() {
                         return;
                     }
                 }
@@ -85,9 +102,25 @@ pub async fn serve<W, R>(
         }
     };
     let writer = async move {
-        while let Some(reply) = rep_rx.recv().await {
-            let last = matches!(reply, RsyncReply::Finished { .. } | RsyncReply::Error(_));
-            if write_frame(&mut send, &reply).await.is_err() {
+        let mut out = Vec::new();
+        while let Some(batch) = rep_rx.recv().await {
+            // One write per batch: its frames end to end.
+            out.clear();
+            let mut last = false;
+            for reply in &batch {
+                last |= matches!(reply, RsyncReply::Finished { .. } | RsyncReply::Error(_));
+                match cs_protocol::encode_frame(reply) {
+                    Ok(f) => out.extend_from_slice(&f),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "rsync reply not encoded");
+                        return;
+                    }
+                }
+            }
+            if tokio::io::AsyncWriteExt::write_all(&mut send, &out)
+                .await
+                .is_err()
+            {
                 return;
             }
             if last {
@@ -106,13 +139,55 @@ enum Incoming {
     Delta(String, u64, [u8; 32], Vec<DeltaOp>, u64),
 }
 
+/// Replies on their way to the stream, in batches: a batch goes when its payloads reach
+/// [`BATCH_BYTES`], when it ends the stream (`Finished`, `Error`), and before the thread waits
+/// for requests (the laptop may be waiting for these replies).
+struct Replies {
+    tx: mpsc::Sender<Vec<RsyncReply>>,
+    batch: std::cell::RefCell<Vec<RsyncReply>>,
+    bytes: std::cell::Cell<usize>,
+}
+
+impl Replies {
+    /// Queues a reply; false when the stream is gone.
+    fn send(&self, r: RsyncReply) -> bool {
+        let ends = matches!(r, RsyncReply::Finished { .. } | RsyncReply::Error(_));
+        let n = match &r {
+            RsyncReply::Data(b)
+            | RsyncReply::Packed(b)
+            | RsyncReply::Lz4(b)
+            | RsyncReply::Listing(b) => b.len(),
+            _ => 64,
+        };
+        self.batch.borrow_mut().push(r);
+        self.bytes.set(self.bytes.get() + n);
+        if ends || self.bytes.get() >= BATCH_BYTES {
+            self.flush()
+        } else {
+            true
+        }
+    }
+
+    /// Sends the batch so far; false when the stream is gone.
+    fn flush(&self) -> bool {
+        let batch = std::mem::take(&mut *self.batch.borrow_mut());
+        self.bytes.set(0);
+        batch.is_empty() || self.tx.blocking_send(batch).is_ok()
+    }
+}
+
 fn work(
     root: PathBuf,
-    pack: bool,
-    mut rx: mpsc::Receiver<RsyncRequest>,
-    tx: mpsc::Sender<RsyncReply>,
+    pack: Packing,
+    mut rx: mpsc::Receiver<Vec<RsyncRequest>>,
+    tx: mpsc::Sender<Vec<RsyncReply>>,
 ) {
-    let send = |r: RsyncReply| tx.blocking_send(r).is_ok();
+    let replies = Replies {
+        tx,
+        batch: Default::default(),
+        bytes: Default::default(),
+    };
+    let send = |r: RsyncReply| replies.send(r);
     let mut receiver = Receiver::new(root.clone());
     let mut failed = 0u64;
     let mut incoming: Option<Incoming> = None;
@@ -123,16 +198,33 @@ fn work(
             reason,
         })
     };
-    while let Some(req) = rx.blocking_recv() {
-        let req = match req {
-            RsyncRequest::Packed(p) => match cs_protocol::sync::unpack(&p) {
-                Ok(data) => RsyncRequest::Data(data),
-                Err(e) => {
-                    let _ = send(RsyncReply::Error(e));
-                    return;
+    let mut queued = Vec::new().into_iter();
+    loop {
+        let Some(req) = queued.next() else {
+            let next = match rx.try_recv() {
+                Ok(batch) => Some(batch),
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    if !replies.flush() {
+                        return;
+                    }
+                    rx.blocking_recv()
                 }
-            },
-            other => other,
+                Err(mpsc::error::TryRecvError::Disconnected) => None,
+            };
+            match next {
+                Some(batch) => {
+                    queued = batch.into_iter();
+                    continue;
+                }
+                None => return,
+            }
+        };
+        let req = match req.unpacked() {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = send(RsyncReply::Error(e));
+                return;
+            }
         };
         let ok = match req {
             RsyncRequest::List { recursive, hash } => {
@@ -259,7 +351,9 @@ fn work(
                 return;
             }
             // Unpacked into `Data` above.
-            RsyncRequest::Packed(_) => send(RsyncReply::Error("a packed chunk left packed".into())),
+            RsyncRequest::Packed(_) | RsyncRequest::Lz4(_) => {
+                send(RsyncReply::Error("a packed chunk left packed".into()))
+            }
         };
         if !ok {
             return;
@@ -295,7 +389,7 @@ fn patch_into(
 fn send_file(
     receiver: &mut Receiver,
     path: &str,
-    pack: bool,
+    pack: Packing,
     send: &dyn Fn(RsyncReply) -> bool,
 ) -> bool {
     use std::io::Read;
@@ -333,10 +427,24 @@ fn send_file(
 mod tests {
     use super::*;
 
-    /// With `pack` (a distant link), a pulled file's content comes as packed chunks and a
-    /// pushed file's packed chunks land unpacked, both checked by their whole-file hash.
     #[tokio::test]
-    async fn content_goes_packed_both_ways_when_asked() {
+    async fn content_goes_packed_with_zstd_both_ways_on_a_distant_link() {
+        content_goes_packed_both_ways(Packing::Zstd).await;
+    }
+
+    #[tokio::test]
+    async fn content_goes_packed_with_lz4_both_ways_on_a_near_link() {
+        content_goes_packed_both_ways(Packing::Lz4).await;
+    }
+
+    /// A pulled file's content comes as chunks packed as `pack` says, and a pushed file's
+    /// packed chunks land unpacked, both checked by their whole-file hash.
+    async fn content_goes_packed_both_ways(pack: Packing) {
+        let is_packed = |r: &RsyncReply| match pack {
+            Packing::Zstd => matches!(r, RsyncReply::Packed(_)),
+            Packing::Lz4 => matches!(r, RsyncReply::Lz4(_)),
+            Packing::Raw => false,
+        };
         let home = tempfile::tempdir().unwrap();
         let text: Vec<u8> = (0..20_000)
             .flat_map(|i| format!("static int line_{i}(void) {{ return {i}; }}\n").into_bytes())
@@ -347,23 +455,23 @@ mod tests {
         let agent = tokio::spawn(serve(
             RsyncOpen { root: ".".into() },
             Some(home.path().to_path_buf()),
-            true,
+            pack,
             swr,
             srd,
         ));
         let (mut rd, mut wr) = tokio::io::split(client);
-        assert_eq!(next(&mut rd).await, RsyncReply::Opened { pack: true });
+        assert_eq!(next(&mut rd).await, RsyncReply::Opened { pack });
 
         write_frame(&mut wr, &RsyncRequest::Get { path: "a.c".into() })
             .await
             .unwrap();
         let (mut got, mut packed) = (Vec::new(), 0);
         loop {
-            match next(&mut rd).await {
-                RsyncReply::Packed(p) => {
-                    packed += 1;
-                    got.extend(cs_protocol::sync::unpack(&p).unwrap());
-                }
+            let r = next(&mut rd).await;
+            if is_packed(&r) {
+                packed += 1;
+            }
+            match r.unpacked().unwrap() {
                 RsyncReply::Data(d) if d.is_empty() => break,
                 RsyncReply::Data(d) => got.extend(d),
                 other => panic!("unexpected {other:?}"),
@@ -383,8 +491,11 @@ mod tests {
         };
         write_frame(&mut wr, &put).await.unwrap();
         for c in text.chunks(DATA_CHUNK_BYTES_MAX) {
-            let r = RsyncRequest::data(c.to_vec(), true);
-            assert!(matches!(r, RsyncRequest::Packed(_)));
+            let r = RsyncRequest::data(c.to_vec(), pack);
+            assert!(matches!(
+                (&r, pack),
+                (RsyncRequest::Packed(_), Packing::Zstd) | (RsyncRequest::Lz4(_), Packing::Lz4)
+            ));
             write_frame(&mut wr, &r).await.unwrap();
         }
         let attrs = FileAttrs {
@@ -415,7 +526,10 @@ mod tests {
     }
 
     async fn next<R: AsyncRead + Unpin>(rd: &mut R) -> RsyncReply {
-        read_frame::<_, RsyncReply>(rd).await.unwrap().unwrap()
+        cs_transport::read_frame::<_, RsyncReply>(rd)
+            .await
+            .unwrap()
+            .unwrap()
     }
 
     #[test]

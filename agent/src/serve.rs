@@ -284,7 +284,7 @@ async fn serve_connection(conn: quinn::Connection, served: Served) {
             }
             Ok(Ok(Some(StreamOpen::Rsync(open)))) => {
                 let home = served.rsync_home.clone();
-                let pack = crate::sync::packs(&cs_transport::TailProbe::new(conn.clone()));
+                let pack = crate::rsync::packing(&cs_transport::TailProbe::new(conn.clone()));
                 match served.rsync_permits.clone().try_acquire_owned() {
                     Ok(permit) => {
                         tokio::spawn(async move {

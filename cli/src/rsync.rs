@@ -11,7 +11,9 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use cs_protocol::rsync::{unpack_listing, RsyncOpen, RsyncReply, RsyncRequest, DELTA_CHUNK_OPS};
+use cs_protocol::rsync::{
+    unpack_listing, Packing, RsyncOpen, RsyncReply, RsyncRequest, DELTA_CHUNK_OPS,
+};
 use cs_protocol::{StreamOpen, DATA_CHUNK_BYTES_MAX};
 use cs_sync::delta::{self, Delta};
 use cs_sync::rsync::filter::Rules;
@@ -39,9 +41,11 @@ pub struct Failure {
 }
 
 /// Files a pull asks for before the first of them has arrived.
-const PULL_AHEAD: usize = 64;
+const PULL_AHEAD: usize = 512;
 /// Bytes of requests a push gathers per write to the daemon.
 const PUSH_BUFFER_BYTES: usize = 256 * 1024;
+/// Buffer of a pull's requests and of its replies.
+const PULL_BUFFER_BYTES: usize = 256 * 1024;
 
 fn fail<T>(code: i32, message: impl Into<String>) -> Result<T, Failure> {
     Err(Failure {
@@ -240,8 +244,8 @@ fn basename(p: &str) -> &str {
 /// The workspace's end of the transfer: one stream, requests answered in order.
 struct Remote {
     stream: UnixStream,
-    /// Content goes packed (the agent's choice, by the link's round trip).
-    pack: bool,
+    /// How content goes (the agent's choice, by the link's round trip).
+    pack: Packing,
 }
 
 impl Remote {
@@ -260,7 +264,7 @@ impl Remote {
         })?;
         let mut r = Remote {
             stream,
-            pack: false,
+            pack: Packing::Raw,
         };
         match r.recv().await? {
             RsyncReply::Opened { pack } => {
@@ -736,8 +740,8 @@ fn path_in_source(path: &str, shape: &Shape) -> String {
 struct Sending {
     /// `--partial`.
     partial: bool,
-    /// Packed chunks (the agent asked for them).
-    pack: bool,
+    /// How chunks are packed (the agent's choice).
+    pack: Packing,
     /// The file's attributes, set before it goes in place.
     attrs: Option<FileAttrs>,
 }
@@ -862,7 +866,10 @@ async fn pull(
                 message: format!("mkdir \"{}\" failed: {e}", shape.dest_root),
             })?;
         }
-        let (rd, mut wr) = remote.stream.into_split();
+        let (rd, wr) = remote.stream.into_split();
+        // Requests go out several to a system call: the writer flushes before it waits for
+        // the replies to catch up, and at the end.
+        let mut wr = tokio::io::BufWriter::with_capacity(PULL_BUFFER_BYTES, wr);
         // The requests run ahead of the replies by up to PULL_AHEAD files (in plan order, as
         // the workspace answers them), so its reading, the link and the writing here overlap
         // instead of taking turns once per file.
@@ -885,17 +892,30 @@ async fn pull(
                     },
                 };
                 write_frame(&mut wr, &request).await.map_err(stream_broke)?;
-                if ahead_tx.send(()).await.is_err() {
-                    break;
+                match ahead_tx.try_send(()) {
+                    Ok(()) => {}
+                    Err(tokio::sync::mpsc::error::TrySendError::Full(())) => {
+                        tokio::io::AsyncWriteExt::flush(&mut wr)
+                            .await
+                            .map_err(|e| stream_broke(e.into()))?;
+                        if ahead_tx.send(()).await.is_err() {
+                            break;
+                        }
+                    }
+                    Err(tokio::sync::mpsc::error::TrySendError::Closed(())) => break,
                 }
             }
             write_frame(&mut wr, &RsyncRequest::Finish)
                 .await
                 .map_err(stream_broke)?;
+            tokio::io::AsyncWriteExt::flush(&mut wr)
+                .await
+                .map_err(|e| stream_broke(e.into()))?;
             Ok::<_, Failure>(())
         };
         let reader = async {
-            let mut rd = rd;
+            // Replies are read a buffer at a time, not two system calls a frame.
+            let mut rd = tokio::io::BufReader::with_capacity(PULL_BUFFER_BYTES, rd);
             let mut local = Receiver::new(PathBuf::from(&shape.dest_root));
             let mut done = 0u64;
             let mut folded = false;
@@ -1028,10 +1048,13 @@ async fn fetch<R: tokio::io::AsyncRead + Unpin>(
         let chunk = match reply {
             RsyncReply::Data(b) if b.is_empty() => break,
             RsyncReply::Data(b) => b,
-            RsyncReply::Packed(p) => cs_protocol::sync::unpack(&p).map_err(|e| Failure {
-                code: exit::STREAM,
-                message: format!("the workspace sent a bad chunk: {e}"),
-            })?,
+            r @ (RsyncReply::Packed(_) | RsyncReply::Lz4(_)) => match r.unpacked() {
+                Ok(RsyncReply::Data(b)) => b,
+                Ok(other) => return fail(exit::STREAM, format!("unexpected answer {other:?}")),
+                Err(e) => {
+                    return fail(exit::STREAM, format!("the workspace sent a bad chunk: {e}"))
+                }
+            },
             other => return fail(exit::STREAM, format!("unexpected answer {other:?}")),
         };
         n += chunk.len() as u64;

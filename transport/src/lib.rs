@@ -20,7 +20,7 @@ pub mod probe;
 pub mod state;
 
 pub use endpoint::{client_config, server_config, EndpointError, TransportLimits};
-pub use framed::{read_frame, write_frame, FrameError};
+pub use framed::{read_frame, write_frame, FrameError, FrameReader};
 pub use identity::{Fingerprint, Identity, IdentityError};
 pub use pairing::{Pairing, PairingError, Token};
 pub use pin::TrustPolicy;

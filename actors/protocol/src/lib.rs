@@ -18,7 +18,7 @@ pub use codec::{decode, encode_frame, DecodeError, EncodeError, FrameDecoder, FR
 
 /// The wire protocol version. Bump it on any incompatible change to a message in this crate;
 /// peers with different versions refuse each other in the hello with both numbers named.
-pub const PROTOCOL_VERSION: u32 = 6;
+pub const PROTOCOL_VERSION: u32 = 7;
 
 /// The version of the software, for messages that name it to a person.
 pub const SOFTWARE_VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -12,6 +12,8 @@ use cs_sync::delta::{DeltaOp, Signature};
 use cs_sync::rsync::{Entry, FileAttrs, Op};
 use serde::{Deserialize, Serialize};
 
+pub use crate::sync::Packing;
+
 /// Encoded bytes of entries per `Listing` frame, before packing (the last entry may take a
 /// chunk past it; one entry is at most a few KiB, so a chunk stays far below
 /// [`crate::FRAME_BYTES_MAX`], which bounds what a chunk may unpack to).
@@ -83,26 +85,40 @@ pub enum RsyncRequest {
     /// A `Data` chunk packed with zstd ([`crate::sync::pack`]): sent instead of `Data` when
     /// the agent said `Opened { pack: true }` and the chunk shrinks.
     Packed(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// A `Data` chunk packed with LZ4 ([`crate::sync::pack_lz4`]): sent instead of `Data` when
+    /// the agent said `Opened { pack: Packing::Lz4 }` and the chunk shrinks.
+    Lz4(#[serde(with = "serde_bytes")] Vec<u8>),
 }
 
 impl RsyncRequest {
-    /// A chunk of a file's content: packed if `pack` and worth it, else `Data`.
-    pub fn data(chunk: Vec<u8>, pack: bool) -> Self {
-        if !pack {
-            return Self::Data(chunk);
+    /// A chunk of a file's content: packed as the stream's `pack` says if that is worth it,
+    /// else `Data`.
+    pub fn data(chunk: Vec<u8>, pack: Packing) -> Self {
+        match pack {
+            Packing::Raw => Self::Data(chunk),
+            Packing::Zstd => crate::sync::pack(chunk).map_or_else(Self::Data, Self::Packed),
+            Packing::Lz4 => crate::sync::pack_lz4(chunk).map_or_else(Self::Data, Self::Lz4),
         }
-        crate::sync::pack(chunk).map_or_else(Self::Data, Self::Packed)
+    }
+
+    /// The request with a packed chunk unpacked to `Data`; other requests unchanged.
+    pub fn unpacked(self) -> Result<Self, String> {
+        match self {
+            Self::Packed(z) => crate::sync::unpack(&z).map(Self::Data),
+            Self::Lz4(z) => crate::sync::unpack_lz4(&z).map(Self::Data),
+            other => Ok(other),
+        }
     }
 }
 
 /// The agent's answers.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RsyncReply {
-    /// The stream's first frame: the root is accepted (or `Error`). `pack`: content goes
-    /// packed both ways (`Packed` chunks), because the link is a distant one
-    /// ([`crate::sync::PACK_RTT_MS_MIN`]); on a near one packing only costs CPU.
+    /// The stream's first frame: the root is accepted (or `Error`). `pack`: how content goes
+    /// both ways: `Lz4` chunks on a near link, `Packed` (zstd) chunks on a distant one
+    /// ([`crate::sync::PACK_RTT_MS_MIN`]).
     Opened {
-        pack: bool,
+        pack: Packing,
     },
     /// Part of a listing, packed ([`pack_listing`]).
     Listing(#[serde(with = "serde_bytes")] Vec<u8>),
@@ -126,15 +142,27 @@ pub enum RsyncReply {
     Error(String),
     /// A `Data` chunk packed with zstd, as [`RsyncRequest::Packed`].
     Packed(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// A `Data` chunk packed with LZ4, as [`RsyncRequest::Lz4`].
+    Lz4(#[serde(with = "serde_bytes")] Vec<u8>),
 }
 
 impl RsyncReply {
-    /// A chunk of a file's content: packed if `pack` and worth it, else `Data`.
-    pub fn data(chunk: Vec<u8>, pack: bool) -> Self {
-        if !pack {
-            return Self::Data(chunk);
+    /// A chunk of a file's content, as [`RsyncRequest::data`].
+    pub fn data(chunk: Vec<u8>, pack: Packing) -> Self {
+        match pack {
+            Packing::Raw => Self::Data(chunk),
+            Packing::Zstd => crate::sync::pack(chunk).map_or_else(Self::Data, Self::Packed),
+            Packing::Lz4 => crate::sync::pack_lz4(chunk).map_or_else(Self::Data, Self::Lz4),
         }
-        crate::sync::pack(chunk).map_or_else(Self::Data, Self::Packed)
+    }
+
+    /// The reply with a packed chunk unpacked to `Data`; other replies unchanged.
+    pub fn unpacked(self) -> Result<Self, String> {
+        match self {
+            Self::Packed(z) => crate::sync::unpack(&z).map(Self::Data),
+            Self::Lz4(z) => crate::sync::unpack_lz4(&z).map(Self::Data),
+            other => Ok(other),
+        }
     }
 }
 

@@ -309,6 +309,59 @@ pub fn unpack(packed: &[u8]) -> Result<Vec<u8>, String> {
     Ok(data)
 }
 
+/// How a stream's content chunks go, chosen by the agent for the link its stream is on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Packing {
+    /// As they are.
+    Raw,
+    /// LZ4 ([`pack_lz4`]): about 500 MB/s per core to pack and GB/s to unpack, source code
+    /// shrinks about 2.4-fold. Cheaper than the QUIC packets it saves: a near link.
+    Lz4,
+    /// zstd level 1 ([`pack`]): half LZ4's speed, about 3.4-fold: a distant link.
+    Zstd,
+}
+
+/// A chunk packed with LZ4's block format behind its length (four bytes, little-endian),
+/// under the same rule as [`pack`]: `Ok` when that saves at least an eighth, else `Err` with
+/// the chunk unchanged.
+pub fn pack_lz4(chunk: Vec<u8>) -> Result<Vec<u8>, Vec<u8>> {
+    if chunk.len() < PACK_BYTES_MIN || chunk.len() > crate::DATA_CHUNK_BYTES_MAX {
+        return Err(chunk);
+    }
+    let bound = 4 + lz4_flex::block::get_maximum_output_size(chunk.len());
+    let mut out = vec![0u8; bound];
+    out[..4].copy_from_slice(&(chunk.len() as u32).to_le_bytes());
+    match lz4_flex::block::compress_into(&chunk, &mut out[4..]) {
+        Ok(n) if 4 + n <= chunk.len() - chunk.len() / 8 => {
+            out.truncate(4 + n);
+            Ok(out)
+        }
+        _ => Err(chunk),
+    }
+}
+
+/// The content of a chunk packed by [`pack_lz4`]. Its length must be between 1 and
+/// [`crate::DATA_CHUNK_BYTES_MAX`] and the block must unpack to exactly that: anything else is
+/// a malformed message.
+pub fn unpack_lz4(packed: &[u8]) -> Result<Vec<u8>, String> {
+    let (len, block) = packed
+        .split_first_chunk::<4>()
+        .ok_or("an LZ4 chunk is shorter than its length")?;
+    let len = u32::from_le_bytes(*len) as usize;
+    if len == 0 || len > crate::DATA_CHUNK_BYTES_MAX {
+        return Err(format!("an LZ4 chunk claims {len} bytes"));
+    }
+    let data = lz4_flex::block::decompress(block, len)
+        .map_err(|e| format!("an LZ4 chunk does not unpack: {e}"))?;
+    if data.len() != len {
+        return Err(format!(
+            "an LZ4 chunk unpacks to {} bytes, not {len}",
+            data.len()
+        ));
+    }
+    Ok(data)
+}
+
 /// A chunk packed when asked and worth it (`Ok`), else as it is (`Err`).
 fn pack_if(chunk: Vec<u8>, packed: bool) -> Result<Vec<u8>, Vec<u8>> {
     if packed {
@@ -493,5 +546,60 @@ mod tests {
             SyncRequest::Packed(fits).unpacked().unwrap(),
             SyncRequest::Data(vec![7u8; crate::DATA_CHUNK_BYTES_MAX])
         );
+    }
+
+    #[test]
+    fn lz4_packs_only_what_shrinks_and_comes_back_the_same() {
+        let source: Vec<u8> = (0..2000)
+            .flat_map(|i| format!("static int f{i}(void) {{ return {i}; }}\n").into_bytes())
+            .take(crate::DATA_CHUNK_BYTES_MAX)
+            .collect();
+        let z = pack_lz4(source.clone()).expect("source code shrinks");
+        assert!(
+            z.len() < source.len() / 2,
+            "{} of {}",
+            z.len(),
+            source.len()
+        );
+        assert_eq!(unpack_lz4(&z).unwrap(), source);
+        let mut x = 7u64;
+        let noise: Vec<u8> = (0..40_000)
+            .map(|_| {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (x >> 56) as u8
+            })
+            .collect();
+        assert_eq!(pack_lz4(noise.clone()), Err(noise));
+        assert_eq!(pack_lz4(b"ab".to_vec()), Err(b"ab".to_vec()));
+        let over = vec![0u8; crate::DATA_CHUNK_BYTES_MAX + 1];
+        assert_eq!(pack_lz4(over.clone()), Err(over));
+    }
+
+    #[test]
+    fn an_lz4_chunk_with_a_wrong_length_or_garbage_is_refused() {
+        let zeros = vec![0u8; 1000];
+        let block = lz4_flex::block::compress(&zeros);
+        let with_len = |n: u32| [n.to_le_bytes().as_slice(), &block].concat();
+        assert_eq!(unpack_lz4(&with_len(1000)).unwrap(), zeros);
+        // A length over the chunk limit, none, or one the block does not fill.
+        let e = unpack_lz4(&with_len(crate::DATA_CHUNK_BYTES_MAX as u32 + 1)).unwrap_err();
+        assert!(e.contains("65537"), "{e}");
+        assert!(unpack_lz4(&with_len(0)).is_err());
+        assert!(unpack_lz4(&with_len(999)).is_err());
+        assert!(unpack_lz4(&with_len(2000)).is_err());
+        assert!(unpack_lz4(&[1, 0]).is_err());
+        assert!(unpack_lz4(&[16, 0, 0, 0, 0xff, 0xff, 0xff]).is_err());
+        // More than the limit, however it claims its length.
+        let bomb = lz4_flex::block::compress(&vec![0u8; crate::DATA_CHUNK_BYTES_MAX + 1]);
+        let bomb = [
+            (crate::DATA_CHUNK_BYTES_MAX as u32)
+                .to_le_bytes()
+                .as_slice(),
+            &bomb,
+        ]
+        .concat();
+        assert!(unpack_lz4(&bomb).is_err());
     }
 }
