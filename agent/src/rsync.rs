@@ -152,13 +152,24 @@ impl Replies {
     /// Queues a reply; false when the stream is gone.
     fn send(&self, r: RsyncReply) -> bool {
         let ends = matches!(r, RsyncReply::Finished { .. } | RsyncReply::Error(_));
-        let n = match &r {
-            RsyncReply::Data(b)
-            | RsyncReply::Packed(b)
-            | RsyncReply::Lz4(b)
-            | RsyncReply::Listing(b) => b.len(),
-            _ => 64,
-        };
+        // About its encoded size: a file's delta parts or a large file's signature count at
+        // their size, so a batch never holds much more than BATCH_BYTES.
+        let n = 64
+            + match &r {
+                RsyncReply::Data(b)
+                | RsyncReply::Packed(b)
+                | RsyncReply::Lz4(b)
+                | RsyncReply::Listing(b) => b.len(),
+                RsyncReply::DeltaPart(ops) => ops
+                    .iter()
+                    .map(|o| match o {
+                        DeltaOp::Literal(b) => b.len(),
+                        DeltaOp::Copy { .. } => 16,
+                    })
+                    .sum(),
+                RsyncReply::Sig(s) => std::mem::size_of_val(s.blocks()),
+                _ => 0,
+            };
         self.batch.borrow_mut().push(r);
         self.bytes.set(self.bytes.get() + n);
         if ends || self.bytes.get() >= BATCH_BYTES {
