@@ -116,8 +116,9 @@ enum Cmd {
     },
     /// One transfer with rsync's semantics (`man rsync`), either way:
     /// `cs rsync [FLAGS] LOCAL SANDBOX/WORKSPACE:PATH` or `cs rsync [FLAGS] SB/WS:PATH LOCAL`.
-    /// Flags: -a -r -l -p -t -g -o -D -d -v -n -c -i --delete --delete-excluded --exclude
-    /// --include --exclude-from --filter --stats --progress; any other is refused.
+    /// Flags: -a -r -l -p -t -g -o -D -d -v -n -c -i -P --delete --delete-excluded --exclude
+    /// --include --exclude-from --filter --partial --stats --progress, and -z (content always
+    /// travels packed); any other is refused.
     #[command(disable_help_flag = true)]
     Rsync {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]

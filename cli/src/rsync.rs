@@ -135,6 +135,9 @@ pub fn parse(args: &[String]) -> Result<(Flags, String, String), Failure> {
                 "stats" => f.stats = true,
                 "progress" => f.progress = true,
                 "partial" => f.partial = true,
+                // cs always packs content (LZ4 on a near link, zstd on a distant one): rsync's
+                // habitual -z asks for what happens anyway.
+                "compress" => {}
                 "exclude" => f.rules.exclude(&value(&mut i, "--exclude", inline)?),
                 "include" => f.rules.include(&value(&mut i, "--include", inline)?),
                 "filter" => {
@@ -177,6 +180,7 @@ pub fn parse(args: &[String]) -> Result<(Flags, String, String), Failure> {
                     'n' => f.opts.dry_run = true,
                     'c' => f.opts.checksum = true,
                     'i' => f.itemize = true,
+                    'z' => {}
                     'P' => {
                         f.partial = true;
                         f.progress = true
@@ -1088,14 +1092,14 @@ mod tests {
     #[test]
     fn flags_as_rsync_reads_them() {
         let (f, s, d) = parse(&args(
-            "-avn --delete --exclude=*.o --include x -c src/ sb/ws:dst",
+            "-avzn --delete --exclude=*.o --include x -c --compress src/ sb/ws:dst",
         ))
         .unwrap();
         assert!(f.opts.recursive && f.opts.links && f.opts.perms && f.opts.times && f.opts.owner);
         assert!(f.verbose && f.opts.dry_run && f.opts.delete && f.opts.checksum);
         assert_eq!((s.as_str(), d.as_str()), ("src/", "sb/ws:dst"));
         for (bad, says) in [
-            ("-z a b:c", "rsync option -z is not supported by cs rsync"),
+            ("-aH a b:c", "rsync option -H is not supported by cs rsync"),
             (
                 "--bwlimit=10 a b:c",
                 "rsync option --bwlimit is not supported",

@@ -579,10 +579,10 @@ fn bad_input_is_refused_as_rsync_refuses_it() {
             text(&out.stderr)
         );
     }
-    let out = l.run(&["rsync", "-az", src.to_str().unwrap(), "pf/dev:x"]);
+    let out = l.run(&["rsync", "-aH", src.to_str().unwrap(), "pf/dev:x"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(
-        text(&out.stderr).contains("-z is not supported"),
+        text(&out.stderr).contains("-H is not supported"),
         "{}",
         text(&out.stderr)
     );
