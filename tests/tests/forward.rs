@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 use cs_tests::{text, wait_until, Laptop};
 
 const WAIT: Duration = Duration::from_secs(30);
+/// Held by the tests that fill the link, so that they do not run at the same time.
+static HEAVY: Mutex<()> = Mutex::new(());
 
 /// A port nothing listens on now.
 fn free_port() -> u16 {
@@ -280,6 +282,7 @@ fn forward(l: &Laptop, local: &str) -> serde_json::Value {
 
 #[test]
 fn a_gigabyte_each_way_through_one_forward_arrives_intact() {
+    let _alone = HEAVY.lock().unwrap_or_else(|p| p.into_inner());
     let l = Laptop::new();
     l.sandbox("pf");
     let server = serve_http(TcpListener::bind("127.0.0.1:0").unwrap());
@@ -391,11 +394,14 @@ fn two_hundred_concurrent_connections_each_get_their_own_bytes() {
 
 /// Bulk connections must not hold up an interactive one on the same QUIC connection: while
 /// eight downloads keep the link full, each 64-byte echo comes back after the downloads have
-/// moved only a little more (the median over 20 echoes under 8 MiB: the echo's stream goes
-/// before the bulk streams, which take turns). A scheduler that let a busy stream send until
-/// it had nothing left would hold the echo for a whole download (256 MiB each).
+/// moved only a little more. The median over 20 echoes must stay under 16 MiB (two stream
+/// windows). quinn's round robin gave medians of 3-5 MiB (alone, and with this file's other
+/// tests running) and 11.6 MiB on a machine also running another test binary; quinn with
+/// `send_fairness(false)`, which sends a busy stream until it has nothing left, gave 38, 59
+/// and 70 MiB. Run apart from the gigabyte test, whose load would stretch every echo.
 #[test]
 fn an_echo_is_answered_while_downloads_fill_the_link() {
+    let _alone = HEAVY.lock().unwrap_or_else(|p| p.into_inner());
     let l = Laptop::new();
     l.sandbox("pf");
     let server = serve_http(TcpListener::bind("127.0.0.1:0").unwrap());
@@ -453,7 +459,7 @@ fn an_echo_is_answered_while_downloads_fill_the_link() {
         "the downloads ended before the echoes did: nothing was measured"
     );
     assert!(
-        during[10] < 8 << 20,
+        during[10] < 16 << 20,
         "download bytes moved during each echo, sorted: {during:?}"
     );
 }
