@@ -407,6 +407,19 @@ impl SyncReply {
 mod tests {
     use super::*;
 
+    /// `n` bytes that do not compress (a seeded LCG's high bytes).
+    fn noise(seed: u64, n: usize) -> Vec<u8> {
+        let mut x = seed;
+        (0..n)
+            .map(|_| {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (x >> 56) as u8
+            })
+            .collect()
+    }
+
     #[test]
     fn a_delta_splits_into_frame_sized_parts_and_comes_back_whole() {
         let basis: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 253) as u8).collect();
@@ -507,15 +520,7 @@ mod tests {
         let reply = SyncReply::data(source.clone(), true);
         assert_eq!(reply.unpacked().unwrap(), SyncReply::Data(source));
         // Random bytes do not shrink; the end chunk and tiny chunks are never packed.
-        let mut x = 1u64;
-        let noise: Vec<u8> = (0..40_000)
-            .map(|_| {
-                x = x
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                (x >> 56) as u8
-            })
-            .collect();
+        let noise = noise(1, 40_000);
         assert_eq!(
             SyncRequest::data(noise.clone(), true),
             SyncRequest::Data(noise)
@@ -562,15 +567,7 @@ mod tests {
             source.len()
         );
         assert_eq!(unpack_lz4(&z).unwrap(), source);
-        let mut x = 7u64;
-        let noise: Vec<u8> = (0..40_000)
-            .map(|_| {
-                x = x
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                (x >> 56) as u8
-            })
-            .collect();
+        let noise = noise(7, 40_000);
         assert_eq!(pack_lz4(noise.clone()), Err(noise));
         assert_eq!(pack_lz4(b"ab".to_vec()), Err(b"ab".to_vec()));
         let over = vec![0u8; crate::DATA_CHUNK_BYTES_MAX + 1];
