@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cs_forward::procnet;
-use cs_forward::{Counters, End, Sock};
+use cs_forward::{Counters, End, Sock, Turns};
 use cs_protocol::forward::{
     Endpoint, ForwardOpen, ForwardReply, Listening, ReverseAccept, ReverseMsg, ReverseOpen,
     WatchMsg, REVERSE_CLAIM_MS,
@@ -66,6 +66,7 @@ pub async fn serve_forward(
     dial: Dialer,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
+    turns: Arc<Turns>,
 ) {
     match dial(open.target.clone()).await {
         Ok(sock) => {
@@ -75,7 +76,9 @@ pub async fn serve_forward(
             {
                 return;
             }
-            let end = sock.pump(&mut send, &mut recv, &Counters::default()).await;
+            let end = sock
+                .pump(&mut send, &mut recv, &Counters::default(), &turns)
+                .await;
             if let End::LocalReset(e) | End::Lost(e) = &end {
                 tracing::debug!(target = %open.target, error = %e, "forwarded connection ended abnormally");
             }
@@ -323,6 +326,7 @@ pub async fn serve_reverse_accept(
     pending: PendingMap,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
+    turns: Arc<Turns>,
 ) {
     let sock = pending
         .lock()
@@ -353,5 +357,6 @@ pub async fn serve_reverse_accept(
         sock.reset();
         return;
     }
-    sock.pump(&mut send, &mut recv, &Counters::default()).await;
+    sock.pump(&mut send, &mut recv, &Counters::default(), &turns)
+        .await;
 }

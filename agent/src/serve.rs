@@ -250,8 +250,9 @@ async fn serve_connection(conn: quinn::Connection, served: Served) {
                 match served.forward_permits.clone().try_acquire_owned() {
                     Ok(permit) => {
                         let dial = served.dial.clone();
+                        let turns = cs_forward::Turns::of(&conn);
                         tokio::spawn(async move {
-                            crate::forward::serve_forward(open, dial, send, recv).await;
+                            crate::forward::serve_forward(open, dial, send, recv, turns).await;
                             drop(permit);
                         });
                     }
@@ -272,8 +273,10 @@ async fn serve_connection(conn: quinn::Connection, served: Served) {
                 match served.forward_permits.clone().try_acquire_owned() {
                     Ok(permit) => {
                         let pending = served.reverse.clone();
+                        let turns = cs_forward::Turns::of(&conn);
                         tokio::spawn(async move {
-                            crate::forward::serve_reverse_accept(claim, pending, send, recv).await;
+                            crate::forward::serve_reverse_accept(claim, pending, send, recv, turns)
+                                .await;
                             drop(permit);
                         });
                     }

@@ -284,6 +284,8 @@ pub struct Opened {
     pub attempts: u32,
     /// Tail-loss probes on the stream's connection.
     pub probe: cs_transport::TailProbe,
+    /// The stream's connection.
+    pub conn: quinn::Connection,
 }
 
 /// Opening a stream failed; `retry` when the connection was lost before the agent answered, so
@@ -328,6 +330,7 @@ pub async fn open_on_link(
                     first_frame,
                     attempts: attempt,
                     probe: cs_transport::TailProbe::new(conn.clone()),
+                    conn,
                 })
             }
             Err(OpenFailed {

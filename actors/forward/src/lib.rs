@@ -7,6 +7,8 @@
 //!   listening ports change.
 //! - [`pump`]: one connection's bytes between a local socket and a QUIC stream, both ways,
 //!   with half-close, resets and backpressure carried end to end.
+//! - [`turns`]: the order in which a connection's bulk streams send, so that the other side
+//!   receives each in runs.
 //!
 //! Cores read no clock, socket or file: the agent and the laptop daemon (the shells) open the
 //! sockets and read `/proc`; the simulation hands [`pump`] in-memory pipes.
@@ -16,7 +18,9 @@ pub mod procnet;
 pub mod pump;
 pub mod rule;
 pub mod sock;
+pub mod turns;
 
 pub use pump::{pump, Counters, End};
 pub use rule::{parse_local, parse_remote, Rule, RuleError};
 pub use sock::Sock;
+pub use turns::Turns;

@@ -8,9 +8,13 @@
 //! - Backpressure end to end: each direction reads only once its last write has been taken,
 //!   so a slow reader on either end slows the writer on the other through QUIC's flow
 //!   control, and the pump holds at most one buffer per direction.
+//! - Bulk streams take turns on the connection ([`crate::turns`]): the other side gets each
+//!   stream's bytes in runs, not one packet of every stream in turn.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
+use crate::turns::{Ticket, Turns, BULK_AFTER_BYTES};
 use cs_protocol::canary::{self, Canary};
 use cs_protocol::forward::RESET_CODE;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -68,13 +72,15 @@ fn from_read(e: quinn::ReadError) -> End {
 }
 
 /// Carries bytes between `(lr, lw)` (the local socket's halves) and `(send, recv)` until both
-/// directions are done or one fails; counts bytes in `counters`.
+/// directions are done or one fails; counts bytes in `counters`. `turns` is the queue of bulk
+/// streams of `send`'s connection ([`Turns::of`]).
 pub async fn pump<R, W>(
     lr: &mut R,
     lw: &mut W,
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
     counters: &Counters,
+    turns: &Arc<Turns>,
 ) -> End
 where
     R: AsyncRead + Unpin,
@@ -83,15 +89,73 @@ where
     let end = {
         let up = async {
             let mut buf = vec![0u8; PUMP_BUFFER_BYTES];
+            // Bytes of full reads in a row, and the turn they earned (see [`crate::turns`]).
+            let mut full_run = 0u64;
+            let mut ticket: Option<Ticket> = None;
+            let mut priority = 0i32;
             loop {
-                match lr.read(&mut buf).await {
+                // A bulk stream whose local side has nothing ready holds nobody up: it leaves
+                // the queue before waiting.
+                let ready = if ticket.is_some() {
+                    tokio::select! {
+                        biased;
+                        r = lr.read(&mut buf) => Some(r),
+                        () = std::future::ready(()) => None,
+                    }
+                } else {
+                    None
+                };
+                let read = match ready {
+                    Some(r) => r,
+                    None => {
+                        if ticket.take().is_some() {
+                            full_run = 0;
+                        }
+                        lr.read(&mut buf).await
+                    }
+                };
+                match read {
                     Ok(0) => {
                         let _ = send.finish();
                         return Dir::Done;
                     }
                     Ok(n) => {
-                        if let Err(e) = send.write_all(&buf[..n]).await {
-                            return Dir::Abnormal(from_write(e));
+                        if n == buf.len() {
+                            full_run += n as u64;
+                        } else {
+                            full_run = 0;
+                            ticket = None;
+                        }
+                        if ticket.is_none() && full_run >= BULK_AFTER_BYTES {
+                            ticket = Some(turns.join());
+                        }
+                        let mut at = 0;
+                        while at < n {
+                            let want = ticket.as_ref().map_or(0, Ticket::priority);
+                            if want != priority {
+                                let _ = send.set_priority(want);
+                                priority = want;
+                            }
+                            let wrote = match &ticket {
+                                None => send.write(&buf[at..n]).await.map(Some),
+                                // Waiting for credit, the stream may be handed the turn: it
+                                // takes its new priority at once (`write` is cancel-safe).
+                                Some(t) => tokio::select! {
+                                    biased;
+                                    w = send.write(&buf[at..n]) => w.map(Some),
+                                    () = t.turn_may_have_come() => Ok(None),
+                                },
+                            };
+                            match wrote {
+                                Ok(Some(k)) => {
+                                    at += k;
+                                    if let Some(t) = &ticket {
+                                        t.wrote(k as u64);
+                                    }
+                                }
+                                Ok(None) => {}
+                                Err(e) => return Dir::Abnormal(from_write(e)),
+                            }
                         }
                         counters.up.fetch_add(n as u64, Ordering::Relaxed);
                     }

@@ -3,7 +3,10 @@
 
 use tokio::net::{TcpStream, UnixStream};
 
+use std::sync::Arc;
+
 use crate::pump::{pump, Counters, End};
+use crate::turns::Turns;
 
 /// A local connection.
 #[derive(Debug)]
@@ -27,27 +30,28 @@ impl Sock {
         drop(self);
     }
 
-    /// Pumps this connection onto `(send, recv)` until it ends, resetting it when the other
-    /// side reset.
+    /// Pumps this connection onto `(send, recv)` (a stream of the connection whose bulk
+    /// streams `turns` queues) until it ends, resetting it when the other side reset.
     pub async fn pump(
         mut self,
         send: &mut quinn::SendStream,
         recv: &mut quinn::RecvStream,
         counters: &Counters,
+        turns: &Arc<Turns>,
     ) -> End {
         let end = match &mut self {
             Sock::Tcp(s) => {
                 let _ = s.set_nodelay(true);
                 let (mut r, mut w) = s.split();
-                pump(&mut r, &mut w, send, recv, counters).await
+                pump(&mut r, &mut w, send, recv, counters, turns).await
             }
             Sock::Unix(s) => {
                 let (mut r, mut w) = s.split();
-                pump(&mut r, &mut w, send, recv, counters).await
+                pump(&mut r, &mut w, send, recv, counters, turns).await
             }
             Sock::Pipe(s) => {
                 let (mut r, mut w) = tokio::io::split(s);
-                pump(&mut r, &mut w, send, recv, counters).await
+                pump(&mut r, &mut w, send, recv, counters, turns).await
             }
         };
         if matches!(end, End::RemoteReset(_)) {

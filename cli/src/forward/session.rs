@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use actix::Addr;
-use cs_forward::{discover, procnet, Counters, End, Rule, Sock};
+use cs_forward::{discover, procnet, Counters, End, Rule, Sock, Turns};
 use cs_protocol::codec::{decode, FRAME_HEADER_BYTES};
 use cs_protocol::forward::{
     Endpoint, ForwardOpen, ForwardReply, Listening, ReverseAccept, ReverseMsg, ReverseOpen,
@@ -340,7 +340,8 @@ pub async fn carry(link: &LinkRef, target: Endpoint, sock: Sock, counters: &Coun
         .and_then(|o| Ok((first::<ForwardReply>(&o)?, o)));
     match opened {
         Ok((ForwardReply::Connected, mut o)) => {
-            Carried::Ended(sock.pump(&mut o.send, &mut o.recv, counters).await)
+            let turns = Turns::of(&o.conn);
+            Carried::Ended(sock.pump(&mut o.send, &mut o.recv, counters, &turns).await)
         }
         Ok((ForwardReply::Refused { reason }, _)) | Err(reason) => {
             sock.reset();
@@ -622,7 +623,10 @@ async fn reverse_conn(
             .and_then(|o| Ok((first::<ForwardReply>(&o)?, o)));
         match (local, opened) {
             (Ok(sock), Ok((ForwardReply::Connected, mut o))) => {
-                let end = sock.pump(&mut o.send, &mut o.recv, &stats.bytes).await;
+                let turns = Turns::of(&o.conn);
+                let end = sock
+                    .pump(&mut o.send, &mut o.recv, &stats.bytes, &turns)
+                    .await;
                 shared.ended(&key, &stats, end);
             }
             (Err(why), _) => {
