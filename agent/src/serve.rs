@@ -138,6 +138,8 @@ async fn serve_connection(conn: quinn::Connection, served: Served) {
             return;
         }
     }
+    // The connection's queue of bulk forwarded streams, shared by its pumps.
+    let turns = cs_forward::Turns::of(&conn);
     loop {
         let (send, mut recv) = match conn.accept_bi().await {
             Ok(s) => s,
@@ -250,7 +252,7 @@ async fn serve_connection(conn: quinn::Connection, served: Served) {
                 match served.forward_permits.clone().try_acquire_owned() {
                     Ok(permit) => {
                         let dial = served.dial.clone();
-                        let turns = cs_forward::Turns::of(&conn);
+                        let turns = turns.clone();
                         tokio::spawn(async move {
                             crate::forward::serve_forward(open, dial, send, recv, turns).await;
                             drop(permit);
@@ -273,7 +275,7 @@ async fn serve_connection(conn: quinn::Connection, served: Served) {
                 match served.forward_permits.clone().try_acquire_owned() {
                     Ok(permit) => {
                         let pending = served.reverse.clone();
-                        let turns = cs_forward::Turns::of(&conn);
+                        let turns = turns.clone();
                         tokio::spawn(async move {
                             crate::forward::serve_reverse_accept(claim, pending, send, recv, turns)
                                 .await;

@@ -1,9 +1,9 @@
 //! The shells' local sockets: a TCP or Unix-socket connection the laptop daemon or the agent
 //! opened or accepted, pumped onto a stream, and reset when the other side reset.
 
-use tokio::net::{TcpStream, UnixStream};
-
 use std::sync::Arc;
+
+use tokio::net::{TcpStream, UnixStream};
 
 use crate::pump::{pump, Counters, End};
 use crate::turns::Turns;

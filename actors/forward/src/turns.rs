@@ -54,6 +54,10 @@ struct Queue {
 }
 
 impl Queue {
+    fn front_is(&self, id: u64) -> bool {
+        self.order.front().map(|(front, _)| *front) == Some(id)
+    }
+
     fn wake_front(&self) {
         if let Some((_, wake)) = self.order.front() {
             wake.notify_one();
@@ -138,7 +142,7 @@ impl Turns {
 impl Ticket {
     /// Whether this stream has the turn.
     pub fn holds(&self) -> bool {
-        self.turns.queue().order.front().map(|(id, _)| *id) == Some(self.id)
+        self.turns.queue().front_is(self.id)
     }
 
     /// The stream priority that goes with this ticket now.
@@ -154,7 +158,7 @@ impl Ticket {
     /// Bytes written while waiting do not count.
     pub fn wrote(&self, n: u64) {
         let mut q = self.turns.queue();
-        if q.order.front().map(|(id, _)| *id) != Some(self.id) {
+        if !q.front_is(self.id) {
             return;
         }
         q.written += n;
