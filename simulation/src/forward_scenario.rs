@@ -39,7 +39,7 @@ use cs_agent::forward::{Dialer, FORWARD_STREAMS_MAX};
 use cs_agent::serve::{accept_loop, Served};
 use cs_cli::forward::session::{carry, Carried, LinkRef};
 use cs_cli::link::Link;
-use cs_forward::pump::{CHUNK_BYTES_MAX, PUMP_BUFFER_BYTES};
+use cs_forward::pump::PUMP_BUFFER_BYTES;
 use cs_forward::{Counters, End, Sock};
 use cs_protocol::forward::Endpoint;
 use cs_protocol::Canary;
@@ -781,7 +781,9 @@ async fn client(seed: u64, plan: ConnPlan, pipe: DuplexStream, world: &Shared, t
     let bound = plan.pipe
         + PUMP_BUFFER_BYTES
         + STREAM_WINDOW_BYTES
-        + CHUNK_BYTES_MAX.min(STREAM_WINDOW_BYTES)
+        // The chunks the far pump holds between reading them and its local write: all of
+        // them had arrived at once, so within one stream window.
+        + STREAM_WINDOW_BYTES
         + plan.server.pipe_bytes();
     let writer = async {
         let mut off = 0;

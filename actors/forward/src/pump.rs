@@ -15,14 +15,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::turns::{Ticket, Turns, BULK_AFTER_BYTES};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use cs_protocol::canary::{self, Canary};
 use cs_protocol::forward::RESET_CODE;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Bytes read from the local side per write to the stream.
 pub const PUMP_BUFFER_BYTES: usize = 64 * 1024;
-/// Most bytes taken from the stream per local write.
-pub const CHUNK_BYTES_MAX: usize = 256 * 1024;
+/// Most of quinn's chunks (a STREAM frame's data each, about a packet) taken from the stream
+/// per local write: about 256 KiB of full packets.
+pub const CHUNKS_MAX: usize = 192;
 
 /// Bytes carried by a forward's connections.
 #[derive(Debug, Default)]
@@ -88,18 +90,23 @@ where
 {
     let end = {
         let up = async {
-            let mut buf = vec![0u8; PUMP_BUFFER_BYTES];
+            // Each read goes to the stream as it is, without a copy: quinn keeps the chunk
+            // until the other side has it.
+            let mut buf = BytesMut::new();
             // Bytes of full reads in a row, and the turn they earned (see [`crate::turns`]).
             let mut full_run = 0u64;
             let mut ticket: Option<Ticket> = None;
             let mut priority = 0i32;
             loop {
+                // Reuses the allocation when quinn has let go of every earlier chunk of it.
+                buf.reserve(PUMP_BUFFER_BYTES);
+                let mut room = (&mut buf).limit(PUMP_BUFFER_BYTES);
                 // A bulk stream whose local side has nothing ready holds nobody up: it leaves
                 // the queue before waiting.
                 let ready = if ticket.is_some() {
                     tokio::select! {
                         biased;
-                        r = lr.read(&mut buf) => Some(r),
+                        r = lr.read_buf(&mut room) => Some(r),
                         () = std::future::ready(()) => None,
                     }
                 } else {
@@ -111,7 +118,7 @@ where
                         if ticket.take().is_some() {
                             full_run = 0;
                         }
-                        lr.read(&mut buf).await
+                        lr.read_buf(&mut room).await
                     }
                 };
                 match read {
@@ -120,7 +127,7 @@ where
                         return Dir::Done;
                     }
                     Ok(n) => {
-                        if n == buf.len() {
+                        if n == PUMP_BUFFER_BYTES {
                             full_run += n as u64;
                         } else {
                             full_run = 0;
@@ -129,28 +136,29 @@ where
                         if ticket.is_none() && full_run >= BULK_AFTER_BYTES {
                             ticket = Some(turns.join());
                         }
-                        let mut at = 0;
-                        while at < n {
+                        let mut chunk = buf.split().freeze();
+                        while !chunk.is_empty() {
                             let want = ticket.as_ref().map_or(0, Ticket::priority);
                             if want != priority {
                                 let _ = send.set_priority(want);
                                 priority = want;
                             }
+                            let chunks = std::slice::from_mut(&mut chunk);
                             let wrote = match &ticket {
-                                None => send.write(&buf[at..n]).await.map(Some),
+                                None => send.write_chunks(chunks).await.map(Some),
                                 // Waiting for credit, the stream may be handed the turn: it
-                                // takes its new priority at once (`write` is cancel-safe).
+                                // takes its new priority at once (`write_chunks` is
+                                // cancel-safe).
                                 Some(t) => tokio::select! {
                                     biased;
-                                    w = send.write(&buf[at..n]) => w.map(Some),
+                                    w = send.write_chunks(chunks) => w.map(Some),
                                     () = t.turn_may_have_come() => Ok(None),
                                 },
                             };
                             match wrote {
-                                Ok(Some(k)) => {
-                                    at += k;
+                                Ok(Some(w)) => {
                                     if let Some(t) = &ticket {
-                                        t.wrote(k as u64);
+                                        t.wrote(w.bytes as u64);
                                     }
                                 }
                                 Ok(None) => {}
@@ -164,13 +172,28 @@ where
             }
         };
         let down = async {
-            // As much as has arrived per local write (not one QUIC frame's worth each: a
-            // packet-sized write per frame cost 20 times the system calls).
-            let mut buf = vec![0u8; CHUNK_BYTES_MAX];
+            // Whatever has arrived, up to CHUNKS_MAX of quinn's chunks, goes out in one local
+            // write (not one QUIC frame's worth each: a packet-sized write per frame cost 20
+            // times the system calls), straight from quinn's buffers where the local side
+            // takes vectored writes, else copied into one buffer first.
+            let vectored = lw.is_write_vectored();
+            let mut chunks = vec![Bytes::new(); CHUNKS_MAX];
+            let mut flat = Vec::new();
             loop {
-                match recv.read(&mut buf).await {
-                    Ok(Some(n)) => {
-                        if let Err(e) = lw.write_all(&buf[..n]).await {
+                match recv.read_chunks(&mut chunks).await {
+                    Ok(Some(k)) => {
+                        let got = &mut chunks[..k];
+                        let n: usize = got.iter().map(Bytes::len).sum();
+                        let wrote = if vectored {
+                            write_all_vectored(lw, got).await
+                        } else {
+                            flat.clear();
+                            got.iter().for_each(|c| flat.extend_from_slice(c));
+                            lw.write_all(&flat).await
+                        };
+                        // Lets go of quinn's buffers before waiting for more.
+                        got.iter_mut().for_each(|c| *c = Bytes::new());
+                        if let Err(e) = wrote {
                             return Dir::Abnormal(End::LocalReset(e.to_string()));
                         }
                         counters.down.fetch_add(n as u64, Ordering::Relaxed);
@@ -219,4 +242,121 @@ where
         }
     }
     end
+}
+
+/// Writes every byte of `chunks` to `w` in vectored writes, consuming them.
+async fn write_all_vectored<W>(w: &mut W, chunks: &mut [Bytes]) -> std::io::Result<()>
+where
+    W: AsyncWrite + Unpin,
+{
+    let mut at = 0;
+    while at < chunks.len() {
+        if chunks[at].is_empty() {
+            at += 1;
+            continue;
+        }
+        let slices: Vec<std::io::IoSlice<'_>> = chunks[at..]
+            .iter()
+            .filter(|c| !c.is_empty())
+            .map(|c| std::io::IoSlice::new(c))
+            .collect();
+        let mut n = w.write_vectored(&slices).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        while n > 0 {
+            let c = &mut chunks[at];
+            let k = n.min(c.len());
+            c.advance(k);
+            n -= k;
+            if c.is_empty() {
+                at += 1;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    /// A local side that takes at most `per_call` bytes per write, across at most two slices,
+    /// and records the calls.
+    struct Trickle {
+        got: Vec<u8>,
+        per_call: usize,
+        calls: usize,
+    }
+
+    impl AsyncWrite for Trickle {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            self.poll_write_vectored(cx, &[std::io::IoSlice::new(buf)])
+        }
+
+        fn poll_write_vectored(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            bufs: &[std::io::IoSlice<'_>],
+        ) -> Poll<std::io::Result<usize>> {
+            self.calls += 1;
+            let mut left = self.per_call;
+            for b in bufs.iter().take(2) {
+                let k = left.min(b.len());
+                self.got.extend_from_slice(&b[..k]);
+                left -= k;
+                if k < b.len() {
+                    break;
+                }
+            }
+            Poll::Ready(Ok(self.per_call - left))
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn vectored_writes_deliver_every_chunk_in_order_across_partial_writes() {
+        let parts: [&[u8]; 5] = [b"ab", b"", b"cdefg", b"h", b"ijklmnopq"];
+        let mut chunks: Vec<Bytes> = parts.iter().map(|p| Bytes::copy_from_slice(p)).collect();
+        let mut w = Trickle {
+            got: Vec::new(),
+            per_call: 3,
+            calls: 0,
+        };
+        write_all_vectored(&mut w, &mut chunks).await.unwrap();
+        assert_eq!(w.got, b"abcdefghijklmnopq");
+        assert!(chunks.iter().all(Bytes::is_empty), "every chunk consumed");
+        // 17 bytes at most 3 per call: 6 calls, none wasted on an empty chunk.
+        assert_eq!(w.calls, 6);
+    }
+
+    #[tokio::test]
+    async fn a_local_side_that_takes_nothing_is_an_error_not_a_spin() {
+        let mut chunks = vec![Bytes::from_static(b"xyz")];
+        let mut w = Trickle {
+            got: Vec::new(),
+            per_call: 0,
+            calls: 0,
+        };
+        let e = write_all_vectored(&mut w, &mut chunks).await.unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::WriteZero);
+        assert_eq!(w.calls, 1);
+    }
 }
