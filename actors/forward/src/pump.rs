@@ -13,8 +13,9 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
-use crate::turns::{Ticket, Turns, BULK_AFTER_BYTES};
+use crate::turns::{Bulkness, Change, Ticket, Turns};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use cs_protocol::canary::{self, Canary};
 use cs_protocol::forward::RESET_CODE;
@@ -93,32 +94,30 @@ where
             // Each read goes to the stream as it is, without a copy: quinn keeps the chunk
             // until the other side has it.
             let mut buf = BytesMut::new();
-            // Bytes of full reads in a row, and the turn they earned (see [`crate::turns`]).
-            let mut full_run = 0u64;
+            // Whether this stream is bulk, and the turn that earned it (see [`crate::turns`]).
+            let mut bulkness = Bulkness::default();
             let mut ticket: Option<Ticket> = None;
             let mut priority = 0i32;
             loop {
                 // Reuses the allocation when quinn has let go of every earlier chunk of it.
                 buf.reserve(PUMP_BUFFER_BYTES);
                 let mut room = (&mut buf).limit(PUMP_BUFFER_BYTES);
-                // A bulk stream whose local side has nothing ready holds nobody up: it leaves
-                // the queue before waiting.
-                let ready = if ticket.is_some() {
-                    tokio::select! {
-                        biased;
-                        r = lr.read_buf(&mut room) => Some(r),
-                        () = std::future::ready(()) => None,
-                    }
-                } else {
-                    None
+                let ready = tokio::select! {
+                    biased;
+                    r = lr.read_buf(&mut room) => Some(r),
+                    () = std::future::ready(()) => None,
                 };
-                let read = match ready {
-                    Some(r) => r,
+                let (read, waited) = match ready {
+                    Some(r) => (r, Duration::ZERO),
                     None => {
-                        if ticket.take().is_some() {
-                            full_run = 0;
+                        // The local side has nothing ready: a bulk stream passes its turn on
+                        // (it holds nobody up).
+                        if let Some(t) = &ticket {
+                            t.pass();
                         }
-                        lr.read_buf(&mut room).await
+                        let waiting = tokio::time::Instant::now();
+                        let r = lr.read_buf(&mut room).await;
+                        (r, waiting.elapsed())
                     }
                 };
                 match read {
@@ -127,14 +126,10 @@ where
                         return Dir::Done;
                     }
                     Ok(n) => {
-                        if n == PUMP_BUFFER_BYTES {
-                            full_run += n as u64;
-                        } else {
-                            full_run = 0;
-                            ticket = None;
-                        }
-                        if ticket.is_none() && full_run >= BULK_AFTER_BYTES {
-                            ticket = Some(turns.join());
+                        match bulkness.read(n == PUMP_BUFFER_BYTES, n as u64, waited) {
+                            Change::Joins => ticket = Some(turns.join()),
+                            Change::Leaves => ticket = None,
+                            Change::Stays => {}
                         }
                         let mut chunk = buf.split().freeze();
                         while !chunk.is_empty() {
