@@ -217,8 +217,8 @@ impl Drop for Ticket {
 /// with its local side reads little at a time, and it is still bulk. Only a pause of
 /// [`BULK_IDLE`] does. (A stream that stopped being bulk at each short read or empty local side
 /// went back to priority 0, above the bulk streams, just when its sending kept up best, and ran
-/// ahead of them: in 16-connection transfers of 32 MiB each the first finished at 39-69% of the
-/// sample's time, against 94-99% through `ssh -L`.)
+/// ahead of them: in 16-connection transfers of 32 MiB each the first finished at 39-76% of the
+/// sample's time, against 91-100% through `ssh -L`.)
 #[derive(Debug, Default)]
 pub struct Bulkness {
     /// Bytes of full reads since the last pause.
