@@ -7,7 +7,8 @@
 //!   [`End::RemoteReset`], and the shell resets the local socket.
 //! - Backpressure end to end: each direction reads only once its last write has been taken,
 //!   so a slow reader on either end slows the writer on the other through QUIC's flow
-//!   control, and the pump holds at most one buffer per direction.
+//!   control, and the pump holds at most one read up (64 KiB) and one batch of arrived
+//!   chunks down (at most [`CHUNKS_MAX`], all within one stream window).
 //! - Bulk streams take turns on the connection ([`crate::turns`]): the other side gets each
 //!   stream's bytes in runs, not one packet of every stream in turn.
 
