@@ -42,7 +42,8 @@ pub struct TransportLimits {
     /// first, so when it binds, the same few streams take every byte freed and the others
     /// starve (a forwarded download went 13 s without a byte while 15 others moved).
     pub connection_window_bytes: u32,
-    /// Largest UDP payload path MTU discovery may try.
+    /// Largest UDP payload path MTU discovery may try. The peer's own bound (what its
+    /// endpoint accepts, [`DATAGRAM_BYTES_MAX`] on a real socket) caps it too.
     pub udp_payload_bytes_max: u16,
 }
 
@@ -54,7 +55,7 @@ impl Default for TransportLimits {
             streams_bidi_max: 1024,
             stream_window_bytes: STREAM_WINDOW_BYTES,
             connection_window_bytes: BUSY_STREAMS_FAIR * STREAM_WINDOW_BYTES,
-            udp_payload_bytes_max: 65_527,
+            udp_payload_bytes_max: DATAGRAM_BYTES_MAX,
         }
     }
 }
@@ -99,9 +100,10 @@ fn transport_config(
     // link that drops a few percent of datagrams at random, a loss-based window stays a few
     // packets wide and a 20 KB save takes several round trips.
     t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
-    // Let path MTU discovery probe past Ethernet sizes: on loopback and jumbo-frame networks a
-    // datagram carries up to 64 KiB, which cuts per-packet crypto and syscall costs severalfold;
-    // elsewhere the probes fail and discovery settles on the real path MTU.
+    // Let path MTU discovery probe past Ethernet sizes, up to what the peer accepts
+    // (`DATAGRAM_BYTES_MAX` on real sockets): on loopback and jumbo-frame networks a datagram
+    // then carries up to 64 KiB; elsewhere the probes fail and discovery settles on the real
+    // path MTU.
     let mut mtu = quinn::MtuDiscoveryConfig::default();
     mtu.upper_bound(limits.udp_payload_bytes_max);
     t.mtu_discovery_config(Some(mtu));
@@ -162,6 +164,26 @@ pub fn agent_endpoint_config(me: &Identity) -> quinn::EndpointConfig {
     )))
 }
 
+/// The largest UDP payload a real endpoint accepts, and says it accepts in its transport
+/// parameters: the most QUIC allows. quinn's default (1,472 bytes, one Ethernet frame) is also
+/// what the peer may ever send, whatever path MTU discovery finds, so on loopback and on
+/// jumbo-frame networks every packet would pay its per-packet costs (a header, an AEAD tag and
+/// nonce setup, a pass through quinn's packet processing, a GSO segment) for 1.4 KB. On an
+/// Ethernet path discovery's larger probes are lost and it stays at the path's size.
+///
+/// The cost is address space: quinn sizes its receive buffer as this times the GRO segments
+/// times its batch (64 x 32 on Linux), 128 MiB reserved but touched only as datagrams land in
+/// it, at most 32 x 64 KiB of it per batch.
+pub const DATAGRAM_BYTES_MAX: u16 = 65_527;
+
+/// An endpoint configuration that accepts datagrams up to [`DATAGRAM_BYTES_MAX`].
+fn large_datagrams(mut config: quinn::EndpointConfig) -> quinn::EndpointConfig {
+    config
+        .max_udp_payload_size(DATAGRAM_BYTES_MAX)
+        .expect("65,527 is QUIC's largest UDP payload, within quinn's bounds");
+    config
+}
+
 /// The agent's endpoint on a real UDP socket.
 pub fn agent_endpoint(
     me: &Identity,
@@ -170,9 +192,11 @@ pub fn agent_endpoint(
 ) -> Result<quinn::Endpoint, EndpointError> {
     let socket = std::net::UdpSocket::bind(listen)?;
     big_buffers(&socket);
-    let runtime: Arc<dyn quinn::Runtime> = Arc::new(quinn::TokioRuntime);
-    let socket = runtime.wrap_udp_socket(socket)?;
-    endpoint_on_socket(agent_endpoint_config(me), Some(server), socket, runtime)
+    real_endpoint(
+        large_datagrams(agent_endpoint_config(me)),
+        Some(server),
+        socket,
+    )
 }
 
 /// Kernel buffer of each UDP socket, each way. The default (208 KiB) overflows under a bulk
@@ -247,12 +271,25 @@ pub fn client_endpoint(for_addr: std::net::SocketAddr) -> Result<quinn::Endpoint
     };
     let socket = std::net::UdpSocket::bind(bind)?;
     big_buffers(&socket);
-    Ok(quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
+    real_endpoint(
+        large_datagrams(quinn::EndpointConfig::default()),
         None,
         socket,
-        Arc::new(quinn::TokioRuntime),
-    )?)
+    )
+}
+
+/// An endpoint on a real UDP socket, its offload batches kept within one IP packet
+/// ([`crate::gso`]).
+fn real_endpoint(
+    config: quinn::EndpointConfig,
+    server: Option<quinn::ServerConfig>,
+    socket: std::net::UdpSocket,
+) -> Result<quinn::Endpoint, EndpointError> {
+    let runtime: Arc<dyn quinn::Runtime> = Arc::new(quinn::TokioRuntime);
+    let socket = Arc::new(crate::gso::GsoBounded::new(
+        runtime.wrap_udp_socket(socket)?,
+    ));
+    endpoint_on_socket(config, server, socket, runtime)
 }
 
 #[cfg(test)]
@@ -563,5 +600,56 @@ mod tests {
         }
         .await;
         assert!(result.is_err(), "a client without the private key got in");
+    }
+
+    /// The real endpoints accept datagrams past Ethernet size, so on loopback (MTU 64 KiB)
+    /// path MTU discovery takes the connection well past 1,472 bytes. With quinn's default
+    /// endpoint bound each side told the other it accepts 1,472 bytes at most, and discovery
+    /// never left it, whatever its own upper bound said.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn loopback_datagrams_grow_past_ethernet_size() {
+        const BYTES: usize = 64 << 20;
+        let agent = Identity::generate("agent").unwrap();
+        let laptop = Identity::generate("laptop").unwrap();
+        let limits = TransportLimits::default();
+        let cfg = server_config(&agent, Arc::new(Only(laptop.fingerprint())), &limits).unwrap();
+        let ep = agent_endpoint(&agent, cfg, "127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = ep.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let conn = ep.accept().await.unwrap().await.unwrap();
+            let (mut s, mut r) = conn.accept_bi().await.unwrap();
+            let x = r.read_to_end(10).await.unwrap();
+            s.write_all(&x).await.unwrap();
+            s.finish().unwrap();
+            let (_s, mut r) = conn.accept_bi().await.unwrap();
+            let mut n = 0;
+            let mut buf = vec![0u8; 256 * 1024];
+            while let Some(k) = r.read(&mut buf).await.unwrap() {
+                n += k;
+            }
+            (n, conn.stats())
+        });
+        let conn = try_connect_with(&laptop, agent.fingerprint(), addr, &limits)
+            .await
+            .unwrap();
+        let (mut s, _r) = conn.open_bi().await.unwrap();
+        let chunk = vec![7u8; 1 << 20];
+        for _ in 0..BYTES / chunk.len() {
+            s.write_all(&chunk).await.unwrap();
+        }
+        s.finish().unwrap();
+        let (n, server_stats) = server.await.unwrap();
+        assert_eq!(n, BYTES);
+        let st = conn.stats();
+        assert!(
+            st.path.current_mtu > 1472,
+            "path MTU stayed at {} bytes on loopback; laptop {:?}, agent {:?}",
+            st.path.current_mtu,
+            st.path,
+            server_stats.path
+        );
+        // Nothing was lost on loopback: a loss here is a batch the kernel refused.
+        assert_eq!(st.path.black_holes_detected, 0, "{:?}", st.path);
+        assert_eq!(st.path.lost_packets, 0, "{:?}", st.path);
     }
 }

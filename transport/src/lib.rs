@@ -6,6 +6,8 @@
 //! - [`pairing`]: the one-line pairing string and single-use, expiring enrollment tokens.
 //! - [`endpoint`]: quinn endpoints and their configuration; the UDP socket is pluggable so the
 //!   simulation can substitute its own.
+//! - [`gso`]: the UDP socket wrapper that keeps segmentation-offload batches within one IP
+//!   packet, so datagrams can grow past Ethernet size.
 //! - [`framed`]: typed, length-prefixed messages over any async byte stream.
 //!
 //! One crypto provider (ring) is used everywhere; nothing here reads a global default.
@@ -13,6 +15,7 @@
 pub mod chunks;
 pub mod endpoint;
 pub mod framed;
+pub mod gso;
 pub mod identity;
 pub mod pairing;
 pub mod pin;
