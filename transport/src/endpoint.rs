@@ -99,7 +99,10 @@ fn transport_config(
     // BBR paces at the measured bandwidth instead of halving its window at every loss: on a
     // link that drops a few percent of datagrams at random, a loss-based window stays a few
     // packets wide and a 20 KB save takes several round trips.
-    t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
+    // Its window is capped once datagrams outgrow Ethernet's (`crate::window`).
+    t.congestion_controller_factory(Arc::new(crate::window::CappedFactory::new(
+        quinn::congestion::BbrConfig::default(),
+    )));
     // Path MTU discovery may probe past Ethernet sizes, up to what the peer accepts
     // (`DATAGRAM_BYTES_MAX` on real sockets, for now Ethernet's size: see there).
     let mut mtu = quinn::MtuDiscoveryConfig::default();
@@ -166,16 +169,15 @@ pub fn agent_endpoint_config(me: &Identity) -> quinn::EndpointConfig {
 pub const LARGE_DATAGRAM_BYTES: u16 = 65_527;
 
 /// The largest UDP payload a real endpoint accepts, and says it accepts in its transport
-/// parameters, which is also the most the peer ever sends whatever path MTU discovery finds:
-/// quinn's default, 1,472 bytes (one Ethernet frame).
+/// parameters, which is also the most the peer ever sends whatever path MTU discovery finds.
 ///
-/// Not larger yet. With [`LARGE_DATAGRAM_BYTES`] loopback datagrams grow to 65,495 bytes
-/// (`loopback_datagrams_grow_past_ethernet_size`), and a quick fwdbench run moved 1.85x-2.29x
-/// ssh -L's throughput at 2.0 CPU-s per GB against 4.6-5.2. But the sender then outruns the
-/// receiver: UDP receive buffers overflowed (103 drops in one run of the forward tests), and
-/// `an_echo_is_answered_while_downloads_fill_the_link` failed in 2 of 13 runs (once taking
-/// 93 s), most echoes waiting while the downloads moved tens of MiB.
-pub const DATAGRAM_BYTES_MAX: u16 = 1_472;
+/// Large: on loopback datagrams grow to 65,495 bytes (`loopback_datagrams_grow_past_ethernet_size`),
+/// which more than doubles what a forward moves and halves its CPU per byte. This needs two
+/// things beside it: [`crate::gso::GsoBounded`] on every real socket (an offload batch over
+/// 64 KiB is refused by the kernel), and [`crate::window::Capped`] (without it BBR's window
+/// outgrew the receiver's socket buffer, datagrams were dropped, and
+/// `an_echo_is_answered_while_downloads_fill_the_link` failed in 2 of 13 runs).
+pub const DATAGRAM_BYTES_MAX: u16 = LARGE_DATAGRAM_BYTES;
 
 /// An endpoint configuration that accepts datagrams up to `bytes`.
 fn datagrams_up_to(mut config: quinn::EndpointConfig, bytes: u16) -> quinn::EndpointConfig {

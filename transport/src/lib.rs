@@ -8,6 +8,8 @@
 //!   simulation can substitute its own.
 //! - [`gso`]: the UDP socket wrapper that keeps segmentation-offload batches within one IP
 //!   packet, so datagrams can grow past Ethernet size.
+//! - [`window`]: the congestion window capped at what a receiving socket holds once datagrams
+//!   are larger than Ethernet's.
 //! - [`framed`]: typed, length-prefixed messages over any async byte stream.
 //!
 //! One crypto provider (ring) is used everywhere; nothing here reads a global default.
@@ -21,6 +23,7 @@ pub mod pairing;
 pub mod pin;
 pub mod probe;
 pub mod state;
+pub mod window;
 
 pub use endpoint::{client_config, server_config, EndpointError, TransportLimits};
 pub use framed::{read_frame, write_frame, FrameError, FrameReader};
