@@ -104,7 +104,7 @@ fn transport_config(
         quinn::congestion::BbrConfig::default(),
     )));
     // Path MTU discovery may probe past Ethernet sizes, up to what the peer accepts
-    // (`DATAGRAM_BYTES_MAX` on real sockets, for now Ethernet's size: see there).
+    // (`DATAGRAM_BYTES_MAX` on real sockets: see there).
     let mut mtu = quinn::MtuDiscoveryConfig::default();
     mtu.upper_bound(limits.udp_payload_bytes_max);
     t.mtu_discovery_config(Some(mtu));
