@@ -29,7 +29,6 @@
 //! pump, but QUIC's flow control toward the agent is not reached).
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -38,21 +37,18 @@ use actix::Actor;
 use cs_agent::forward::{Dialer, FORWARD_STREAMS_MAX};
 use cs_agent::serve::{accept_loop, Served};
 use cs_cli::forward::session::{carry, Carried, LinkRef};
-use cs_cli::link::Link;
 use cs_forward::pump::PUMP_BUFFER_BYTES;
 use cs_forward::{Counters, End, Sock};
 use cs_protocol::forward::Endpoint;
 use cs_protocol::Canary;
-use cs_transport::endpoint::{agent_endpoint_config, endpoint_on_socket};
 use cs_transport::{Identity, TransportLimits};
 use rand::{Rng, RngCore, SeedableRng};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
-use crate::clock::{Sleep, SleepyRuntime};
+use crate::clock::Sleep;
 use crate::faults::{FaultKind, Options};
-use crate::net::SimSocket;
 use crate::scenario::{
-    endpoint_config, guarded, heal, node_name, quinn_seed, ws_host, Failure, FaultDriver, MemTrust,
+    agent_endpoint, guarded, heal, laptop_endpoint, quinn_seed, ws_host, Failure, FaultDriver,
     Outcome, SimConnector,
 };
 use crate::trace::Trace;
@@ -61,7 +57,6 @@ use crate::trace::Trace;
 const LIVENESS_BUDGET_MS: u64 = 40_000;
 /// Wall-clock budget of one seed.
 const WALL_LIMIT_MS: u64 = 60_000;
-const AGENT_PORT: u16 = 4433;
 /// Connections a seed opens in the safety phase.
 pub const CONNS_MIN: usize = 10;
 pub const CONNS_MAX: usize = 60;
@@ -434,20 +429,8 @@ fn inner(seed: u64, trace: Trace) -> Result<Outcome, String> {
             };
             async move {
                 trace.event(&ws_host(0), "start", inc);
-                let trust = Arc::new(MemTrust(fp));
-                let server = cs_transport::server_config(&id, trust.clone(), &limits)?;
-                let ecfg = endpoint_config(agent_endpoint_config(&id), quinn_seed(seed, 1, inc));
-                let sock = SimSocket::bind(
-                    ([0, 0, 0, 0], AGENT_PORT).into(),
-                    node_name(0),
-                    trace.clone(),
-                    dg,
-                    seed ^ 0xa6e7 ^ inc << 16,
-                    None,
-                )
-                .await?;
-                let ep =
-                    endpoint_on_socket(ecfg, Some(server), sock, Arc::new(quinn::TokioRuntime))?;
+                let (ep, trust) =
+                    agent_endpoint(seed, 0, inc, dg, &trace, &id, &limits, fp).await?;
                 let exec = cs_exec::ExecActor::new(Rc::new(crate::script::ScriptSpawner)).start();
                 accept_loop(
                     ep,
@@ -501,30 +484,13 @@ fn inner(seed: u64, trace: Trace) -> Result<Outcome, String> {
             };
             async move {
                 trace.event("laptop", "start", inc);
-                let sock = SimSocket::bind(
-                    ([0, 0, 0, 0], 0).into(),
-                    "laptop",
-                    trace.clone(),
-                    dg,
-                    seed ^ 0x1a97 ^ inc << 16,
-                    Some(sleep.clone()),
-                )
-                .await?;
-                let cfg =
-                    endpoint_config(quinn::EndpointConfig::default(), quinn_seed(seed, 0, inc));
-                let ep = endpoint_on_socket(cfg, None, sock, Arc::new(SleepyRuntime(sleep)))?;
-                let addr: SocketAddr = (turmoil::lookup(ws_host(0)), AGENT_PORT).into();
-                let connector = SimConnector {
-                    endpoint: ep.clone(),
-                    me,
-                    addr,
-                    pinned: agent_fp,
-                    trace: trace.clone(),
-                };
+                let ep = laptop_endpoint(seed, inc, dg, &trace, sleep).await?;
+                let connector = SimConnector::to_agent(ep, me, 0, agent_fp, trace.clone());
+                let addr = connector.addr.to_string();
                 let link = LinkRef {
-                    link: Link::new(ws_host(0), addr.to_string(), Rc::new(connector)).start(),
+                    link: connector.start_link(0),
                     name: ws_host(0),
-                    addr: addr.to_string(),
+                    addr,
                     local: false,
                 };
                 // The connections not opened yet (a crashed laptop's are not opened again).

@@ -29,7 +29,7 @@ use rand::{Rng, SeedableRng};
 
 use crate::clock::{Sleep, SleepyRuntime};
 use crate::faults::{FaultKind, Options, SAFETY_MS_MAX};
-use crate::net::SimSocket;
+use crate::net::{DatagramFaults, SimSocket};
 use crate::script::{pattern, Script, Then};
 use crate::trace::Trace;
 
@@ -351,23 +351,8 @@ fn run_seed_inner(seed: u64, trace: Trace) -> Result<Outcome, String> {
             incarnation.set(inc);
             async move {
                 trace.event(&ws_host(ws), "start", inc);
-                let trust = Arc::new(MemTrust(laptop_fp));
-                let server = cs_transport::server_config(&id, trust.clone(), &limits)?;
-                let cfg = endpoint_config(
-                    agent_endpoint_config(&id),
-                    quinn_seed(seed, 1 + ws as u8, inc),
-                );
-                let sock = SimSocket::bind(
-                    ([0, 0, 0, 0], AGENT_PORT).into(),
-                    node_name(ws),
-                    trace.clone(),
-                    dg,
-                    seed ^ 0xa6e7 ^ (ws as u64) << 8 ^ inc << 16,
-                    None,
-                )
-                .await?;
-                let ep =
-                    endpoint_on_socket(cfg, Some(server), sock, Arc::new(quinn::TokioRuntime))?;
+                let (ep, trust) =
+                    agent_endpoint(seed, ws, inc, dg, &trace, &id, &limits, laptop_fp).await?;
                 let exec = ExecActor::new(Rc::new(crate::script::ScriptSpawner)).start();
                 {
                     let (exec, world) = (exec.clone(), world.clone());
@@ -664,6 +649,66 @@ impl FaultDriver {
     }
 }
 
+/// Agent `ws`'s endpoint in its incarnation `inc`: a server that admits only the laptop
+/// `laptop`, on a simulated socket at `AGENT_PORT` with the datagram faults `dg`, its
+/// randomness drawn from the seed (the same for the same seed, node and incarnation).
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn agent_endpoint(
+    seed: u64,
+    ws: usize,
+    inc: u64,
+    dg: DatagramFaults,
+    trace: &Trace,
+    id: &Identity,
+    limits: &TransportLimits,
+    laptop: Fingerprint,
+) -> Result<(quinn::Endpoint, Arc<MemTrust>), Box<dyn std::error::Error>> {
+    let trust = Arc::new(MemTrust(laptop));
+    let server = cs_transport::server_config(id, trust.clone(), limits)?;
+    let cfg = endpoint_config(
+        agent_endpoint_config(id),
+        quinn_seed(seed, 1 + ws as u8, inc),
+    );
+    let sock = SimSocket::bind(
+        ([0, 0, 0, 0], AGENT_PORT).into(),
+        node_name(ws),
+        trace.clone(),
+        dg,
+        seed ^ 0xa6e7 ^ (ws as u64) << 8 ^ inc << 16,
+        None,
+    )
+    .await?;
+    let ep = endpoint_on_socket(cfg, Some(server), sock, Arc::new(quinn::TokioRuntime))?;
+    Ok((ep, trust))
+}
+
+/// The laptop's endpoint in its incarnation `inc`, on a simulated socket with the datagram
+/// faults `dg`; its timers sleep through `sleep`.
+pub(crate) async fn laptop_endpoint(
+    seed: u64,
+    inc: u64,
+    dg: DatagramFaults,
+    trace: &Trace,
+    sleep: Arc<Sleep>,
+) -> Result<quinn::Endpoint, Box<dyn std::error::Error>> {
+    let sock = SimSocket::bind(
+        ([0, 0, 0, 0], 0).into(),
+        "laptop",
+        trace.clone(),
+        dg,
+        seed ^ 0x1a97 ^ inc << 16,
+        Some(sleep.clone()),
+    )
+    .await?;
+    let cfg = endpoint_config(quinn::EndpointConfig::default(), quinn_seed(seed, 0, inc));
+    Ok(endpoint_on_socket(
+        cfg,
+        None,
+        sock,
+        Arc::new(SleepyRuntime(sleep)),
+    )?)
+}
+
 /// Connects over the simulated network with the daemon's own hello code.
 pub(crate) struct SimConnector {
     pub(crate) endpoint: quinn::Endpoint,
@@ -671,6 +716,31 @@ pub(crate) struct SimConnector {
     pub(crate) addr: SocketAddr,
     pub(crate) pinned: Fingerprint,
     pub(crate) trace: Trace,
+}
+
+impl SimConnector {
+    /// Reaches agent `ws` through `endpoint`, pinning its key `pinned`.
+    pub(crate) fn to_agent(
+        endpoint: quinn::Endpoint,
+        me: Identity,
+        ws: usize,
+        pinned: Fingerprint,
+        trace: Trace,
+    ) -> Self {
+        SimConnector {
+            endpoint,
+            me,
+            addr: (turmoil::lookup(ws_host(ws)), AGENT_PORT).into(),
+            pinned,
+            trace,
+        }
+    }
+
+    /// A link to agent `ws` through this connector.
+    pub(crate) fn start_link(self, ws: usize) -> actix::Addr<Link> {
+        let addr = self.addr.to_string();
+        Link::new(ws_host(ws), addr, Rc::new(self)).start()
+    }
 }
 
 impl Connector for SimConnector {
@@ -720,35 +790,14 @@ async fn laptop(
         w.laptop_incarnation
     };
     trace.event("laptop", "start", incarnation);
-    let sock = SimSocket::bind(
-        ([0, 0, 0, 0], 0).into(),
-        "laptop",
-        trace.clone(),
-        opts.datagrams,
-        opts.seed ^ 0x1a97 ^ incarnation << 16,
-        Some(sleep.clone()),
-    )
-    .await
-    .map_err(|e| e.to_string())?;
-    let cfg = endpoint_config(
-        quinn::EndpointConfig::default(),
-        quinn_seed(opts.seed, 0, incarnation),
-    );
-    let ep = endpoint_on_socket(cfg, None, sock, Arc::new(SleepyRuntime(sleep)))
+    let ep = laptop_endpoint(opts.seed, incarnation, opts.datagrams, &trace, sleep)
+        .await
         .map_err(|e| e.to_string())?;
     let links: Vec<actix::Addr<Link>> = agents
         .iter()
         .enumerate()
         .map(|(ws, fp)| {
-            let addr: SocketAddr = (turmoil::lookup(ws_host(ws)), AGENT_PORT).into();
-            let connector = SimConnector {
-                endpoint: ep.clone(),
-                me: me.clone(),
-                addr,
-                pinned: *fp,
-                trace: trace.clone(),
-            };
-            Link::new(ws_host(ws), addr.to_string(), Rc::new(connector)).start()
+            SimConnector::to_agent(ep.clone(), me.clone(), ws, *fp, trace.clone()).start_link(ws)
         })
         .collect();
 

@@ -14,7 +14,6 @@
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,16 +24,14 @@ use cs_agent::supervise::{Config, Supervisor};
 use cs_cli::link::{open_on_link, Link};
 use cs_protocol::supervise::{LogsMsg, LogsOpen, StatusView, SuperviseReply, SuperviseRequest};
 use cs_protocol::{Canary, StreamOpen};
-use cs_transport::endpoint::{agent_endpoint_config, endpoint_on_socket};
 use cs_transport::{read_frame, Identity, TransportLimits};
 use rand::{Rng, SeedableRng};
 
-use crate::clock::{Sleep, SleepyRuntime};
+use crate::clock::Sleep;
 use crate::faults::{FaultKind, Options};
-use crate::net::SimSocket;
 use crate::procs::{now_ms, Event, ScriptHost, Table, EPOCH_MS};
 use crate::scenario::{
-    endpoint_config, guarded, heal, node_name, quinn_seed, ws_host, Failure, FaultDriver, MemTrust,
+    agent_endpoint, guarded, heal, laptop_endpoint, quinn_seed, ws_host, Failure, FaultDriver,
     Outcome, SimConnector,
 };
 use crate::trace::Trace;
@@ -43,7 +40,6 @@ use crate::trace::Trace;
 const LIVENESS_BUDGET_MS: u64 = 90_000;
 /// Wall-clock budget of one seed.
 const WALL_LIMIT_MS: u64 = 60_000;
-const AGENT_PORT: u16 = 4433;
 /// Lines the followed daemon writes per instance.
 const PRINTED_LINES: u32 = 200;
 /// Attempts of the user's stop and start, 300 ms apart.
@@ -353,20 +349,8 @@ fn inner(seed: u64, trace: Trace) -> Result<Outcome, String> {
             };
             async move {
                 trace.event(&ws_host(0), "start", inc);
-                let trust = Arc::new(MemTrust(fp));
-                let server = cs_transport::server_config(&id, trust.clone(), &limits)?;
-                let ecfg = endpoint_config(agent_endpoint_config(&id), quinn_seed(seed, 1, inc));
-                let sock = SimSocket::bind(
-                    ([0, 0, 0, 0], AGENT_PORT).into(),
-                    node_name(0),
-                    trace,
-                    dg,
-                    seed ^ 0xa6e7 ^ inc << 16,
-                    None,
-                )
-                .await?;
-                let ep =
-                    endpoint_on_socket(ecfg, Some(server), sock, Arc::new(quinn::TokioRuntime))?;
+                let (ep, trust) =
+                    agent_endpoint(seed, 0, inc, dg, &trace, &id, &limits, fp).await?;
                 let logs = cs_agent::logs::LogHub::with_clock(
                     log_dir,
                     cs_log::rotate::Policy {
@@ -424,27 +408,8 @@ fn inner(seed: u64, trace: Trace) -> Result<Outcome, String> {
             incarnation.set(inc);
             async move {
                 trace.event("laptop", "start", inc);
-                let sock = SimSocket::bind(
-                    ([0, 0, 0, 0], 0).into(),
-                    "laptop",
-                    trace.clone(),
-                    dg,
-                    seed ^ 0x1a97 ^ inc << 16,
-                    Some(sleep.clone()),
-                )
-                .await?;
-                let cfg =
-                    endpoint_config(quinn::EndpointConfig::default(), quinn_seed(seed, 0, inc));
-                let ep = endpoint_on_socket(cfg, None, sock, Arc::new(SleepyRuntime(sleep)))?;
-                let addr: SocketAddr = (turmoil::lookup(ws_host(0)), AGENT_PORT).into();
-                let connector = SimConnector {
-                    endpoint: ep.clone(),
-                    me,
-                    addr,
-                    pinned: agent_fp,
-                    trace: trace.clone(),
-                };
-                let link = Link::new(ws_host(0), addr.to_string(), Rc::new(connector)).start();
+                let ep = laptop_endpoint(seed, inc, dg, &trace, sleep).await?;
+                let link = SimConnector::to_agent(ep, me, 0, agent_fp, trace.clone()).start_link(0);
                 {
                     let (link, world) = (link.clone(), world.clone());
                     tokio::task::spawn_local(async move { follow(link, world).await });

@@ -13,30 +13,27 @@
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
 use actix::Actor;
 use cs_agent::serve::{accept_loop, Served};
-use cs_cli::link::{open_on_link, Link};
+use cs_cli::link::open_on_link;
 use cs_cli::sync::session::{self, AncestorStore, Control, Env, Opener, Shared};
 use cs_cli::sync::{SyncSpec, SyncStatus};
 use cs_protocol::Canary;
 use cs_sync::fs::RootFs;
 use cs_sync::{Entry, Mode, RelPath, Snapshot};
-use cs_transport::endpoint::{agent_endpoint_config, endpoint_on_socket};
 use cs_transport::{Identity, TransportLimits};
 use rand::{Rng, SeedableRng};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::clock::{Sleep, SleepyRuntime};
+use crate::clock::Sleep;
 use crate::faults::{FaultKind, Options};
 use crate::memfs::{MemRoot, MemRoots};
-use crate::net::SimSocket;
 use crate::scenario::{
-    endpoint_config, guarded, heal, node_name, quinn_seed, ws_host, Failure, FaultDriver, MemTrust,
+    agent_endpoint, guarded, heal, laptop_endpoint, quinn_seed, ws_host, Failure, FaultDriver,
     Outcome, SimConnector,
 };
 use crate::trace::Trace;
@@ -45,7 +42,6 @@ use crate::trace::Trace;
 const LIVENESS_BUDGET_MS: u64 = 40_000;
 /// Wall-clock budget of one seed.
 const WALL_LIMIT_MS: u64 = 60_000;
-const AGENT_PORT: u16 = 4433;
 /// User edits a seed makes at most.
 const EDITS_MAX: usize = 40;
 /// Names edits pick from: few, so that both sides often touch the same paths.
@@ -311,20 +307,8 @@ fn inner(seed: u64, trace: Trace) -> Result<Outcome, String> {
             incarnation.set(inc);
             async move {
                 trace.event(&ws_host(0), "start", inc);
-                let trust = Arc::new(MemTrust(fp));
-                let server = cs_transport::server_config(&id, trust.clone(), &limits)?;
-                let cfg = endpoint_config(agent_endpoint_config(&id), quinn_seed(seed, 1, inc));
-                let sock = SimSocket::bind(
-                    ([0, 0, 0, 0], AGENT_PORT).into(),
-                    node_name(0),
-                    trace,
-                    dg,
-                    seed ^ 0xa6e7 ^ inc << 16,
-                    None,
-                )
-                .await?;
-                let ep =
-                    endpoint_on_socket(cfg, Some(server), sock, Arc::new(quinn::TokioRuntime))?;
+                let (ep, trust) =
+                    agent_endpoint(seed, 0, inc, dg, &trace, &id, &limits, fp).await?;
                 let exec = cs_exec::ExecActor::new(Rc::new(crate::script::ScriptSpawner)).start();
                 accept_loop(
                     ep,
@@ -375,27 +359,8 @@ fn inner(seed: u64, trace: Trace) -> Result<Outcome, String> {
             incarnation.set(inc);
             async move {
                 trace.event("laptop", "start", inc);
-                let sock = SimSocket::bind(
-                    ([0, 0, 0, 0], 0).into(),
-                    "laptop",
-                    trace.clone(),
-                    dg,
-                    seed ^ 0x1a97 ^ inc << 16,
-                    Some(sleep.clone()),
-                )
-                .await?;
-                let cfg =
-                    endpoint_config(quinn::EndpointConfig::default(), quinn_seed(seed, 0, inc));
-                let ep = endpoint_on_socket(cfg, None, sock, Arc::new(SleepyRuntime(sleep)))?;
-                let addr: SocketAddr = (turmoil::lookup(ws_host(0)), AGENT_PORT).into();
-                let connector = SimConnector {
-                    endpoint: ep.clone(),
-                    me,
-                    addr,
-                    pinned: agent_fp,
-                    trace: trace.clone(),
-                };
-                let link = Link::new(ws_host(0), addr.to_string(), Rc::new(connector)).start();
+                let ep = laptop_endpoint(seed, inc, dg, &trace, sleep).await?;
+                let link = SimConnector::to_agent(ep, me, 0, agent_fp, trace.clone()).start_link(0);
                 let open: Opener = Rc::new(move |open| {
                     let link = link.clone();
                     Box::pin(async move { open_on_link(&link, "agent0", "agent0", &open).await })
