@@ -359,7 +359,8 @@ fn write_checked(
         .open(temp)
         .map_err(io_err(temp))?;
     let mut hasher = blake3::Hasher::new();
-    let mut buf = vec![0u8; COPY_BUFFER_BYTES];
+    // No larger than the announced size and one byte (most files are a few KB).
+    let mut buf = vec![0u8; (size.saturating_add(1)).min(COPY_BUFFER_BYTES as u64) as usize];
     let mut total = 0u64;
     // Read at most one byte more than announced, so an endless source cannot fill the disk.
     let mut limited = content.take(size.saturating_add(1));

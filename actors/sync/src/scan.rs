@@ -605,7 +605,10 @@ fn hash_job(job: &Job) -> Result<ContentHash, String> {
         return Err("changed while being scanned".into());
     }
     let mut hasher = blake3::Hasher::new();
-    let mut buf = vec![0u8; READ_BUFFER_BYTES];
+    // No larger than the file and one byte: most files of a source tree are a few KB, and a
+    // full-size buffer zeroed per file cost more than hashing them.
+    let mut buf =
+        vec![0u8; (job.key.size.saturating_add(1)).min(READ_BUFFER_BYTES as u64) as usize];
     let mut total = 0u64;
     loop {
         let n = match file.read(&mut buf) {
