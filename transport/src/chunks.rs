@@ -54,8 +54,7 @@ impl Read for ChunkReader {
 }
 
 /// Reads what `open` opens on a blocking thread, in chunks of `chunk_bytes` (the last one
-/// shorter); an error
-/// ends the stream with that error.
+/// shorter); an error ends the stream with that error.
 pub fn read_chunks<F>(open: F, chunk_bytes: usize) -> mpsc::Receiver<io::Result<Vec<u8>>>
 where
     F: FnOnce() -> io::Result<Box<dyn Read + Send>> + Send + 'static,
