@@ -23,6 +23,10 @@ macro_rules! out {
     };
 }
 
+/// The options, as `--help` prints them and an unknown option's error names them.
+const USAGE: &str = "[--seed N | --seeds A..B] [--regressions] [--threads N] [--canary NAME] \
+[--scenario exec|sync|supervise|forward] [--trace] [--suspect]";
+
 fn main() -> anyhow::Result<()> {
     // CS_LOG=debug shows the product's own logs (for reading one seed, not for many).
     if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_env("CS_LOG") {
@@ -83,9 +87,11 @@ fn main() -> anyhow::Result<()> {
                 canaries.push(cs_simulation::parse_canary(&v).map_err(anyhow::Error::msg)?);
                 canary_names.push(v);
             }
-            other => bail!(
-                "unknown option '{other}': expected --seed N, --seeds A..B, --regressions, --threads N, --canary NAME, --scenario exec|sync|supervise|forward, --trace or --suspect"
-            ),
+            "-h" | "--help" => {
+                println!("usage: cs-simulation {USAGE}");
+                return Ok(());
+            }
+            other => bail!("unknown option '{other}': expected {USAGE}"),
         }
     }
     if seeds.is_empty() {
