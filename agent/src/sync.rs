@@ -579,13 +579,13 @@ async fn apply(
         } else if let Some(size) = content_size(&op) {
             if size <= SMALL_FILE_BYTES_MAX {
                 let data = receive_small(recv, size).await?;
-                batch.push(op, Some(data), size);
+                batch.push(op, Some(data));
             } else {
                 batch.flush(fs, &mut errors).await?;
                 errors.push(apply_streamed(fs, op, recv).await?.err());
             }
         } else {
-            batch.push(op, None, 0);
+            batch.push(op, None);
         }
         if batch.full() {
             batch.flush(fs, &mut errors).await?;
@@ -625,9 +625,9 @@ struct Batch {
 }
 
 impl Batch {
-    fn push(&mut self, op: Op, content: Option<Vec<u8>>, size: u64) {
+    fn push(&mut self, op: Op, content: Option<Vec<u8>>) {
+        self.bytes += content.as_ref().map_or(0, |c| c.len() as u64);
         self.ops.push((op, content));
-        self.bytes += size;
     }
 
     fn full(&self) -> bool {

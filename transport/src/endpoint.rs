@@ -99,7 +99,7 @@ fn transport_config(
     // BBR paces at the measured bandwidth instead of halving its window at every loss: on a
     // link that drops a few percent of datagrams at random, a loss-based window stays a few
     // packets wide and a 20 KB save takes several round trips.
-    // Its window is capped once datagrams outgrow Ethernet's (`crate::window`).
+    // Its window is capped on a path that holds almost nothing itself (`crate::window`).
     t.congestion_controller_factory(Arc::new(crate::window::CappedFactory::new(
         quinn::congestion::BbrConfig::default(),
     )));

@@ -8,8 +8,8 @@
 //!   simulation can substitute its own.
 //! - [`gso`]: the UDP socket wrapper that keeps segmentation-offload batches within one IP
 //!   packet, so datagrams can grow past Ethernet size.
-//! - [`window`]: the congestion window capped at what a receiving socket holds once datagrams
-//!   are larger than Ethernet's.
+//! - [`window`]: the congestion window capped well within a receiving socket's buffer on a
+//!   path that holds almost nothing itself (loopback, large datagrams).
 //! - [`framed`]: typed, length-prefixed messages over any async byte stream.
 //!
 //! One crypto provider (ring) is used everywhere; nothing here reads a global default.

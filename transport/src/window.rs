@@ -176,14 +176,18 @@ mod tests {
         }
     }
 
+    fn capped(window: u64, mtu: u16, min_rtt: Option<Duration>) -> Capped {
+        Capped {
+            inner: Box::new(Fixed(window)),
+            mtu,
+            min_rtt,
+        }
+    }
+
     #[test]
     fn the_window_is_capped_only_past_ethernet_size() {
         let big = 50 << 20;
-        let mut c = Capped {
-            inner: Box::new(Fixed(big)),
-            mtu: 1_200,
-            min_rtt: Some(Duration::from_millis(20)),
-        };
+        let mut c = capped(big, 1_200, Some(Duration::from_millis(20)));
         assert_eq!(c.window(), big, "an Ethernet path keeps its window");
         c.on_mtu_update(ETHERNET_DATAGRAM_BYTES);
         assert_eq!(c.window(), big);
@@ -194,22 +198,14 @@ mod tests {
         c.on_mtu_update(1_200);
         assert_eq!(c.window(), big);
         // A window already below the cap is left alone.
-        let c = Capped {
-            inner: Box::new(Fixed(64 * 1024)),
-            mtu: 65_495,
-            min_rtt: None,
-        };
+        let c = capped(64 * 1024, 65_495, None);
         assert_eq!(c.window(), 64 * 1024);
     }
 
     #[test]
     fn the_window_is_capped_on_a_path_with_a_short_round_trip() {
         let big = 50 << 20;
-        let mut c = Capped {
-            inner: Box::new(Fixed(big)),
-            mtu: 1_200,
-            min_rtt: None,
-        };
+        let mut c = capped(big, 1_200, None);
         assert_eq!(c.window(), big, "no round trip measured yet");
         c.min_rtt = Some(SHORT_RTT);
         assert_eq!(c.window(), big, "a 1 ms path keeps its window");
